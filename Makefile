@@ -1,0 +1,44 @@
+# `make help` lists the targets. Everything runs from a virtual environment in .venv
+# that `make setup` creates (idempotent: it reinstalls only when pyproject or the lock change).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel; on a GPU machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA index>"
+TORCH ?= torch==2.13.0
+
+.PHONY: help setup run test test-unit test-integration test-gpu lint lock bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv and install flywheel with pinned dependencies
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	touch $@
+
+run: setup  ## the retraining DAG on this machine (configs/local.yaml)
+	$(VENV)/bin/flywheel run
+
+test: setup  ## unit + integration tiers (the gpu tier skips itself without a device)
+	$(VENV)/bin/pytest -m "" tests  # -m "": every tier; gpu tests skip without CUDA
+
+test-unit: setup  ## unit tier only (seconds)
+	$(VENV)/bin/pytest tests/unit
+
+test-integration: setup  ## integration tier only (local Ray, kfp.local, tiny models; minutes)
+	$(VENV)/bin/pytest -m integration tests
+
+test-gpu: setup  ## gpu tier (needs CUDA)
+	$(VENV)/bin/pytest -m gpu tests
+
+lint: setup  ## ruff lint + format check, mypy on flywheel/
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+lock: setup  ## re-pin requirements.lock from the current environment
+	$(VENV)/bin/pip freeze --exclude-editable | grep -v -E '^(torch|flywheel)==' > requirements.lock
+
+clean:  ## remove local state and build outputs (keeps .venv)
+	rm -rf .flywheel build local_outputs

@@ -1,0 +1,1 @@
+"""The `flywheel` command. Each command group lives in its own module."""

@@ -1,0 +1,85 @@
+"""Entry point: `flywheel --help` lists every command.
+
+Expected failures (`FlywheelError`) print one readable line and exit non-zero;
+`--verbose` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import typer
+
+from flywheel.cli.common import err_console
+from flywheel.errors import FlywheelError
+
+app = typer.Typer(
+    name="flywheel",
+    help="Pipeline-as-code for the LLM lifecycle: prepare, tune, train, evaluate, gate, promote.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_state = {"verbose": False}
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks and debug logs"),
+) -> None:
+    _state["verbose"] = verbose
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+# Each module registers its commands on `app` (or adds a sub-typer). Listed here, in
+# the order `--help` shows them, so one place says what the CLI offers.
+COMMAND_MODULES: list[str] = [
+]
+for _mod in COMMAND_MODULES:
+    importlib.import_module(_mod).register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Ray and DeepSpeed print a lot at import and init; keep the user's screen for us.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    try:
+        app(args=argv, standalone_mode=False)
+    except FlywheelError as exc:
+        if _state["verbose"]:
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come through here in standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            err_console.print(f"[red]error:[/red] {exc.format_message()}", highlight=False)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if _state["verbose"]:
+            raise
+        err_console.print(
+            f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

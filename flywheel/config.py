@@ -1,0 +1,437 @@
+"""Profiles: one pydantic model per stage, composed into a `Profile`.
+
+A profile is a YAML file (``configs/local.yaml`` is the embedded default) plus
+dotted ``key=value`` overrides from the command line. Every field is declared
+here with its meaning; cross-field checks live in validators, so a bad profile
+fails before any work starts, with the file and the dotted field in the message.
+
+The pipeline receives the profile as one ``dict`` (``Profile.model_dump()``) and
+each component validates it again with ``Profile.model_validate``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flywheel.errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_PROFILE = CONFIG_DIR / "local.yaml"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in a profile must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- ray
+
+
+class KubeRayConfig(_Strict):
+    """A KubeRay RayJob per step (only on a cluster)."""
+
+    namespace: str = "default"
+    ray_version: str = "2.60.0"
+    head_cpu: str = "2"
+    head_memory: str = "8Gi"
+    worker_replicas: int = Field(2, ge=1)
+    worker_cpu: str = "4"
+    worker_memory: str = "16Gi"
+    worker_gpu: int = Field(0, ge=0)
+    ttl_seconds_after_finished: int = Field(600, ge=0)
+
+
+class RayConfig(_Strict):
+    """Where Ray runs. One setting, read in one place (`flywheel.runtime`)."""
+
+    mode: Literal["local", "address", "kuberay"] = "local"
+    address: str | None = Field(None, description="ray://host:10001 or http://host:8265 for mode=address")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all)")
+    object_store_memory_mb: int | None = Field(None, ge=64)
+    kuberay: KubeRayConfig = KubeRayConfig()
+
+    @model_validator(mode="after")
+    def _address_needed(self) -> RayConfig:
+        if self.mode == "address" and not self.address:
+            raise ValueError("ray.mode is 'address' but ray.address is not set")
+        return self
+
+
+# -------------------------------------------------------------------------- data
+
+
+class SourceConfig(_Strict):
+    """Where documents come from."""
+
+    kind: Literal["pydocs", "files", "hf"] = "pydocs"
+    path: str | None = Field(None, description="directory (files) or save_to_disk path / hub name (hf)")
+    hf_split: str = "train"
+    text_field: str = "text"
+    id_field: str | None = None
+    timestamp_field: str | None = None
+    max_docs: int | None = Field(None, ge=1, description="read at most this many documents")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> SourceConfig:
+        if self.kind in ("files", "hf") and not self.path:
+            raise ValueError(f"data.source.path is required when data.source.kind is '{self.kind}'")
+        return self
+
+
+class FilterConfig(_Strict):
+    min_chars: int = Field(64, ge=0)
+    max_chars: int = Field(200_000, ge=1)
+    min_alpha_share: float = Field(0.5, ge=0, le=1, description="letters / non-space chars")
+    max_repeated_line_share: float = Field(0.3, ge=0, le=1, description="duplicate lines / lines")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FilterConfig:
+        if self.min_chars >= self.max_chars:
+            raise ValueError("data.filters.min_chars must be below data.filters.max_chars")
+        return self
+
+
+class DedupConfig(_Strict):
+    exact: bool = True
+    near: bool = True
+    num_perm: int = Field(128, ge=16)
+    bands: int = Field(32, ge=1, description="LSH bands; rows per band = num_perm / bands")
+    shingle_size: int = Field(5, ge=1, description="word n-gram size for MinHash shingles")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity that makes a near-duplicate")
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> DedupConfig:
+        if self.num_perm % self.bands:
+            raise ValueError("data.dedup.bands must divide data.dedup.num_perm")
+        return self
+
+
+class SplitConfig(_Strict):
+    validation_share: float = Field(0.05, ge=0, lt=1)
+    test_share: float = Field(0.05, ge=0, lt=1)
+    salt: str = Field("flywheel", description="changes the split deterministically")
+
+    @model_validator(mode="after")
+    def _shares(self) -> SplitConfig:
+        if self.validation_share + self.test_share >= 1:
+            raise ValueError("data.split.validation_share + test_share must be below 1")
+        return self
+
+
+class TokenizerConfig(_Strict):
+    base: str | None = Field(None, description="path or hub id of a tokenizer; None trains byte-level BPE")
+    vocab_size: int = Field(4096, ge=260)
+    min_frequency: int = Field(2, ge=1)
+
+
+class DataConfig(_Strict):
+    source: SourceConfig = SourceConfig()
+    filters: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
+    split: SplitConfig = SplitConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    block_size: int = Field(128, ge=8, description="tokens per packed training block")
+    max_reject_share: float = Field(0.5, ge=0, le=1, description="fail when more rows are rejected")
+    reference_sample_docs: int = Field(500, ge=0, description="train docs kept as drift reference")
+    batch_size: int = Field(256, ge=1, description="documents per Ray Data batch")
+
+
+# ------------------------------------------------------------------------- model
+
+
+class ModelConfig(_Strict):
+    """A causal LM: a base (path or hub id) or an architecture for a fresh model."""
+
+    base: str | None = Field(None, description="local path or hub id; None builds a fresh model")
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = Field(2, ge=1)
+    n_head: int = Field(2, ge=1)
+    n_embd: int = Field(64, ge=8)
+    context: int = Field(128, ge=8, description="maximum positions")
+    warm_start: bool = Field(True, description="start from the registry champion when one exists")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------- train
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(60, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(8, ge=1, description="blocks per worker per forward pass")
+    grad_accum: int = Field(1, ge=1)
+    global_batch_size: int | None = Field(
+        None, ge=1, description="if set, must equal micro_batch_size * grad_accum * num_workers"
+    )
+    lr: float = Field(3e-3, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    zero_stage: int = Field(2, ge=0, le=3)
+    deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="relative to the repo")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    checkpoint_every: int = Field(20, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    resume_from: str | None = None
+    log_every: int = Field(5, ge=1)
+    seed: int = 0
+    scaling: ScalingConfig = ScalingConfig()
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> TrainConfig:
+        derived = self.micro_batch_size * self.grad_accum * self.scaling.num_workers
+        if self.global_batch_size is not None and self.global_batch_size != derived:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) != micro_batch_size "
+                f"({self.micro_batch_size}) x grad_accum ({self.grad_accum}) x "
+                f"scaling.num_workers ({self.scaling.num_workers}) = {derived}"
+            )
+        if self.warmup_steps > self.max_steps:
+            raise ValueError("train.warmup_steps must not exceed train.max_steps")
+        return self
+
+    @property
+    def effective_global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.scaling.num_workers
+
+
+# -------------------------------------------------------------------------- tune
+
+
+class TuneConfig(_Strict):
+    enabled: bool = True
+    study_name: str = "flywheel"
+    storage: str | None = Field(None, description="RDB URL; None: SQLite under the state dir")
+    n_trials: int = Field(4, ge=1)
+    trial_steps: int = Field(10, ge=1, description="step budget of one trial")
+    parallel: int = Field(2, ge=1, description="trials at once on Ray")
+    pruner: Literal["asha", "none"] = "asha"
+    seed: int = 0
+    search_space: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        description="train field -> {type: float|int|categorical, low, high, log, choices}",
+    )
+
+    @model_validator(mode="after")
+    def _space_fields(self) -> TuneConfig:
+        allowed = set(TrainConfig.model_fields) - {"scaling", "resume_from", "deepspeed_config"}
+        for name, spec in self.search_space.items():
+            if name not in allowed:
+                raise ValueError(f"tune.search_space.{name}: not a train field")
+            kind = spec.get("type")
+            if kind not in ("float", "int", "categorical"):
+                raise ValueError(f"tune.search_space.{name}.type must be float, int or categorical")
+            if kind == "categorical" and not spec.get("choices"):
+                raise ValueError(f"tune.search_space.{name}.choices is required for categorical")
+            if kind != "categorical" and not ("low" in spec and "high" in spec):
+                raise ValueError(f"tune.search_space.{name} needs low and high")
+        return self
+
+
+# ---------------------------------------------------------------------- evaluate
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(8, ge=1)
+    max_docs: int | None = Field(200, ge=1, description="held-out documents evaluated")
+    bootstrap_samples: int = Field(200, ge=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    prompts: list[str] = Field(default_factory=list, description="generation checks; empty: none")
+    max_new_tokens: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class GatePolicy(_Strict):
+    max_perplexity: float = Field(1e4, gt=0, description="absolute bound for any candidate")
+    min_relative_improvement: float = Field(
+        0.0, ge=0, description="challenger perplexity must be this share below champion's"
+    )
+    non_inferiority_margin: float = Field(
+        0.0, ge=0, description="accept a challenger up to this share worse (0: must not be worse)"
+    )
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="absolute bound on next-token accuracy")
+
+
+# ---------------------------------------------------------------------- registry
+
+
+class RegistryConfig(_Strict):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or SQLite in the state dir"
+    )
+    model_name: str = "flywheel-lm"
+    experiment: str = "flywheel"
+    retries: int = Field(3, ge=0)
+    retry_backoff_s: float = Field(0.5, ge=0)
+
+
+# ------------------------------------------------------------------------- drift
+
+
+class DriftConfig(_Strict):
+    window: str | None = Field(None, description="JSONL/parquet file or directory of production records")
+    text_field: str = "text"
+    timestamp_field: str = "timestamp"
+    min_rows: int = Field(50, ge=1)
+    drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted features that means drift")
+    cooldown_hours: float = Field(24.0, ge=0)
+    embedding_model: str | None = Field(None, description="sentence embedding model; None: off")
+    max_rows: int = Field(2000, ge=1)
+
+
+# ---------------------------------------------------------------------------- kfp
+
+
+class TaskResources(_Strict):
+    cpu: str = "2"
+    memory: str = "8G"
+    accelerator_type: str | None = None
+    accelerator_count: int = Field(0, ge=0)
+    retries: int = Field(0, ge=0)
+    caching: bool = False
+
+
+class KfpConfig(_Strict):
+    image: str = Field("ghcr.io/flywheel-ml/flywheel:0.1.0", description="component base_image")
+    host: str | None = None
+    namespace: str | None = None
+    experiment: str = "flywheel"
+    token_env: str = Field("KF_PIPELINES_TOKEN", description="env var holding a bearer token")
+    token_file: str | None = None
+    resources: dict[str, TaskResources] = Field(
+        default_factory=dict, description="task name -> resources; 'default' applies to the rest"
+    )
+
+    def for_task(self, name: str) -> TaskResources:
+        return self.resources.get(name) or self.resources.get("default") or TaskResources()
+
+
+# ----------------------------------------------------------------------- profile
+
+
+class Profile(_Strict):
+    name: str = "local"
+    state_dir: str = Field(".flywheel", description="stores and artifacts; relative to the cwd")
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GatePolicy = GatePolicy()
+    registry: RegistryConfig = RegistryConfig()
+    drift: DriftConfig = DriftConfig()
+    kfp: KfpConfig = KfpConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Profile:
+        if self.data.block_size > self.model.context:
+            raise ValueError(
+                f"data.block_size ({self.data.block_size}) exceeds model.context ({self.model.context})"
+            )
+        return self
+
+    def state_path(self, *parts: str) -> Path:
+        """A path under the state directory (created); never inside the package."""
+        root = Path(self.state_dir).expanduser()
+        if not root.is_absolute():
+            root = Path.cwd() / root
+        path = root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001). Values are YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(profile)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{field}: {msg}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def validate_profile(data: dict[str, Any], source: str = "<profile>") -> Profile:
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def load_profile(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Profile:
+    """Read a profile YAML, apply dotted overrides, validate. Errors name file and field."""
+    file = Path(path) if path else DEFAULT_PROFILE
+    if not file.is_file():
+        raise ConfigError(f"{file}: profile not found")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: a profile must be a mapping")
+    source = str(file) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    return validate_profile(apply_overrides(data, list(overrides or [])), source)
+
+
+def repo_path(relative: str) -> Path:
+    """Resolve a path from the profile: absolute as is, else against cwd then the repo."""
+    p = Path(relative).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO_ROOT / p).resolve()

@@ -1,0 +1,77 @@
+"""Shared fixtures. Tiers: unit (default selection), integration, gpu (see pyproject)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACTS = REPO.parent / "shared" / "contracts"
+
+# Ray and DeepSpeed should not reach for the network or a GPU in tests.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="gpu tier: no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    """Run in a fresh working directory so `.flywheel/` lands in tmp, never in the repo."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / ".flywheel"
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """Overrides that make configs/local.yaml tiny enough for the integration tier."""
+    return [
+        "data.source.max_docs=400",
+        "data.tokenizer.vocab_size=512",
+        "data.block_size=32",
+        "model.context=32",
+        "model.n_embd=32",
+        "train.max_steps=12",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=2",
+        "train.checkpoint_every=6",
+        "tune.n_trials=2",
+        "tune.trial_steps=4",
+        "eval.max_docs=40",
+        "eval.bootstrap_samples=50",
+    ]
+
+
+@pytest.fixture
+def tiny_profile(state_dir, tiny_overrides):
+    from flywheel.config import load_profile
+
+    return load_profile(None, tiny_overrides)
+
+
+@pytest.fixture(scope="session")
+def contracts_dir() -> Path:
+    if not CONTRACTS.is_dir():
+        pytest.skip(f"official API contracts not found at {CONTRACTS} (shared/ is absent)")
+    return CONTRACTS
