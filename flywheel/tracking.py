@@ -1,0 +1,85 @@
+"""Where MLflow lives: one resolution shared by training, tuning and the registry.
+
+Order: ``registry.tracking_uri`` in the profile, else ``$MLFLOW_TRACKING_URI``, else a
+SQLite store under the profile's state directory (``.flywheel/mlflow/mlflow.db``) with
+artifacts next to it. The environment is read here, at run time, and nowhere else, so a
+compiled pipeline never carries whoever compiled it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from flywheel.config import Profile
+
+
+def _local_store(profile: Profile) -> Path:
+    return profile.state_path("mlflow")
+
+
+def tracking_uri(profile: Profile) -> str:
+    """The MLflow tracking URI for a profile (see the module docstring for the order)."""
+    if profile.registry.tracking_uri:
+        return profile.registry.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{_local_store(profile) / 'mlflow.db'}"
+
+
+def artifact_location(profile: Profile) -> str | None:
+    """Artifact root for experiments this project creates.
+
+    A local file store under the state dir when tracking is a local database or path; None
+    for a tracking server, which owns its artifact store (``--default-artifact-root`` or
+    proxied artifacts) and should not be handed a path on this machine.
+    """
+    uri = tracking_uri(profile)
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    path = _local_store(profile) / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()
+
+
+def experiment_id(profile: Profile, name: str | None = None) -> str:
+    """Get or create the profile's experiment (``registry.experiment``) and return its id.
+
+    Sets the tracking URI for this process as a side effect, because MLflow's fluent API
+    (``mlflow.start_run``) reads it from process state.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(profile))
+    exp_name = name or profile.registry.experiment
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(exp_name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(exp_name, artifact_location=artifact_location(profile))
+    except Exception:
+        # Two processes racing to create it: the loser reads the winner's.
+        exp = client.get_experiment_by_name(exp_name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    """The commit of the working tree this code runs from, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else None
