@@ -353,6 +353,20 @@ class Profile(_Strict):
             )
         return self
 
+    def to_param(self) -> dict[str, Any]:
+        """The profile as the pipeline's one dict parameter.
+
+        KFP cannot carry nulls in a parameter value, so None fields are left out and come
+        back as their defaults; a field whose None differs from its default cannot travel,
+        and saying so beats running with a different setting.
+        """
+        data = self.model_dump(mode="json", exclude_none=True)
+        if Profile.model_validate(data) != self:
+            back = Profile.model_validate(data).model_dump()
+            diff = _first_difference(self.model_dump(), back)
+            raise ConfigError(f"profile field {diff}: None cannot be passed to a pipeline; set a value")
+        return data
+
     def state_path(self, *parts: str) -> Path:
         """A path under the state directory (created); never inside the package."""
         root = Path(self.state_dir).expanduser()
@@ -364,6 +378,14 @@ class Profile(_Strict):
 
 
 # ------------------------------------------------------------------------ loading
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in a:
+            if a[key] != b.get(key):
+                return _first_difference(a[key], b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "(profile)"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

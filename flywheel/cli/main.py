@@ -41,6 +41,7 @@ def _root(
 # Each module registers its commands on `app` (or adds a sub-typer). Listed here, in
 # the order `--help` shows them, so one place says what the CLI offers.
 COMMAND_MODULES: list[str] = [
+    "flywheel.cli.pipeline",
 ]
 for _mod in COMMAND_MODULES:
     importlib.import_module(_mod).register(app)

@@ -1,0 +1,18 @@
+from kfp.dsl import Dataset, Metrics, Output
+
+
+def prepare_data(
+    profile: dict,
+    data_location: str,
+    run_id: str,
+    dataset: Output[Dataset],
+    metrics: Output[Metrics],
+) -> str:
+    """Ray Data: normalize, filter, dedup, split, tokenize and pack. Returns the content hash."""
+    from flywheel.stages import prepare
+
+    stats = prepare(profile, data_location, dataset.path, run_id)
+    for key, value in stats.metrics().items():
+        metrics.log_metric(key, value)
+    dataset.metadata["content_hash"] = stats.content_hash
+    return stats.content_hash

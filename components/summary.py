@@ -1,0 +1,15 @@
+from kfp import dsl
+from kfp.dsl import Markdown, Output
+
+
+def summary(
+    profile: dict, run_id: str, status: dsl.PipelineTaskFinalStatus, report: Output[Markdown]
+):
+    """The exit handler: the run summary, written whether the run succeeded or failed."""
+    from pathlib import Path
+
+    from flywheel.stages import summarize
+
+    markdown, _ = summarize(profile, run_id, status.state, status.error_message or "")
+    Path(report.path).write_text(markdown)
+    print(markdown)

@@ -1,0 +1,24 @@
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+
+def train(
+    profile: dict,
+    dataset: Input[Dataset],
+    params: dict,
+    trigger_reason: str,
+    run_id: str,
+    model: Output[Model],
+    loss_curve: Output[HTML],
+    metrics: Output[Metrics],
+) -> str:
+    """DeepSpeed on Ray Train. Returns the MLflow run id of the training run."""
+    import shutil
+
+    from flywheel.stages import train as run
+
+    result = run(profile, dataset.path, params, model.path, trigger_reason, run_id)
+    shutil.copyfile(result.loss_curve_html, loss_curve.path)
+    for key, value in result.metrics().items():
+        metrics.log_metric(key, value)
+    model.metadata["mlflow_run_id"] = result.mlflow_run_id or ""
+    return result.mlflow_run_id or ""

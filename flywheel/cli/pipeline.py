@@ -1,0 +1,120 @@
+"""`flywheel run` and `flywheel compile`: the retraining DAG here, and its IR YAML for Kubeflow."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from
+from flywheel.config import Profile
+from flywheel.errors import FlywheelError
+
+
+def _progress_printer():
+    started: dict[str, float] = {}
+
+    def on_event(task: str, status: str, seconds: float) -> None:
+        if status == "start":
+            started[task] = time.monotonic()
+            console.print(f"  [cyan]>[/cyan] {task} ...", highlight=False)
+        elif status == "SUCCESS":
+            console.print(f"  [green]ok[/green] {task} [dim]{seconds:.1f}s[/dim]", highlight=False)
+        else:
+            console.print(
+                f"  [red]{status.lower()}[/red] {task} [dim]{seconds:.1f}s[/dim]", highlight=False
+            )
+
+    return on_event
+
+
+def run_and_report(name: str, profile: Profile, arguments: dict) -> None:
+    """Run a pipeline locally, then print the summary table; non-zero exit on failure."""
+    from flywheel.kfp.local import run_local
+    from flywheel.stages import run_facts
+    from flywheel.tracking import tracking_uri
+
+    console.print(f"[bold]{name}[/bold] on this machine (kfp.local, profile '{profile.name}')")
+    run = run_local(name, profile, arguments=arguments, on_event=_progress_printer())
+    facts = run_facts(profile, run.run_id)
+    t = Table(title=f"{name}: {run.run_id}", show_header=True, header_style="bold")
+    t.add_column("what")
+    t.add_column("value", overflow="fold")
+    t.add_row(
+        "state",
+        "[green]succeeded[/green]" if run.succeeded else f"[red]failed[/red] in {run.failed_task}",
+    )
+    labels = {
+        "docs_read": "documents read",
+        "docs_kept": "documents kept",
+        "docs_rejected": "documents rejected",
+        "final_loss": "final training loss",
+        "challenger_perplexity": "challenger perplexity",
+        "champion_perplexity": "champion perplexity",
+        "verdict": "gate verdict",
+        "version": "registered version",
+        "alias": "its alias",
+    }
+    for key, label in labels.items():
+        if key in facts:
+            t.add_row(label, str(facts[key]))
+    if "version" in facts and "champion_perplexity" not in facts:
+        t.add_row("champion perplexity", "(no champion before this run)")
+    for task, artifact, label in [
+        ("train", "loss_curve", "loss curve (HTML)"),
+        ("tune", "plots", "tuning plots (HTML)"),
+        ("gate", "decision", "gate decision (Markdown)"),
+        ("gate", "model_card", "model card (Markdown)"),
+        ("drift-check", "report", "drift report (HTML)"),
+        ("summary", "report", "run summary (Markdown)"),
+    ]:
+        path = run.artifact(task, artifact)
+        if path:
+            t.add_row(label, str(path))
+    t.add_row("wall time", f"{run.wall_s:.1f}s")
+    t.add_row("full log", str(run.log_file))
+    uri = tracking_uri(profile)
+    t.add_row(
+        "MLflow UI", f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
+    )
+    console.print(t)
+    if not run.succeeded:
+        raise FlywheelError(f"pipeline {name} failed in task {run.failed_task}; see {run.log_file}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        overrides: OverridesArg = None,
+        profile: ProfileOpt = None,
+        trigger_reason: Annotated[
+            str, typer.Option(help="recorded on the model's lineage")
+        ] = "manual",
+        data_location: Annotated[
+            str,
+            typer.Option(
+                help="a directory/file of documents or a datasets path, replacing the profile's source"
+            ),
+        ] = "",
+    ) -> None:
+        """Run the retraining DAG on this machine (kfp.local, local Ray, MLflow + Optuna on SQLite)."""
+        p = profile_from(profile, overrides)
+        run_and_report(
+            "retrain", p, {"trigger_reason": trigger_reason, "data_location": data_location}
+        )
+
+    @app.command("compile")
+    def compile_cmd(
+        overrides: OverridesArg = None,
+        profile: ProfileOpt = None,
+        out: Annotated[Path, typer.Option(help="output directory")] = Path("build/pipelines"),
+    ) -> None:
+        """Write KFP IR YAML for every pipeline (and load each back to prove it parses)."""
+        from flywheel.kfp.compile import compile_all
+
+        p = profile_from(profile, overrides)
+        for path in compile_all(p, out):
+            console.print(f"[green]compiled[/green] {path}")

@@ -1,0 +1,142 @@
+"""Run a compiled pipeline on this machine with KFP's local runner.
+
+`run_local` compiles the pipeline for the profile, loads the YAML back and executes
+*that* with `kfp.local` and the SubprocessRunner: the file that would be uploaded to
+Kubeflow is the file that runs here. kfp.local prints every task's full log to
+stdout; we send it to a log file under the state directory and turn its task events
+into a progress callback, so the terminal shows one line per task.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections.abc import Callable
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import Profile
+from flywheel.kfp.compile import compile_pipeline
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+START = re.compile(r"Executing task '([^']+)'")
+END = re.compile(r"Task '([^']+)' finished with status (\w+)")
+PIPELINE_END = re.compile(
+    r"Pipeline '([^']+)' finished with status (\w+)(?:\. Inner task failed: (.*)\.)?"
+)
+
+Event = Callable[[str, str, float], None]  # (task, "start" | SUCCESS | FAILURE, seconds)
+
+
+@dataclass
+class LocalRun:
+    pipeline: str
+    run_id: str
+    run_dir: Path
+    succeeded: bool
+    failed_task: str | None
+    wall_s: float
+    task_seconds: dict[str, float] = field(default_factory=dict)
+    log_file: Path | None = None
+    yaml: Path | None = None
+
+    def artifact(self, task: str, name: str) -> Path | None:
+        """The local path of one task's output artifact, if it exists."""
+        path = self.run_dir / task / name
+        return path if path.exists() else None
+
+
+class _TaskStream(io.TextIOBase):
+    """A stdout stand-in: everything to the log file, task events to a callback."""
+
+    def __init__(self, log, on_event: Event | None):
+        self.log, self.on_event = log, on_event
+        self.buffer_ = ""
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self.pipeline_status: tuple[str, str | None] | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.log.write(s)
+        self.buffer_ += s
+        while "\n" in self.buffer_:
+            line, self.buffer_ = self.buffer_.split("\n", 1)
+            self._line(ANSI.sub("", line))
+        return len(s)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    def _line(self, line: str) -> None:
+        if line.startswith(" "):  # a task's own (indented) output
+            return
+        if m := START.search(line):
+            self.started[m.group(1)] = time.monotonic()
+            if self.on_event:
+                self.on_event(m.group(1), "start", 0.0)
+        elif m := END.search(line):
+            task, status = m.groups()
+            secs = time.monotonic() - self.started.get(task, time.monotonic())
+            self.seconds[task] = self.seconds.get(task, 0.0) + secs
+            if self.on_event:
+                self.on_event(task, status, secs)
+        elif m := PIPELINE_END.search(line):
+            self.pipeline_status = (m.group(2), m.group(3))
+
+
+def run_local(
+    name: str,
+    profile: Profile,
+    *,
+    arguments: dict[str, Any] | None = None,
+    on_event: Event | None = None,
+) -> LocalRun:
+    """Compile `name` for `profile`, then run the compiled YAML with kfp.local."""
+    from kfp import local
+    from kfp.components import load_component_from_file
+
+    root = profile.state_path("pipelines")
+    yaml_path = compile_pipeline(name, profile, profile.state_path("build"))
+    pipeline = load_component_from_file(str(yaml_path))
+    # use_venv=False: tasks run in this interpreter's environment, where flywheel is
+    # installed, exactly as they run in the project image on a cluster.
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        raise_on_error=False,
+    )
+    before = {p.name for p in root.iterdir()}
+    logs = profile.state_path("logs")
+    log_file = logs / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    args = {"profile": profile.to_param(), **(arguments or {})}
+    t0 = time.monotonic()
+    with open(log_file, "w") as log:
+        stream = _TaskStream(log, on_event)
+        with redirect_stdout(stream):
+            # kfp.local binds its log handler to sys.stdout when it starts, so the
+            # redirect must be in place before the call.
+            pipeline(**args)
+        stream.flush()
+    wall = time.monotonic() - t0
+    new = sorted(
+        (p for p in root.iterdir() if p.name not in before), key=lambda p: p.stat().st_mtime
+    )
+    run_dir = new[-1] if new else root
+    status, failed = stream.pipeline_status or ("FAILURE", None)
+    return LocalRun(
+        pipeline=name,
+        run_id=run_dir.name,
+        run_dir=run_dir,
+        succeeded=status == "SUCCESS",
+        failed_task=failed,
+        wall_s=wall,
+        task_seconds=stream.seconds,
+        log_file=log_file,
+        yaml=yaml_path,
+    )

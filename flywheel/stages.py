@@ -1,0 +1,294 @@
+"""Stage runners: the library calls behind each KFP component.
+
+A component turns artifacts into paths and calls exactly one function here; this
+module does what every run of a stage needs around the stage function itself:
+validate the profile again (it crossed a process boundary as a dict), apply the run
+knobs, find the champion to warm-start from or to compare against, and write the
+ledger entry the run summary reads. Nothing here imports KFP, so every runner is
+testable as a plain function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flywheel import ledger
+from flywheel.config import Profile, validate_profile
+
+log = logging.getLogger(__name__)
+
+PROFILE_PARAM = "pipeline parameter 'profile'"
+
+
+def load(profile: dict[str, Any] | Profile) -> Profile:
+    if isinstance(profile, Profile):
+        return profile
+    return validate_profile(profile, PROFILE_PARAM)
+
+
+def with_data_location(profile: Profile, data_location: str) -> Profile:
+    """The `data_location` run knob: a path or dataset name replacing the profile's source.
+
+    A directory or file means `files`; anything else is handed to `datasets` (`hf`), which
+    accepts a save_to_disk path or a hub name. Empty keeps the profile's source.
+    """
+    if not data_location:
+        return profile
+    data = profile.model_dump()
+    kind = "files" if Path(data_location).exists() and not _is_hf_dir(data_location) else "hf"
+    data["data"]["source"].update(kind=kind, path=data_location)
+    return validate_profile(data, f"{PROFILE_PARAM} with data_location={data_location!r}")
+
+
+def _is_hf_dir(path: str) -> bool:
+    p = Path(path)
+    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+
+
+def with_params(profile: Profile, params: dict[str, Any] | None) -> Profile:
+    """Merge tuned parameters (train field -> value) into the training config."""
+    if not params:
+        return profile
+    data = profile.model_dump()
+    data["train"].update(params)
+    return validate_profile(data, f"{PROFILE_PARAM} with tuned params {params}")
+
+
+def plan(profile: dict[str, Any]) -> dict[str, Any]:
+    """Validate the profile once, before any work, and say what this run will do."""
+    p = load(profile)
+    return {"tune_enabled": p.tune.enabled, "model_name": p.registry.model_name}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: str):
+    from flywheel.data import prepare as prepare_data
+
+    p = with_data_location(load(profile), data_location)
+    t0 = time.perf_counter()
+    stats = prepare_data(p, Path(out_dir))
+    seconds = {"stage_seconds": time.perf_counter() - t0}
+    ledger.record(
+        p,
+        run_id,
+        "prepare-data",
+        {**stats.metrics(), **seconds},
+        {"content_hash": stats.content_hash},
+    )
+    return stats
+
+
+def tune(profile: dict[str, Any], dataset_dir: Path, out_dir: Path, run_id: str):
+    from flywheel.tune import tune as run_study
+
+    p = load(profile)
+    t0 = time.perf_counter()
+    result = run_study(p, Path(dataset_dir), Path(out_dir), tags={ledger.RUN_TAG: run_id})
+    metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}
+    ledger.record(p, run_id, "tune", metrics, {"best_params": json.dumps(result.best_params)})
+    return result
+
+
+def champion_model_dir(profile: Profile) -> Path | None:
+    """The champion's model, downloaded, when the profile warm-starts and one exists."""
+    if not profile.model.warm_start:
+        return None
+    from flywheel.registry import Registry
+
+    registry = Registry(profile)
+    if registry.champion() is None:
+        return None
+    return registry.download("champion")
+
+
+def train(
+    profile: dict[str, Any],
+    dataset_dir: Path,
+    params: dict[str, Any] | None,
+    out_dir: Path,
+    trigger_reason: str,
+    run_id: str,
+):
+    from flywheel.artifacts import read_manifest
+    from flywheel.train import train as train_model
+
+    p = with_params(load(profile), params)
+    t0 = time.perf_counter()
+    init_from = champion_model_dir(p)
+    tags = {
+        ledger.RUN_TAG: run_id,
+        "flywheel.trigger_reason": trigger_reason,
+        "flywheel.data_hash": read_manifest(dataset_dir)["content_hash"],
+        "flywheel.warm_start": str(init_from is not None),
+    }
+    result = train_model(
+        p,
+        Path(dataset_dir),
+        Path(out_dir),
+        init_from=str(init_from) if init_from else None,
+        tags=tags,
+    )
+    metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}
+    ledger.record(p, run_id, "train", metrics, {"training_run_id": result.mlflow_run_id or ""})
+    return result
+
+
+def evaluate(
+    profile: dict[str, Any],
+    model: str | Path | None,
+    dataset_dir: Path,
+    out_json: Path,
+    run_id: str,
+):
+    """Evaluate a model dir, or the registry champion when `model` is None.
+
+    Writes the report as JSON (or `{"absent": true}` when there is no champion) and returns
+    the report or None.
+    """
+    from flywheel.evaluate import evaluate as evaluate_model
+
+    p = load(profile)
+    t0 = time.perf_counter()
+    stage = "evaluate-champion" if model is None else "evaluate-challenger"
+    if model is None:
+        from flywheel.registry import Registry
+
+        ref = Registry(p).champion_uri()
+        if ref is None:
+            Path(out_json).write_text(json.dumps({"absent": True}))
+            ledger.record(
+                p, run_id, stage, {"stage_seconds": time.perf_counter() - t0}, {"absent": True}
+            )
+            return None
+        model = ref
+    report = evaluate_model(p, model, Path(dataset_dir))
+    Path(out_json).write_text(report.model_dump_json(indent=2))
+    ledger.record(
+        p, run_id, stage, {**report.metrics(""), "stage_seconds": time.perf_counter() - t0}
+    )
+    return report
+
+
+def read_report(path: Path):
+    from flywheel.evaluate import EvalReport
+
+    data = json.loads(Path(path).read_text())
+    return None if data.get("absent") else EvalReport.model_validate(data)
+
+
+def gate(
+    profile: dict[str, Any],
+    challenger_json: Path,
+    champion_json: Path,
+    model_dir: Path,
+    dataset_dir: Path,
+    train_run_id: str,
+    trigger_reason: str,
+    run_id: str,
+):
+    """Decide (pure), then register the candidate with its lineage and verdict.
+
+    Returns (decision, version, decision_markdown, model_card_markdown).
+    """
+    from flywheel.artifacts import read_manifest
+    from flywheel.gate import decide_promotion
+    from flywheel.registry import Registry, model_card
+
+    p = load(profile)
+    t0 = time.perf_counter()
+    challenger = read_report(challenger_json)
+    if challenger is None:
+        raise ValueError(f"{challenger_json}: the challenger has no evaluation report")
+    champion = read_report(champion_json)
+    decision = decide_promotion(challenger, champion, p.gate)
+    decision_md = decision.to_markdown(challenger, champion)
+    manifest = read_manifest(dataset_dir)
+    card = model_card(p, Path(model_dir), manifest, challenger, decision)
+    tags = {
+        "data_manifest_hash": manifest["content_hash"],
+        "training_run_id": train_run_id,
+        "pipeline_run_id": run_id,
+        "trigger_reason": trigger_reason,
+        "verdict": decision.verdict,
+        **{k: f"{v:.6g}" for k, v in challenger.metrics("challenger_").items()},
+    }
+    registry = Registry(p)
+    version = registry.register_candidate(
+        Path(model_dir), tags=tags, model_card=card, run_id=train_run_id or None
+    )
+    ledger.record(
+        p,
+        run_id,
+        "gate",
+        {
+            **challenger.metrics("challenger_"),
+            **(champion.metrics("champion_") if champion else {}),
+            "stage_seconds": time.perf_counter() - t0,
+        },
+        {"verdict": decision.verdict, "promote": decision.promote, "version": version},
+    )
+    return decision, version, decision_md, card
+
+
+def promote(profile: dict[str, Any], version: str, reason: str, run_id: str):
+    from flywheel.registry import Registry
+
+    p = load(profile)
+    t0 = time.perf_counter()
+    entry = Registry(p).promote(version, reason=reason, actor=f"pipeline:{run_id}")
+    seconds = {"stage_seconds": time.perf_counter() - t0}
+    ledger.record(p, run_id, "promote", seconds, {"version": version, "alias": "champion"})
+    return entry
+
+
+def run_facts(profile: Profile, run_id: str) -> dict[str, Any]:
+    """What one pipeline run did, read back from the ledger (no side effects)."""
+    stages = ledger.collect(profile, run_id)
+    facts: dict[str, Any] = {"pipeline_run_id": run_id}
+    prep = stages.get("prepare-data", {}).get("metrics", {})
+    for key in ("docs_read", "docs_kept", "docs_rejected", "tokens_train"):
+        if key in prep:
+            facts[key] = int(prep[key])
+    trained = stages.get("train", {}).get("metrics", {})
+    for key in ("first_loss", "final_loss", "tokens_per_s"):
+        if key in trained:
+            facts[key] = round(trained[key], 4)
+    gated = stages.get("gate", {})
+    for key in ("challenger_perplexity", "champion_perplexity"):
+        if key in gated.get("metrics", {}):
+            facts[key] = round(gated["metrics"][key], 3)
+    for key in ("verdict", "version"):
+        if key in gated.get("tags", {}):
+            facts[key] = gated["tags"][key]
+    if gated:
+        facts["alias"] = "champion" if "promote" in stages else "challenger"
+    facts["stage_seconds"] = {
+        stage: round(entry["metrics"]["stage_seconds"], 2)
+        for stage, entry in stages.items()
+        if "stage_seconds" in entry.get("metrics", {})
+    }
+    return facts
+
+
+def summarize(
+    profile: dict[str, Any], run_id: str, state: str, error: str
+) -> tuple[str, dict[str, Any]]:
+    """The exit handler's summary (Markdown + the facts), also recorded in the ledger."""
+    p = load(profile)
+    facts = {**run_facts(p, run_id), "state": state}
+    lines = [f"# Run summary: {run_id}", "", f"**State:** {state}", ""]
+    if error:
+        facts["error"] = error
+        lines += [f"**Error:** {error}", ""]
+    lines += ["| what | value |", "|---|---|"]
+    lines += [
+        f"| {k} | {v} |" for k, v in facts.items() if k not in ("state", "error", "stage_seconds")
+    ]
+    ledger.record(p, run_id, "summary", {}, {"state": state})
+    return "\n".join(lines) + "\n", facts

@@ -1,0 +1,1 @@
+"""The pipelines, built from a profile at compile time: `retrain` and `monitor`."""

@@ -1,0 +1,138 @@
+"""Compile every pipeline and assert its structure: tasks, edges, conditions, exit handler,
+artifact types, image and resources. No secret from the environment reaches the YAML."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from flywheel.config import load_profile
+from flywheel.kfp.compile import available, compile_pipeline
+
+
+@pytest.fixture(scope="module")
+def retrain_spec(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build")
+    profile = load_profile(None, ["kfp.image=registry.example.com/flywheel:9.9.9"])
+    return yaml.safe_load(compile_pipeline("retrain", profile, out).read_text())
+
+
+def _tasks(dag: dict) -> dict:
+    return dag["dag"]["tasks"]
+
+
+def _all_tasks(spec: dict) -> dict:
+    """Task name -> task spec, over the root and every sub-DAG (conditions, exit handler)."""
+    out = dict(_tasks(spec["root"]))
+    for comp in spec["components"].values():
+        if "dag" in comp:
+            out.update(comp["dag"]["tasks"])
+    return out
+
+
+def test_every_pipeline_compiles(tmp_path):
+    names = available()
+    assert "retrain" in names
+    for name in names:
+        assert compile_pipeline(name, load_profile(), tmp_path).is_file()
+
+
+def test_retrain_tasks_and_display_names(retrain_spec):
+    tasks = _all_tasks(retrain_spec)
+    for name in [
+        "plan",
+        "prepare-data",
+        "tune",
+        "skip-tune",
+        "train",
+        "evaluate",
+        "evaluate-champion",
+        "gate",
+        "promote",
+        "summary",
+    ]:
+        assert name in tasks, f"missing task {name}"
+    assert tasks["train"]["taskInfo"]["name"] == "Train (DeepSpeed on Ray Train)"
+    assert all(t["taskInfo"]["name"] for t in tasks.values())
+
+
+def test_retrain_edges(retrain_spec):
+    tasks = _all_tasks(retrain_spec)
+    assert "plan" in tasks["prepare-data"]["dependentTasks"]
+    assert set(tasks["gate"]["dependentTasks"]) >= {
+        "evaluate",
+        "evaluate-champion",
+        "train",
+        "prepare-data",
+    }
+    assert (
+        "train" in tasks["evaluate-champion"]["dependentTasks"]
+    )  # champion evaluated after training
+    params = tasks["train"]["inputs"]["parameters"]["params"]
+    assert "taskOutputParameter" in params and params["taskOutputParameter"][
+        "producerTask"
+    ].startswith("condition-branches")
+
+
+def test_retrain_conditions_and_exit_handler(retrain_spec):
+    tasks = _all_tasks(retrain_spec)
+    conditions = {
+        name: t["triggerPolicy"]["condition"]
+        for name, t in tasks.items()
+        if "triggerPolicy" in t and "condition" in t["triggerPolicy"]
+    }
+    assert any("gate-promote" in c for c in conditions.values()), conditions
+    assert any("plan-tune_enabled" in c for c in conditions.values()), conditions
+    root = _tasks(retrain_spec["root"])
+    assert root["summary"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert "exit-handler-1" in root["summary"]["dependentTasks"]
+
+
+def test_retrain_artifact_types(retrain_spec):
+    comps = retrain_spec["components"]
+    outs = {name: c.get("outputDefinitions", {}).get("artifacts", {}) for name, c in comps.items()}
+    assert outs["comp-prepare-data"]["dataset"]["artifactType"]["schemaTitle"] == "system.Dataset"
+    assert outs["comp-train"]["model"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert outs["comp-train"]["loss_curve"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert outs["comp-gate"]["decision"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert outs["comp-gate"]["model_card"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert outs["comp-tune"]["plots"]["artifactType"]["schemaTitle"] == "system.HTML"
+    for comp in ("comp-prepare-data", "comp-train", "comp-evaluate", "comp-gate", "comp-tune"):
+        assert outs[comp]["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+
+
+def test_retrain_image_and_resources(retrain_spec):
+    executors = retrain_spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {
+        "registry.example.com/flywheel:9.9.9"
+    }
+    train = executors["exec-train"]["container"]["resources"]
+    assert train["cpuLimit"] == 8.0 and train["memoryLimit"] == 32.0
+    # no pip install of kfp at task start: the image carries it
+    assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
+
+
+def test_pipeline_parameters_are_few_and_typed(retrain_spec):
+    params = retrain_spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"profile", "trigger_reason", "data_location"}
+    assert params["profile"]["parameterType"] == "STRUCT"
+
+
+def test_retries_and_caching_from_profile(tmp_path):
+    p = load_profile(
+        None, ["kfp.resources.train={cpu: '4', memory: 16G, retries: 3, caching: true}"]
+    )
+    spec = yaml.safe_load(compile_pipeline("retrain", p, tmp_path).read_text())
+    train = _all_tasks(spec)["train"]
+    assert train["retryPolicy"]["maxRetryCount"] == 3
+    assert train["cachingOptions"].get("enableCache") is True
+
+
+def test_no_secret_from_environment_in_yaml(tmp_path, monkeypatch):
+    secret = "s3cr3t-token-do-not-leak"
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", secret)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", secret)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    p = load_profile(None, ["kfp.token_env=KF_PIPELINES_TOKEN"])
+    for name in available():
+        assert secret not in compile_pipeline(name, p, tmp_path).read_text()
