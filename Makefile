@@ -2,8 +2,9 @@
 # that `make setup` creates (idempotent: it reinstalls only when pyproject or the lock change).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel; on a GPU machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA index>"
+# The CPU wheel; on a GPU machine: make setup TORCH=torch==2.13.0 TORCH_INDEX=<your CUDA wheel index>
 TORCH ?= torch==2.13.0
+export TORCH_INDEX
 
 .PHONY: help setup run test test-unit test-integration test-gpu lint lock bench clean
 
@@ -14,9 +15,8 @@ setup: $(VENV)/.installed  ## create .venv and install flywheel with pinned depe
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -c requirements.lock -e ".[dev]"
+	PYTHON=$(PY) TORCH_SPEC="$(TORCH)" containers/install.sh deps
+	PYTHON=$(PY) containers/install.sh package -e ".[dev]"
 	touch $@
 
 run: setup  ## the retraining DAG on this machine (configs/local.yaml)
