@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 from kfp import dsl
 
+from components.drift_check import drift_check, no_retrain
 from components.evaluate import evaluate, evaluate_champion
 from components.gate import gate
 from components.plan import plan, skip_tune
@@ -32,6 +33,8 @@ FUNCTIONS = {
     "gate": gate,
     "promote": promote,
     "summary": summary,
+    "drift_check": drift_check,
+    "no_retrain": no_retrain,
 }
 
 

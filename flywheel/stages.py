@@ -58,9 +58,14 @@ def with_params(profile: Profile, params: dict[str, Any] | None) -> Profile:
     return validate_profile(data, f"{PROFILE_PARAM} with tuned params {params}")
 
 
-def plan(profile: dict[str, Any]) -> dict[str, Any]:
-    """Validate the profile once, before any work, and say what this run will do."""
+def plan(profile: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Validate the profile once, before any work, and say what this run will do.
+
+    Its ledger entry marks the run as started: the monitor counts a run with a `plan`
+    and no `summary` as a retrain in flight.
+    """
     p = load(profile)
+    ledger.record(p, run_id, "plan", {}, {"tune_enabled": p.tune.enabled})
     return {"tune_enabled": p.tune.enabled, "model_name": p.registry.model_name}
 
 
@@ -134,9 +139,24 @@ def train(
         init_from=str(init_from) if init_from else None,
         tags=tags,
     )
+    if result.mlflow_run_id:
+        _log_reference_sample(p, result.mlflow_run_id, Path(dataset_dir))
     metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}
     ledger.record(p, run_id, "train", metrics, {"training_run_id": result.mlflow_run_id or ""})
     return result
+
+
+def _log_reference_sample(profile: Profile, training_run_id: str, dataset_dir: Path) -> None:
+    """Keep the drift reference with the training run, where the monitor finds it by lineage."""
+    import mlflow
+
+    from flywheel.artifacts import REFERENCE_TEXT
+    from flywheel.tracking import experiment_id
+
+    ref = dataset_dir / REFERENCE_TEXT
+    if ref.is_file():
+        experiment_id(profile)  # points this process at the profile's tracking store
+        mlflow.MlflowClient().log_artifact(training_run_id, str(ref), "data")
 
 
 def evaluate(
@@ -292,3 +312,54 @@ def summarize(
     ]
     ledger.record(p, run_id, "summary", {}, {"state": state})
     return "\n".join(lines) + "\n", facts
+
+
+# ---------------------------------------------------------------------------- monitor
+
+
+def drift_check(profile: dict[str, Any], window: str, out_dir: Path, run_id: str):
+    """Compare the production window with the champion's reference; decide whether to retrain.
+
+    Returns (drift_result, decision). Bad input (empty window, too few rows) raises a
+    DataError: the monitor run fails loudly and no retrain starts.
+    """
+    from flywheel import monitor
+    from flywheel.drift import check_drift
+
+    p = load(profile)
+    window = window or p.drift.window or ""
+    if not window:
+        from flywheel.errors import ConfigError
+
+        raise ConfigError("no production window: pass --window or set drift.window in the profile")
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    reference, tokenizer_dir = monitor.champion_reference(p, out_dir / "reference")
+    result = check_drift(p, window, reference, tokenizer_dir=tokenizer_dir, out_dir=out_dir)
+    now = monitor.now()
+    decision = monitor.decide_retrain(
+        drifted=result.drifted,
+        drift_reason=result.reason,
+        now=now,
+        last_event=monitor.last_model_event(p),
+        cooldown_s=p.drift.cooldown_hours * 3600,
+        in_flight=monitor.retrains_in_flight(p, exclude_run=run_id, now=now),
+    )
+    ledger.record(
+        p,
+        run_id,
+        "drift-check",
+        {
+            **result.metrics(),
+            "retrain": float(decision.retrain),
+            "stage_seconds": time.perf_counter() - t0,
+        },
+        {"decision": decision.reason, "window": window},
+    )
+    return result, decision
+
+
+def record_no_retrain(profile: dict[str, Any], reason: str, run_id: str) -> str:
+    p = load(profile)
+    ledger.record(p, run_id, "no-retrain", {}, {"reason": reason})
+    return reason

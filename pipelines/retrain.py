@@ -37,7 +37,7 @@ def build(profile: Profile):
     default_profile = profile.to_param()
 
     def retrain_body(profile: dict, trigger_reason: str, data_location: str, run_id: str):
-        plan = configure(c.plan(profile=profile), "plan", "Validate profile", kfp)
+        plan = configure(c.plan(profile=profile, run_id=run_id), "plan", "Validate profile", kfp)
         prep = configure(
             c.prepare_data(profile=profile, data_location=data_location, run_id=run_id),
             "prepare-data",
@@ -128,5 +128,4 @@ def build(profile: Profile):
         with dsl.ExitHandler(summary, name="retrain"):
             retrain_body(profile, trigger_reason, data_location, run_id)
 
-    retrain.body = retrain_body  # the monitor pipeline nests the same body under its condition
     return retrain

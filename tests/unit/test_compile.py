@@ -136,3 +136,49 @@ def test_no_secret_from_environment_in_yaml(tmp_path, monkeypatch):
     p = load_profile(None, ["kfp.token_env=KF_PIPELINES_TOKEN"])
     for name in available():
         assert secret not in compile_pipeline(name, p, tmp_path).read_text()
+
+
+@pytest.fixture(scope="module")
+def monitor_spec(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build-monitor")
+    return yaml.safe_load(compile_pipeline("monitor", load_profile(), out).read_text())
+
+
+def _parents(spec: dict, component: str) -> list[tuple[str, dict]]:
+    """(task name, task) of every task, in any DAG, whose component is `component`."""
+    dags = {"root": spec["root"], **{n: c for n, c in spec["components"].items() if "dag" in c}}
+    return [
+        (name, t)
+        for d in dags.values()
+        for name, t in d["dag"]["tasks"].items()
+        if t["componentRef"]["name"] == component
+    ]
+
+
+def test_monitor_nests_retrain_under_the_drift_condition(monitor_spec):
+    tasks = _all_tasks(monitor_spec)
+    assert "drift-check" in tasks and "no-retrain" in tasks
+    nested = _parents(monitor_spec, "comp-flywheel-retrain")
+    assert len(nested) == 1, "the retrain pipeline is nested exactly once"
+    # the nested retrain's DAG is the condition branch guarded by the drift decision
+    holder = next(
+        n
+        for n, c in monitor_spec["components"].items()
+        if "dag" in c and "flywheel-retrain" in c["dag"]["tasks"]
+    )
+    ((_, condition),) = _parents(monitor_spec, holder)
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--drift-check-retrain'] == true"
+    )
+    branches = monitor_spec["root"]["dag"]["tasks"]["condition-branches-1"]
+    assert branches["dependentTasks"] == ["drift-check"]
+    reason = branches["inputs"]["parameters"]["pipelinechannel--drift-check-reason"][
+        "taskOutputParameter"
+    ]
+    assert reason == {"outputParameterKey": "reason", "producerTask": "drift-check"}
+    assert nested[0][1]["inputs"]["parameters"]["trigger_reason"] == {
+        "componentInputParameter": "pipelinechannel--drift-check-reason"
+    }
+    # the nested retrain keeps its own exit handler
+    comp = monitor_spec["components"]["comp-flywheel-retrain"]["dag"]["tasks"]
+    assert comp["summary"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
