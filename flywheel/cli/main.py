@@ -41,6 +41,8 @@ def _root(
 # Each module registers its commands on `app` (or adds a sub-typer). Listed here, in
 # the order `--help` shows them, so one place says what the CLI offers.
 COMMAND_MODULES: list[str] = [
+    "flywheel.cli.kfp",
+    "flywheel.cli.drift",
     "flywheel.cli.pipeline",
 ]
 for _mod in COMMAND_MODULES:
@@ -51,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     # Ray and DeepSpeed print a lot at import and init; keep the user's screen for us.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False click returns a command's exit code instead of exiting.
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except FlywheelError as exc:
         if _state["verbose"]:
             raise
@@ -62,20 +67,21 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # Usage errors from typer's (vendored) click: recognised by shape, not class, because
+        # typer ships its own copy of click whose classes are not click's.
+        name = type(exc).__name__
+        if name == "Exit":
+            sys.exit(getattr(exc, "exit_code", 0))
+        if name == "Abort":
+            sys.exit(1)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             err_console.print(f"[red]error:[/red] {exc.format_message()}", highlight=False)
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
         if _state["verbose"]:
             raise
         err_console.print(
-            f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
+            f"[red]error:[/red] {name}: {exc} (run with --verbose for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -31,7 +31,7 @@ def _progress_printer():
     return on_event
 
 
-def run_and_report(name: str, profile: Profile, arguments: dict) -> None:
+def run_and_report(name: str, profile: Profile, arguments: dict) -> dict:
     """Run a pipeline locally, then print the summary table; non-zero exit on failure."""
     from flywheel.kfp.local import run_local
     from flywheel.stages import run_facts
@@ -80,9 +80,17 @@ def run_and_report(name: str, profile: Profile, arguments: dict) -> None:
     t.add_row(
         "MLflow UI", f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
     )
+    if "drift-check" in facts.get("stage_seconds", {}) or name == "monitor":
+        from flywheel import ledger
+
+        drift = ledger.collect(profile, run.run_id).get("drift-check", {})
+        facts["retrain"] = bool(drift.get("metrics", {}).get("retrain"))
+        if drift:
+            t.add_row("monitor decision", drift["tags"].get("decision", ""))
     console.print(t)
     if not run.succeeded:
         raise FlywheelError(f"pipeline {name} failed in task {run.failed_task}; see {run.log_file}")
+    return facts
 
 
 def register(app: typer.Typer) -> None:
@@ -105,6 +113,27 @@ def register(app: typer.Typer) -> None:
         run_and_report(
             "retrain", p, {"trigger_reason": trigger_reason, "data_location": data_location}
         )
+
+    @app.command("monitor")
+    def monitor_cmd(
+        overrides: OverridesArg = None,
+        profile: ProfileOpt = None,
+        window: Annotated[
+            str,
+            typer.Option(
+                help="production records: a JSONL/parquet file or a directory (default: drift.window)"
+            ),
+        ] = "",
+    ) -> None:
+        """One drift check on this machine and, if drifted outside the cooldown, one retrain.
+
+        Exit codes (for cron): 0 no retrain (no drift, cooldown, or a retrain in flight),
+        3 drift detected and the retrain ran, 1 error (bad window, unreachable registry, failed step).
+        """
+        p = profile_from(profile, overrides)
+        facts = run_and_report("monitor", p, {"window": window or p.drift.window or ""})
+        if facts.get("retrain"):
+            raise typer.Exit(3)
 
     @app.command("compile")
     def compile_cmd(
