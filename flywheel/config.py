@@ -327,6 +327,9 @@ class KfpConfig(_Strict):
     def for_task(self, name: str) -> TaskResources:
         return self.resources.get(name) or self.resources.get("default") or TaskResources()
 
+    oov_min_tokens: int = Field(
+        3, ge=2, description="a word the champion's tokenizer splits into this many tokens counts as OOV"
+    )
 
 # ----------------------------------------------------------------------- profile
 

@@ -1,0 +1,216 @@
+"""`flywheel submit` and `flywheel schedule ...`: runs and recurring runs on Kubeflow Pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flywheel.cli.common import OverridesArg, ProfileOpt, console, err_console, profile_from
+
+HostOpt = Annotated[str | None, typer.Option("--host", help="KFP API URL (default: kfp.host)")]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option("--namespace", "-n", help="multi-user namespace (default: kfp.namespace)"),
+]
+ExperimentOpt = Annotated[
+    str | None, typer.Option("--experiment", help="experiment name (default: kfp.experiment)")
+]
+PackageOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--package", help="an already-compiled pipeline YAML instead of compiling PIPELINE"
+    ),
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="print the HTTP requests it would send; send nothing")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-location", help="passed as the data_location parameter, if the pipeline has one"
+    ),
+]
+
+
+def _session(profile, host, namespace, dry_run):
+    from flywheel.kfp.client import KfpSession, resolve_target
+
+    return KfpSession(resolve_target(profile.kfp, host=host, namespace=namespace), dry_run=dry_run)
+
+
+def _print_sent(session) -> None:
+    for req in session.sent:
+        console.print(req.format(), highlight=False, markup=False)
+    console.print(f"dry run: {len(session.sent)} request(s) shown, nothing was sent")
+
+
+def _package(pipeline: str, profile, package: Path | None) -> Path:
+    from flywheel.kfp.client import compiled_package
+
+    return compiled_package(pipeline, profile, package, profile.state_path("compiled"))
+
+
+def submit_cmd(
+    pipeline: Annotated[str, typer.Argument(help="pipeline name, e.g. retrain or monitor")],
+    overrides: OverridesArg = None,
+    profile: ProfileOpt = None,
+    host: HostOpt = None,
+    namespace: NamespaceOpt = None,
+    experiment: ExperimentOpt = None,
+    package: PackageOpt = None,
+    trigger_reason: Annotated[str, typer.Option(help="recorded with the run")] = "manual",
+    data_location: DataOpt = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="follow the run; exit 1 if it fails")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="--wait gives up after this many seconds")] = 6
+    * 3600,
+    poll: Annotated[float, typer.Option(help="--wait polls every this many seconds")] = 10.0,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Compile PIPELINE, upload it as a version (once per content) and start a run; print its URL."""
+    from flywheel.kfp.client import submit
+
+    prof = profile_from(profile, overrides)
+    pkg = _package(pipeline, prof, package)
+    session = _session(prof, host, namespace, dry_run)
+    run = submit(
+        session,
+        prof,
+        pipeline,
+        pkg,
+        experiment=experiment,
+        trigger_reason=trigger_reason,
+        data_location=data_location,
+    )
+    if dry_run:
+        _print_sent(session)
+        return
+    ref = run.pipeline
+    verb = "uploaded" if ref.uploaded else "reused"
+    err_console.print(f"pipeline {ref.pipeline_name}: version {ref.version_name} {verb}")
+    console.print(run.url, highlight=False, soft_wrap=True)
+    if wait:
+        state = session.wait(
+            run.run_id,
+            timeout_s=timeout,
+            poll_s=poll,
+            on_state=lambda s: err_console.print(f"run {run.run_id}: {s}"),
+        )
+        err_console.print(f"run {run.run_id} {state}")
+
+
+schedule_app = typer.Typer(
+    help="Recurring runs on Kubeflow: create, list, pause, resume, delete.", no_args_is_help=True
+)
+
+
+@schedule_app.command("create")
+def schedule_create(
+    pipeline: Annotated[str, typer.Argument(help="pipeline name, e.g. monitor")],
+    cron: Annotated[
+        str,
+        typer.Option(
+            "--cron",
+            help="standard 5-field cron or @daily etc., e.g. '0 3 * * *' (UTC on the cluster)",
+        ),
+    ],
+    overrides: OverridesArg = None,
+    name: Annotated[str | None, typer.Option("--name", help="default: flywheel-PIPELINE")] = None,
+    profile: ProfileOpt = None,
+    host: HostOpt = None,
+    namespace: NamespaceOpt = None,
+    experiment: ExperimentOpt = None,
+    package: PackageOpt = None,
+    data_location: DataOpt = None,
+    max_concurrency: Annotated[int, typer.Option(help="runs at once (1: never overlap)")] = 1,
+    catchup: Annotated[
+        bool, typer.Option("--catchup", help="backfill runs missed while paused")
+    ] = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Upload PIPELINE (once per content) and create a recurring run on a cron schedule."""
+    from flywheel.kfp.client import schedule
+    from flywheel.kfp.cron import to_kfp_cron
+
+    to_kfp_cron(cron)  # a bad expression fails before compiling or connecting
+    prof = profile_from(profile, overrides)
+    pkg = _package(pipeline, prof, package)
+    session = _session(prof, host, namespace, dry_run)
+    rec = schedule(
+        session,
+        prof,
+        pipeline,
+        pkg,
+        cron,
+        name=name,
+        experiment=experiment,
+        data_location=data_location,
+        max_concurrency=max_concurrency,
+        catchup=catchup,
+    )
+    if dry_run:
+        _print_sent(session)
+        return
+    console.print(
+        f"recurring run {rec.name} ({rec.recurring_run_id}): cron '{rec.cron}', {rec.status}"
+    )
+
+
+@schedule_app.command("list")
+def schedule_list(
+    profile: ProfileOpt = None, host: HostOpt = None, namespace: NamespaceOpt = None
+) -> None:
+    """List recurring runs (in the namespace, if set)."""
+    from rich.table import Table
+
+    session = _session(profile_from(profile, []), host, namespace, False)
+    t = Table(show_header=True, header_style="bold")
+    for col in ("id", "name", "status", "cron (KFP)", "max concurrency", "catch-up", "created"):
+        # ids and names are what people copy into pause/resume/delete: never wrap them
+        t.add_column(col, no_wrap=col in ("id", "name"))
+    for r in session.list_recurring_runs():
+        t.add_row(
+            r.recurring_run_id,
+            r.name,
+            r.status,
+            r.cron or "-",
+            str(r.max_concurrency),
+            "no" if r.no_catchup else "yes",
+            r.created_at or "-",
+        )
+    console.print(t)
+
+
+def _simple(action: str):
+    def command(
+        name_or_id: Annotated[str, typer.Argument(help="recurring run name or id")],
+        profile: ProfileOpt = None,
+        host: HostOpt = None,
+        namespace: NamespaceOpt = None,
+        dry_run: DryRunOpt = False,
+    ) -> None:
+        session = _session(profile_from(profile, []), host, namespace, dry_run)
+        rid = getattr(session, action)(name_or_id)
+        if dry_run:
+            _print_sent(session)
+            return
+        console.print(f"recurring run {rid}: {action}d")
+
+    command.__doc__ = {
+        "pause": "Pause (disable) a recurring run.",
+        "resume": "Resume (enable) a paused recurring run.",
+        "delete": "Delete a recurring run.",
+    }[action]
+    return command
+
+
+for _action in ("pause", "resume", "delete"):
+    schedule_app.command(_action)(_simple(_action))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("submit")(submit_cmd)
+    app.add_typer(schedule_app, name="schedule")

@@ -1,0 +1,685 @@
+"""Submit and schedule compiled pipelines on Kubeflow Pipelines (API v2beta1).
+
+A thin layer over the real `kfp.Client`, adding what a repeatable submit needs:
+
+- **Idempotent upload.** The compiled YAML's sha256 names the pipeline version
+  (``<pipeline>-<sha12>``) and is tagged in its description (``sha256:<hex>``); a
+  package already on the server is reused, never uploaded twice.
+- **Only declared parameters.** The run gets ``profile`` (the profile as one dict),
+  ``trigger_reason`` and ``data_location``, each only if the pipeline declares it:
+  the server rejects unknown run parameters.
+- **Auth without leaks.** Namespace and bearer token come from the profile (``kfp.*``)
+  or flags; the token is read from a file or an environment variable, goes only into
+  the Authorization header, and is masked everywhere we print.
+- **Readable failures.** HTTP errors and unreachable hosts become one `FlywheelError`
+  line (status + the server's own message); kfp's healthz retry loop (5 tries, 5 s
+  apart) is cut to one attempt so a dead host fails in milliseconds.
+- **Dry runs.** `dry_run=True` swaps kfp's REST transport for a recorder: the very
+  requests `kfp.Client` would send are listed and nothing leaves the machine. The
+  recorder cannot ask the server what exists, so a dry run shows the full plan
+  (upload included) as for an empty server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from flywheel.config import KfpConfig, Profile
+from flywheel.errors import ConfigError, FlywheelError
+
+log = logging.getLogger(__name__)
+
+TERMINAL_OK = {"SUCCEEDED", "SKIPPED"}
+TERMINAL_BAD = {"FAILED", "CANCELED", "ERROR"}
+DIGEST_TAG = "sha256:"
+API = "/apis/v2beta1"
+
+
+# ------------------------------------------------------------------------ values
+
+
+@dataclass(frozen=True)
+class KfpTarget:
+    """Where to talk to, and as whom. `token` never appears in repr or messages."""
+
+    host: str
+    namespace: str | None = None
+    token: str | None = field(default=None, repr=False)
+    ui_host: str | None = None
+
+    def run_url(self, run_id: str) -> str:
+        return f"{(self.ui_host or self.host).rstrip('/')}/#/runs/details/{run_id}"
+
+
+@dataclass(frozen=True)
+class PipelineRef:
+    pipeline_id: str
+    version_id: str
+    pipeline_name: str
+    version_name: str
+    digest: str
+    uploaded: bool  # False: the same package was already on the server
+
+
+@dataclass(frozen=True)
+class SubmittedRun:
+    run_id: str
+    url: str
+    experiment_id: str
+    pipeline: PipelineRef
+    parameters: dict[str, Any]
+    state: str | None = None  # final state when waited for
+
+
+@dataclass(frozen=True)
+class RecurringRunInfo:
+    recurring_run_id: str
+    name: str
+    status: str
+    cron: str | None
+    experiment_id: str | None
+    pipeline_version_id: str | None
+    max_concurrency: int | None
+    no_catchup: bool | None
+    created_at: str | None
+
+
+@dataclass(frozen=True)
+class SentRequest:
+    """One HTTP request as a dry run shows it."""
+
+    method: str
+    path: str
+    body: Any
+    authorized: bool
+
+    def format(self) -> str:
+        lines = [f"{self.method} {self.path}"]
+        if self.authorized:
+            lines.append("  Authorization: Bearer ***")
+        if self.body is not None:
+            text = json.dumps(self.body, indent=2, sort_keys=True, default=str)
+            lines.extend("  " + line for line in text.splitlines())
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def resolve_target(
+    cfg: KfpConfig, *, host: str | None = None, namespace: str | None = None
+) -> KfpTarget:
+    """Flags win over the profile. Reads the token file / token env var named in `cfg`."""
+    url = host or cfg.host
+    if not url:
+        raise ConfigError(
+            "no Kubeflow Pipelines host: pass --host URL or set kfp.host in the profile"
+        )
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"kfp.host '{url}': expected an http:// or https:// URL")
+    token: str | None = None
+    if cfg.token_file:
+        path = Path(cfg.token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"kfp.token_file '{path}': cannot read it ({exc.strerror})") from None
+        if not token:
+            raise ConfigError(f"kfp.token_file '{path}' is empty")
+    elif cfg.token_env and os.environ.get(cfg.token_env):
+        token = os.environ[cfg.token_env].strip()
+    return KfpTarget(host=url.rstrip("/"), namespace=namespace or cfg.namespace, token=token)
+
+
+def package_digest(package: Path) -> str:
+    return hashlib.sha256(Path(package).read_bytes()).hexdigest()
+
+
+def version_name_for(pipeline_name: str, digest: str) -> str:
+    return f"{pipeline_name}-{digest[:12]}"
+
+
+def declared_parameters(package: Path) -> dict[str, dict[str, Any]]:
+    """The root input parameters of a compiled pipeline (IR YAML)."""
+    try:
+        doc = yaml.safe_load(Path(package).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise FlywheelError(f"{package}: not a readable pipeline YAML ({exc})") from None
+    spec = doc.get("pipeline_spec", doc) if isinstance(doc, dict) else None
+    if not isinstance(spec, dict) or "root" not in spec:
+        raise FlywheelError(f"{package}: not a compiled pipeline (no 'root' in the IR YAML)")
+    return spec["root"].get("inputDefinitions", {}).get("parameters", {}) or {}
+
+
+def run_parameters(
+    declared: dict[str, Any],
+    profile: Profile,
+    trigger_reason: str,
+    data_location: str | None,
+) -> dict[str, Any]:
+    offered: dict[str, Any] = {
+        "profile": profile.model_dump(mode="json"),
+        "trigger_reason": trigger_reason,
+    }
+    if data_location:
+        offered["data_location"] = data_location
+    return {k: v for k, v in offered.items() if k in declared}
+
+
+def _eq_filter(key: str, value: str) -> str:
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": key, "string_value": value}]})
+
+
+def compiled_package(pipeline: str, profile: Profile, package: Path | None, out_dir: Path) -> Path:
+    """An already-compiled YAML (`package`) or a fresh compile of the named pipeline."""
+    if package is not None:
+        if not Path(package).is_file():
+            raise FlywheelError(f"--package {package}: file not found")
+        return Path(package)
+    try:
+        from flywheel.kfp.compile import compile_pipeline
+    except ImportError as exc:
+        raise FlywheelError(
+            f"cannot compile '{pipeline}' here ({exc}); pass --package PATH of a compiled YAML"
+        ) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return compile_pipeline(pipeline, profile, out_dir)
+
+
+# ---------------------------------------------------------------- error handling
+
+
+def _server_message(body: Any) -> str:
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if not body:
+        return ""
+    try:
+        data = json.loads(body)
+    except (TypeError, ValueError):
+        return " ".join(str(body).split())[:300]
+    if isinstance(data, dict):
+        return str(data.get("message") or data.get("error") or data)[:300]
+    return str(data)[:300]
+
+
+def _unreachable_reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "reason", None) or exc)
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "unknown host"
+    if "timed out" in text.lower():
+        return "timed out"
+    return type(getattr(exc, "reason", None) or exc).__name__
+
+
+@contextlib.contextmanager
+def _translated(target: KfpTarget, action: str) -> Iterator[None]:
+    """HTTP and transport errors -> one FlywheelError line, with the token masked."""
+    import kfp_server_api
+    import urllib3
+
+    try:
+        yield
+    except kfp_server_api.ApiException as exc:
+        detail = _server_message(exc.body)
+        status = (
+            f"HTTP {exc.status} {exc.reason}" if exc.status else str(exc.reason).splitlines()[0]
+        )
+        msg = f"Kubeflow Pipelines at {target.host}: {action} failed: {status}"
+        if detail:
+            msg += f": {detail}"
+        raise FlywheelError(_mask(msg, target)) from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise FlywheelError(
+            f"cannot reach Kubeflow Pipelines at {target.host} ({action}): {_unreachable_reason(exc)}"
+        ) from None
+    except (ValueError, TimeoutError) as exc:  # kfp.Client's own checks (e.g. duplicate names)
+        raise FlywheelError(_mask(f"Kubeflow Pipelines: {action} failed: {exc}", target)) from None
+
+
+def _mask(text: str, target: KfpTarget) -> str:
+    return text.replace(target.token, "***") if target.token else text
+
+
+# ----------------------------------------------------------------- the transport
+
+
+class _FakeResponse:
+    def __init__(self, payload: dict[str, Any]):
+        self.status, self.reason = 200, "OK"
+        self.data = json.dumps(payload).encode()
+
+    def getheader(self, name: str, default: str | None = None) -> str | None:
+        return "application/json" if name.lower() == "content-type" else default
+
+    def getheaders(self) -> dict[str, str]:
+        return {"Content-Type": "application/json"}
+
+
+def _dry_run_rest(configuration: Any) -> Any:
+    """kfp_server_api's REST client with `request` replaced by a recorder."""
+    from kfp_server_api import rest
+
+    class DryRunRest(rest.RESTClientObject):
+        def __init__(self) -> None:
+            super().__init__(configuration)
+            self.sent: list[SentRequest] = []
+
+        def request(
+            self,
+            method,
+            url,
+            query_params=None,
+            headers=None,
+            body=None,
+            post_params=None,
+            _preload_content=True,
+            _request_timeout=None,
+        ):
+            path = urlsplit(url).path
+            query = list(query_params or [])
+            shown_body = body
+            if post_params:
+                shown_body = {
+                    name: (
+                        f"<file {v[0]}, {len(v[1])} bytes, sha256 {hashlib.sha256(v[1]).hexdigest()[:12]}>"
+                        if isinstance(v, tuple)
+                        else v
+                    )
+                    for name, v in post_params
+                }
+            # Decoded, so a person can read the filter JSON; the wire form is urlencoded.
+            full = path + ("?" + "&".join(f"{k}={v}" for k, v in query) if query else "")
+            authorized = any(k.lower() == "authorization" for k in (headers or {}))
+            self.sent.append(SentRequest(method, full, shown_body, authorized))
+            return _FakeResponse(_dry_run_answer(method, path, dict(query), body))
+
+    return DryRunRest()
+
+
+def _dry_run_answer(method: str, path: str, query: dict[str, Any], body: Any) -> dict[str, Any]:
+    """What an empty server would answer, so kfp.Client carries on with its plan."""
+    if method == "GET":
+        return {"multi_user": False} if path.endswith("/healthz") else {}
+    if path.endswith("/pipelines/upload"):
+        return {
+            "pipeline_id": "<pipeline-id>",
+            "name": query.get("name"),
+            "display_name": query.get("name"),
+        }
+    if path.endswith("/pipelines/upload_version"):
+        return {
+            "pipeline_id": query.get("pipelineid"),
+            "pipeline_version_id": "<version-id>",
+            "name": query.get("name"),
+        }
+    if path.endswith("/experiments"):
+        return {**(body or {}), "experiment_id": "<experiment-id>"}
+    if path.endswith("/runs"):
+        return {**(body or {}), "run_id": "<run-id>", "state": "PENDING"}
+    if path.endswith("/recurringruns"):
+        return {**(body or {}), "recurring_run_id": "<recurring-run-id>"}
+    return {}
+
+
+def _make_client(target: KfpTarget, dry_run: bool) -> Any:
+    import kfp
+
+    class _Client(kfp.Client):
+        healthz: Any = None
+        recorder: Any = None
+
+        def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:
+            # One attempt: kfp retries 5 times, 5 s apart, which turns a wrong --host or a
+            # 5xx into half a minute of silence before the same error.
+            self._install_recorder()
+            self.healthz = self._healthz_api.healthz_service_get_healthz()
+            return self.healthz
+
+        def _install_recorder(self) -> None:
+            if dry_run and self.recorder is None:
+                api_client = self._healthz_api.api_client
+                self.recorder = api_client.rest_client = _dry_run_rest(api_client.configuration)
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        client = _Client(
+            host=target.host,
+            namespace=target.namespace or "kubeflow",
+            existing_token=target.token,
+            ui_host=target.ui_host,
+        )
+    client._install_recorder()
+    if target.namespace:
+        # Without writing ~/.config/kfp/context.json (set_user_namespace would).
+        client._context_setting["namespace"] = target.namespace
+    return client
+
+
+# ------------------------------------------------------------------- the session
+
+
+class KfpSession:
+    """One connection to a Kubeflow Pipelines API; every call goes through kfp.Client."""
+
+    def __init__(self, target: KfpTarget, *, dry_run: bool = False):
+        self.target = target
+        self.dry_run = dry_run
+        with _translated(target, "health check"):
+            self.client = _make_client(target, dry_run)
+        healthz = self.client.healthz
+        if healthz is not None and healthz.multi_user and not target.namespace:
+            raise ConfigError(
+                f"Kubeflow Pipelines at {target.host} is multi-user: set kfp.namespace in the "
+                "profile or pass --namespace"
+            )
+
+    @property
+    def sent(self) -> list[SentRequest]:
+        recorder = self.client.recorder
+        return list(recorder.sent) if recorder is not None else []
+
+    @contextlib.contextmanager
+    def _call(self, action: str) -> Iterator[None]:
+        # kfp.Client prints "Run details: ..." links itself; we print our own.
+        with _translated(self.target, action), contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+    # --------------------------------------------------------------- pipelines
+    def _find_pipeline(self, name: str) -> str | None:
+        with self._call(f"looking up pipeline '{name}'"):
+            result = self.client.list_pipelines(
+                filter=_eq_filter("display_name", name),
+                namespace=self.target.namespace,
+                page_size=2,
+            )
+        matches = [p for p in result.pipelines or [] if p.display_name == name]
+        if len(matches) > 1:
+            raise FlywheelError(f"several pipelines are named '{name}' on {self.target.host}")
+        return matches[0].pipeline_id if matches else None
+
+    def _find_version(self, pipeline_id: str, version_name: str, digest: str) -> Any | None:
+        token = ""
+        while True:
+            with self._call("listing pipeline versions"):
+                page = self.client.list_pipeline_versions(
+                    pipeline_id, page_token=token, page_size=100
+                )
+            for v in page.pipeline_versions or []:
+                if v.name == version_name or f"{DIGEST_TAG}{digest}" in (v.description or ""):
+                    return v
+            token = page.next_page_token or ""
+            if not token:
+                return None
+
+    def ensure_pipeline_version(self, pipeline_name: str, package: Path) -> PipelineRef:
+        """Upload `package` as a version of `pipeline_name` unless the same bytes are there."""
+        digest = package_digest(package)
+        version_name = version_name_for(pipeline_name, digest)
+        description = f"flywheel {pipeline_name} {DIGEST_TAG}{digest}"
+        pipeline_id = self._find_pipeline(pipeline_name)
+        if pipeline_id is None:
+            with self._call(f"uploading pipeline '{pipeline_name}'"):
+                pipeline = self.client.upload_pipeline(
+                    str(package),
+                    pipeline_name,
+                    description=description,
+                    namespace=self.target.namespace,
+                )
+            pipeline_id = pipeline.pipeline_id
+            # The upload created the first version from the same bytes and description.
+            found = None if self.dry_run else self._find_version(pipeline_id, version_name, digest)
+            version_id = found.pipeline_version_id if found else "<version-id>"
+            if found is None and not self.dry_run:
+                raise FlywheelError(f"pipeline '{pipeline_name}' was uploaded but has no version")
+            return PipelineRef(
+                pipeline_id,
+                version_id,
+                pipeline_name,
+                found.name if found else version_name,
+                digest,
+                True,
+            )
+        found = self._find_version(pipeline_id, version_name, digest)
+        if found is not None:
+            log.info("pipeline %s: version %s already uploaded", pipeline_name, found.name)
+            return PipelineRef(
+                pipeline_id, found.pipeline_version_id, pipeline_name, found.name, digest, False
+            )
+        with self._call(f"uploading version '{version_name}'"):
+            version = self.client.upload_pipeline_version(
+                str(package), version_name, pipeline_id=pipeline_id, description=description
+            )
+        return PipelineRef(
+            pipeline_id, version.pipeline_version_id, pipeline_name, version_name, digest, True
+        )
+
+    def ensure_experiment(self, name: str) -> str:
+        with self._call(f"getting or creating experiment '{name}'"):
+            exp = self.client.create_experiment(name, namespace=self.target.namespace)
+        return exp.experiment_id
+
+    # -------------------------------------------------------------------- runs
+    def create_run(
+        self, ref: PipelineRef, experiment_id: str, run_name: str, parameters: dict[str, Any]
+    ) -> SubmittedRun:
+        with self._call("creating a run"):
+            run = self.client.run_pipeline(
+                experiment_id,
+                run_name,
+                params=parameters,
+                pipeline_id=ref.pipeline_id,
+                version_id=ref.version_id,
+            )
+        return SubmittedRun(
+            run.run_id, self.target.run_url(run.run_id), experiment_id, ref, parameters
+        )
+
+    def wait(
+        self,
+        run_id: str,
+        *,
+        timeout_s: float,
+        poll_s: float = 5.0,
+        on_state: Callable[[str], None] | None = None,
+    ) -> str:
+        """Follow a run to a terminal state; FlywheelError when it fails or times out.
+
+        Not `kfp.Client.wait_for_run_completion`: that loop does not treat CANCELED as
+        final (it would wait out the timeout) and reports no intermediate states.
+        """
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while True:
+            with self._call(f"getting run {run_id}"):
+                run = self.client.get_run(run_id)
+            state = str(run.state or "PENDING").upper()
+            if state != last and on_state:
+                on_state(state)
+            last = state
+            if state in TERMINAL_OK:
+                return state
+            if state in TERMINAL_BAD:
+                why = f": {run.error.message}" if run.error and run.error.message else ""
+                raise FlywheelError(
+                    f"run {run_id} ended {state}{why} ({self.target.run_url(run_id)})"
+                )
+            if time.monotonic() > deadline:
+                raise FlywheelError(
+                    f"run {run_id} still {state} after {timeout_s:.0f} s ({self.target.run_url(run_id)})"
+                )
+            time.sleep(poll_s)
+
+    # ---------------------------------------------------------- recurring runs
+    def create_recurring_run(
+        self,
+        ref: PipelineRef,
+        experiment_id: str,
+        name: str,
+        kfp_cron: str,
+        parameters: dict[str, Any],
+        *,
+        max_concurrency: int = 1,
+        no_catchup: bool = True,
+    ) -> RecurringRunInfo:
+        if not self.dry_run:
+            clash = [r for r in self.list_recurring_runs() if r.name == name]
+            if clash:
+                raise FlywheelError(
+                    f"a recurring run named '{name}' exists ({clash[0].recurring_run_id}); "
+                    "delete it first or pass another --name"
+                )
+        with self._call(f"creating recurring run '{name}'"):
+            rec = self.client.create_recurring_run(
+                experiment_id,
+                name,
+                description=f"flywheel {ref.pipeline_name} {DIGEST_TAG}{ref.digest}",
+                cron_expression=kfp_cron,
+                max_concurrency=max_concurrency,
+                no_catchup=no_catchup,
+                params=parameters,
+                pipeline_id=ref.pipeline_id,
+                version_id=ref.version_id,
+            )
+        return _info(rec)
+
+    def list_recurring_runs(self) -> list[RecurringRunInfo]:
+        out: list[RecurringRunInfo] = []
+        token = ""
+        while True:
+            with self._call("listing recurring runs"):
+                page = self.client.list_recurring_runs(
+                    page_token=token, page_size=100, namespace=self.target.namespace
+                )
+            out.extend(_info(r) for r in page.recurring_runs or [])
+            token = page.next_page_token or ""
+            if not token:
+                return out
+
+    def find_recurring_run(self, name_or_id: str) -> str:
+        """The id of the recurring run with this id or (unique) name."""
+        if self.dry_run:
+            return name_or_id  # a dry run cannot look names up
+        runs = self.list_recurring_runs()
+        by_id = [r for r in runs if r.recurring_run_id == name_or_id]
+        if by_id:
+            return by_id[0].recurring_run_id
+        by_name = [r for r in runs if r.name == name_or_id]
+        if not by_name:
+            raise FlywheelError(
+                f"no recurring run named or with id '{name_or_id}' on {self.target.host}"
+            )
+        if len(by_name) > 1:
+            ids = ", ".join(r.recurring_run_id for r in by_name)
+            raise FlywheelError(
+                f"several recurring runs are named '{name_or_id}' ({ids}); pass the id"
+            )
+        return by_name[0].recurring_run_id
+
+    def pause(self, name_or_id: str) -> str:
+        rid = self.find_recurring_run(name_or_id)
+        with self._call(f"pausing recurring run {rid}"):
+            self.client.disable_recurring_run(rid)
+        return rid
+
+    def resume(self, name_or_id: str) -> str:
+        rid = self.find_recurring_run(name_or_id)
+        with self._call(f"resuming recurring run {rid}"):
+            self.client.enable_recurring_run(rid)
+        return rid
+
+    def delete(self, name_or_id: str) -> str:
+        rid = self.find_recurring_run(name_or_id)
+        with self._call(f"deleting recurring run {rid}"):
+            self.client.delete_recurring_run(rid)
+        return rid
+
+
+def _info(rec: Any) -> RecurringRunInfo:
+    trigger = rec.trigger
+    cron = trigger.cron_schedule.cron if trigger and trigger.cron_schedule else None
+    ref = rec.pipeline_version_reference
+    return RecurringRunInfo(
+        recurring_run_id=rec.recurring_run_id,
+        name=rec.display_name,
+        status=str(rec.status or ("ENABLED" if rec.mode == "ENABLE" else "DISABLED")),
+        cron=cron,
+        experiment_id=rec.experiment_id,
+        pipeline_version_id=ref.pipeline_version_id if ref else None,
+        max_concurrency=int(rec.max_concurrency) if rec.max_concurrency is not None else None,
+        no_catchup=rec.no_catchup,
+        created_at=str(rec.created_at) if rec.created_at else None,
+    )
+
+
+# ------------------------------------------------------------- whole operations
+
+
+def submit(
+    session: KfpSession,
+    profile: Profile,
+    pipeline: str,
+    package: Path,
+    *,
+    experiment: str | None = None,
+    trigger_reason: str = "manual",
+    data_location: str | None = None,
+    run_name: str | None = None,
+) -> SubmittedRun:
+    """Upload (if new) and start one run of a compiled pipeline; returns its UI URL."""
+    pipeline_name = f"flywheel-{pipeline}"
+    params = run_parameters(declared_parameters(package), profile, trigger_reason, data_location)
+    ref = session.ensure_pipeline_version(pipeline_name, package)
+    experiment_id = session.ensure_experiment(experiment or profile.kfp.experiment)
+    name = run_name or f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return session.create_run(ref, experiment_id, name, params)
+
+
+def schedule(
+    session: KfpSession,
+    profile: Profile,
+    pipeline: str,
+    package: Path,
+    cron: str,
+    *,
+    name: str | None = None,
+    experiment: str | None = None,
+    trigger_reason: str = "schedule",
+    data_location: str | None = None,
+    max_concurrency: int = 1,
+    catchup: bool = False,
+) -> RecurringRunInfo:
+    """A recurring run of a compiled pipeline on a standard 5-field cron schedule."""
+    from flywheel.kfp.cron import to_kfp_cron
+
+    kfp_cron = to_kfp_cron(cron)  # invalid cron fails before anything is uploaded
+    if not 1 <= max_concurrency <= 10:
+        raise ConfigError(f"max concurrency {max_concurrency}: Kubeflow accepts 1 to 10")
+    params = run_parameters(declared_parameters(package), profile, trigger_reason, data_location)
+    ref = session.ensure_pipeline_version(f"flywheel-{pipeline}", package)
+    experiment_id = session.ensure_experiment(experiment or profile.kfp.experiment)
+    return session.create_recurring_run(
+        ref,
+        experiment_id,
+        name or f"flywheel-{pipeline}",
+        kfp_cron,
+        params,
+        max_concurrency=max_concurrency,
+        no_catchup=not catchup,
+    )

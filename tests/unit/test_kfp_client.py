@@ -1,0 +1,360 @@
+"""The real kfp.Client, through flywheel.kfp.client, against the KFP API STAND-IN
+(tests/standin_kfp.py), which validates every request against the official v2beta1 spec."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from standin_kfp import KfpStandIn
+
+from flywheel.cli.main import main
+from flywheel.config import KfpConfig, load_profile
+from flywheel.errors import ConfigError, FlywheelError
+from flywheel.kfp.client import (
+    KfpSession,
+    KfpTarget,
+    resolve_target,
+    schedule,
+    submit,
+)
+
+TOKEN = "tok-3c7e1d9f-secret"
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    """A trivial compiled pipeline with the run knobs Flywheel's pipelines take."""
+    from kfp import compiler, dsl
+
+    @dsl.component(base_image="python:3.11-slim")
+    def echo(profile: dict, trigger_reason: str, data_location: str) -> str:
+        return f"{trigger_reason} {data_location} {len(profile)}"
+
+    @dsl.pipeline(name="toy")
+    def toy(profile: dict, trigger_reason: str = "manual", data_location: str = ""):
+        echo(profile=profile, trigger_reason=trigger_reason, data_location=data_location)
+
+    path = tmp_path_factory.mktemp("pkg") / "toy.yaml"
+    compiler.Compiler().compile(toy, str(path))
+    return path
+
+
+@pytest.fixture
+def profile(state_dir):
+    return load_profile(None, ["train.max_steps=7"])
+
+
+@pytest.fixture
+def kfp(contracts_dir):
+    with KfpStandIn(contracts_dir, token=TOKEN) as server:
+        yield server
+        assert server.violations == [], server.violations
+
+
+@pytest.fixture
+def session(kfp):
+    return KfpSession(KfpTarget(kfp.url, token=TOKEN))
+
+
+def test_submit_uploads_creates_experiment_and_run_with_parameters(kfp, session, profile, package):
+    run = submit(
+        session, profile, "retrain", package, trigger_reason="drift: 0.91", data_location="/data/w"
+    )
+    assert run.url == f"{kfp.url}/#/runs/details/{run.run_id}"
+    assert run.pipeline.uploaded and run.pipeline.pipeline_name == "flywheel-retrain"
+    assert len(kfp.calls("POST", r"/pipelines/upload$")) == 1
+    created = kfp.runs[run.run_id]
+    params = created["runtime_config"]["parameters"]
+    assert params["trigger_reason"] == "drift: 0.91"
+    assert params["data_location"] == "/data/w"
+    assert params["profile"]["train"]["max_steps"] == 7  # the whole profile, as one dict
+    assert created["pipeline_version_reference"]["pipeline_version_id"] == run.pipeline.version_id
+    assert kfp.experiments[run.experiment_id]["display_name"] == "flywheel"
+
+
+def test_same_package_is_not_uploaded_twice_and_a_new_one_is(
+    kfp, session, profile, package, tmp_path
+):
+    first = submit(session, profile, "retrain", package)
+    second = submit(session, profile, "retrain", package)
+    assert not second.pipeline.uploaded
+    assert second.pipeline.version_id == first.pipeline.version_id
+    assert len(kfp.calls("POST", r"/pipelines/upload")) == 1
+    assert len(kfp.experiments) == 1  # the experiment is reused too
+
+    changed = tmp_path / "toy2.yaml"
+    doc = yaml.safe_load(package.read_text())
+    doc["pipelineInfo"]["description"] = "changed"
+    changed.write_text(yaml.safe_dump(doc))
+    third = submit(session, profile, "retrain", changed)
+    assert third.pipeline.uploaded and third.pipeline.version_id != first.pipeline.version_id
+    assert third.pipeline.version_name == f"flywheel-retrain-{third.pipeline.digest[:12]}"
+    upload = kfp.calls("POST", r"/pipelines/upload_version$")[-1]
+    assert upload.query["pipelineid"] == first.pipeline.pipeline_id
+    assert f"sha256:{third.pipeline.digest}" in upload.query["description"]
+    assert upload.body["uploadfile"] == changed.read_bytes()
+    # and that version is reused on the next submit
+    assert not submit(session, profile, "retrain", changed).pipeline.uploaded
+
+
+def test_parameters_the_pipeline_does_not_declare_are_not_sent(kfp, session, profile, tmp_path):
+    from kfp import compiler, dsl
+
+    @dsl.component(base_image="python:3.11-slim")
+    def noop(profile: dict):
+        pass
+
+    @dsl.pipeline(name="bare")
+    def bare(profile: dict):
+        noop(profile=profile)
+
+    path = tmp_path / "bare.yaml"
+    compiler.Compiler().compile(bare, str(path))
+    run = submit(session, profile, "bare", path, data_location="/x")
+    assert set(kfp.runs[run.run_id]["runtime_config"]["parameters"]) == {"profile"}
+
+
+def test_every_request_carries_the_bearer_token(kfp, session, profile, package):
+    submit(session, profile, "retrain", package)
+    assert kfp.requests
+    assert {r.headers.get("authorization") for r in kfp.requests} == {f"Bearer {TOKEN}"}
+
+
+def test_wrong_token_is_one_readable_line_without_the_token(kfp):
+    with pytest.raises(FlywheelError) as err:
+        KfpSession(KfpTarget(kfp.url, token="wrong-token-123"))
+    msg = str(err.value)
+    assert "HTTP 401" in msg and "Unauthenticated" in msg
+    assert "\n" not in msg and "wrong-token-123" not in msg
+
+
+def test_wait_follows_the_run_to_success_and_fails_on_failure(contracts_dir, profile, package):
+    with KfpStandIn(contracts_dir, run_states=("RUNNING", "RUNNING", "SUCCEEDED")) as kfp:
+        s = KfpSession(KfpTarget(kfp.url))
+        run = submit(s, profile, "retrain", package)
+        seen: list[str] = []
+        assert s.wait(run.run_id, timeout_s=10, poll_s=0.01, on_state=seen.append) == "SUCCEEDED"
+        assert seen == ["RUNNING", "SUCCEEDED"]
+    with KfpStandIn(contracts_dir, run_states=("RUNNING", "FAILED")) as kfp:
+        s = KfpSession(KfpTarget(kfp.url))
+        run = submit(s, profile, "retrain", package)
+        with pytest.raises(FlywheelError, match=r"ended FAILED: task 'train' failed"):
+            s.wait(run.run_id, timeout_s=10, poll_s=0.01)
+    with KfpStandIn(contracts_dir, run_states=("RUNNING", "CANCELED")) as kfp:
+        s = KfpSession(KfpTarget(kfp.url))
+        run = submit(s, profile, "retrain", package)
+        with pytest.raises(FlywheelError, match="ended CANCELED"):
+            s.wait(run.run_id, timeout_s=10, poll_s=0.01)
+
+
+def test_recurring_run_gets_converted_cron_one_at_a_time_and_no_catchup(
+    kfp, session, profile, package
+):
+    rec = schedule(session, profile, "monitor", package, "0 3 * * *")
+    body = kfp.recurring[rec.recurring_run_id]
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert int(body["max_concurrency"]) == 1
+    assert body["no_catchup"] is True
+    assert body["mode"] == "ENABLE"
+    assert body["display_name"] == "flywheel-monitor"
+    assert body["runtime_config"]["parameters"]["trigger_reason"] == "schedule"
+    assert rec.cron == "0 0 3 * * *" and rec.status == "ENABLED"
+    # the name must stay unique, so pause/resume/delete by name are unambiguous
+    with pytest.raises(FlywheelError, match="exists"):
+        schedule(session, profile, "monitor", package, "@daily")
+
+
+def test_invalid_cron_fails_before_anything_is_sent(kfp, session, profile, package):
+    before = len(kfp.requests)
+    with pytest.raises(ConfigError, match="minute value 61"):
+        schedule(session, profile, "monitor", package, "61 3 * * *")
+    assert len(kfp.requests) == before
+
+
+def test_pause_resume_delete_by_name_or_id(kfp, session, profile, package):
+    rec = schedule(session, profile, "monitor", package, "*/30 * * * *", name="nightly")
+    rid = rec.recurring_run_id
+    assert session.pause("nightly") == rid
+    assert kfp.recurring[rid]["status"] == "DISABLED"
+    assert [r.status for r in session.list_recurring_runs()] == ["DISABLED"]
+    assert session.resume(rid) == rid
+    assert kfp.recurring[rid]["status"] == "ENABLED"
+    assert kfp.calls("POST", rf"/recurringruns/{rid}:disable$")
+    assert kfp.calls("POST", rf"/recurringruns/{rid}:enable$")
+    session.delete("nightly")
+    assert rid not in kfp.recurring and session.list_recurring_runs() == []
+    with pytest.raises(FlywheelError, match="no recurring run named or with id 'nightly'"):
+        session.pause("nightly")
+
+
+@pytest.mark.parametrize("status", [400, 404, 500, 503])
+def test_server_errors_become_one_readable_line(kfp, session, profile, package, status):
+    kfp.fail("POST", r"/runs$", status, f"backend said no ({status})")
+    with pytest.raises(FlywheelError) as err:
+        submit(session, profile, "retrain", package)
+    msg = str(err.value)
+    assert (
+        f"HTTP {status}" in msg and f"backend said no ({status})" in msg and "creating a run" in msg
+    )
+    assert "\n" not in msg and TOKEN not in msg
+
+
+def test_unreachable_host_is_one_line_and_fast(profile):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(
+        FlywheelError, match=r"cannot reach Kubeflow Pipelines at .*: connection refused"
+    ):
+        KfpSession(KfpTarget(f"http://127.0.0.1:{port}"))
+    assert time.monotonic() - start < 10  # not kfp's 5 x 5 s healthz retries
+
+
+def test_healthz_5xx_fails_at_once(kfp):
+    kfp.fail("GET", r"/healthz$", 503, "api server starting", times=10)
+    with pytest.raises(FlywheelError, match=r"HTTP 503.*api server starting"):
+        KfpSession(KfpTarget(kfp.url, token=TOKEN))
+    assert len(kfp.calls("GET", r"/healthz$")) == 1
+
+
+def test_multi_user_needs_a_namespace_and_sends_it(contracts_dir, profile, package):
+    with KfpStandIn(contracts_dir, multi_user=True) as kfp:
+        with pytest.raises(ConfigError, match="multi-user"):
+            KfpSession(KfpTarget(kfp.url))
+        s = KfpSession(KfpTarget(kfp.url, namespace="team-a"))
+        run = submit(s, profile, "retrain", package)
+        assert kfp.experiments[run.experiment_id]["namespace"] == "team-a"
+        assert kfp.calls("POST", r"/pipelines/upload$")[0].query["namespace"] == "team-a"
+        assert kfp.pipelines[run.pipeline.pipeline_id]["namespace"] == "team-a"
+        assert kfp.violations == []
+
+
+def test_dry_run_shows_the_requests_and_sends_nothing(kfp, profile, package):
+    s = KfpSession(KfpTarget(kfp.url, token=TOKEN), dry_run=True)
+    submit(s, profile, "retrain", package)
+    assert kfp.requests == []
+    shown = [(r.method, r.path.split("?")[0]) for r in s.sent]
+    assert ("POST", "/apis/v2beta1/pipelines/upload") in shown
+    assert ("POST", "/apis/v2beta1/runs") in shown
+    run_body = next(r.body for r in s.sent if r.path == "/apis/v2beta1/runs")
+    assert run_body["runtime_config"]["parameters"]["profile"]["train"]["max_steps"] == 7
+    text = "\n".join(r.format() for r in s.sent)
+    assert "Bearer ***" in text and TOKEN not in text
+
+
+def test_token_from_file_or_env_and_missing_file(tmp_path, monkeypatch):
+    file = tmp_path / "token"
+    file.write_text(TOKEN + "\n")
+    t = resolve_target(KfpConfig(host="http://h:8888", token_file=str(file), namespace="ns"))
+    assert t.token == TOKEN and t.namespace == "ns" and TOKEN not in repr(t)
+    monkeypatch.setenv("MY_KFP_TOKEN", "from-env")
+    assert resolve_target(KfpConfig(host="http://h", token_env="MY_KFP_TOKEN")).token == "from-env"
+    with pytest.raises(ConfigError, match=r"kfp\.token_file"):
+        resolve_target(KfpConfig(host="http://h", token_file=str(tmp_path / "nope")))
+    with pytest.raises(ConfigError, match="--host"):
+        resolve_target(KfpConfig())
+    assert resolve_target(KfpConfig(host="http://h"), host="http://other/").host == "http://other"
+
+
+def test_the_standin_rejects_requests_that_break_the_spec(kfp):
+    """The stand-in can fail: an unknown field, a missing required field, an undeclared query."""
+    import urllib.error
+    import urllib.request
+
+    def post(path, body):
+        req = urllib.request.Request(
+            kfp.url + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+        )
+        try:
+            urllib.request.urlopen(req)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+        return 200, None
+
+    code, body = post("/apis/v2beta1/experiments", {"displayName": "x"})
+    assert code == 400 and "displayName" in body["message"]
+    code, body = post("/apis/v2beta1/recurringruns", {"display_name": "x", "trigger": {}})
+    assert code == 400 and "max_concurrency" in body["message"]
+    code, _ = post("/apis/v2beta1/experiments?bogus=1", {"display_name": "x"})
+    assert code == 400
+    assert len(kfp.violations) == 3
+    kfp.violations.clear()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def test_cli_submit_prints_the_run_url(kfp, package, state_dir, capsys, monkeypatch):
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
+    try:
+        main(
+            [
+                "submit",
+                "retrain",
+                "--host",
+                kfp.url,
+                "--package",
+                str(package),
+                "--wait",
+                "--poll",
+                "0.01",
+            ]
+        )
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    assert code in (0, None), out.err
+    (run_id,) = kfp.runs
+    assert f"{kfp.url}/#/runs/details/{run_id}" in out.out
+    assert "SUCCEEDED" in out.err
+
+
+def test_cli_server_error_exits_1_with_one_line(kfp, package, state_dir, capsys, monkeypatch):
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
+    kfp.fail("POST", r"/experiments$", 500, "database is locked")
+    code, _, err = _cli(["submit", "retrain", "--host", kfp.url, "--package", str(package)], capsys)
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "HTTP 500" in lines[0] and "database is locked" in lines[0]
+    assert "Traceback" not in err
+
+
+def test_cli_schedule_roundtrip_and_dry_run(kfp, package, state_dir, capsys, monkeypatch):
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
+    common = ["--host", kfp.url]
+    main(
+        ["schedule", "create", "monitor", "--cron", "0 3 * * *", "--package", str(package), *common]
+    )
+    assert "'0 0 3 * * *'" in capsys.readouterr().out
+    main(["schedule", "list", *common])
+    assert "flywheel-monitor" in capsys.readouterr().out
+    main(["schedule", "pause", "flywheel-monitor", *common])
+    main(["schedule", "resume", "flywheel-monitor", *common])
+    n = len(kfp.requests)
+    main(["schedule", "delete", "flywheel-monitor", "--dry-run", *common])
+    assert len(kfp.requests) == n and len(kfp.recurring) == 1
+    assert "DELETE /apis/v2beta1/recurringruns/flywheel-monitor" in capsys.readouterr().out
+    main(["schedule", "delete", "flywheel-monitor", *common])
+    assert kfp.recurring == {}
+    code, _, err = _cli(["schedule", "create", "monitor", "--cron", "0 3 * *", *common], capsys)
+    assert code == 2 and "expected 5 fields" in err
