@@ -261,6 +261,12 @@ class EvalConfig(_Strict):
     prompts: list[str] = Field(default_factory=list, description="generation checks; empty: none")
     max_new_tokens: int = Field(32, ge=1)
     seed: int = 0
+    max_tokens_per_doc: int | None = Field(
+        2048, ge=2, description="evaluate at most this many leading tokens of a document (bounds time)"
+    )
+    max_repetition: float = Field(
+        0.5, ge=0, le=1, description="generation check: highest share of repeated 3-grams allowed"
+    )
 
 
 class GatePolicy(_Strict):
@@ -272,6 +278,23 @@ class GatePolicy(_Strict):
         0.0, ge=0, description="accept a challenger up to this share worse (0: must not be worse)"
     )
     min_accuracy: float = Field(0.0, ge=0, le=1, description="absolute bound on next-token accuracy")
+    margins: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-metric non-inferiority margin (share worse than the champion allowed), "
+        "keys perplexity | accuracy; a metric not named here uses non_inferiority_margin",
+    )
+    require_generation_checks: bool = Field(
+        False, description="a failed generation check (empty or degenerate output) blocks promotion"
+    )
+
+    @model_validator(mode="after")
+    def _margin_keys(self) -> GatePolicy:
+        unknown = sorted(set(self.margins) - {"perplexity", "accuracy"})
+        if unknown:
+            raise ValueError(f"gate.margins: unknown metric(s) {unknown}; use perplexity, accuracy")
+        if any(m < 0 for m in self.margins.values()):
+            raise ValueError("gate.margins: margins must be >= 0")
+        return self
 
 
 # ---------------------------------------------------------------------- registry
@@ -285,6 +308,11 @@ class RegistryConfig(_Strict):
     experiment: str = "flywheel"
     retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(0.5, ge=0)
+    http_timeout_s: float = Field(10.0, gt=0, description="per request to a tracking server")
+    lock_timeout_s: float = Field(60.0, gt=0, description="wait this long for another alias move")
+    lock_stale_s: float = Field(
+        300.0, gt=0, description="an alias-move lock older than this is from a dead process"
+    )
 
 
 # ------------------------------------------------------------------------- drift

@@ -44,6 +44,8 @@ COMMAND_MODULES: list[str] = [
     "flywheel.cli.kfp",
     "flywheel.cli.drift",
     "flywheel.cli.pipeline",
+    "flywheel.cli.evaluate",
+    "flywheel.cli.models",
 ]
 for _mod in COMMAND_MODULES:
     importlib.import_module(_mod).register(app)

@@ -1,0 +1,125 @@
+"""`flywheel models list | history | promote | rollback`: the registry, with reasons."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from
+
+models_app = typer.Typer(
+    help="The model registry: versions, the champion's history, promotion and rollback.",
+    no_args_is_help=True,
+)
+
+ReasonOpt = Annotated[
+    str, typer.Option("--reason", "-r", help="why (recorded in the history; required)")
+]
+ActorOpt = Annotated[
+    str | None, typer.Option("--actor", help="who (default: user@host)", show_default=False)
+]
+
+
+def _registry(profile, overrides):
+    from flywheel.registry import Registry
+
+    return Registry(profile_from(profile, overrides))
+
+
+def _fmt(tags: dict[str, str], key: str) -> str:
+    value = tags.get(key)
+    if value is None:
+        return ""
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
+@models_app.command("list")
+def list_versions(overrides: OverridesArg = None, profile: ProfileOpt = None) -> None:
+    """Every version with its aliases, verdict, metrics and lineage."""
+    from flywheel.registry import TAG_DATA_HASH, TAG_FLAVOR, TAG_TRIGGER, TAG_VERDICT
+
+    reg = _registry(profile, overrides)
+    rows = reg.versions()
+    t = Table(title=f"{reg.name} @ {reg.uri}", header_style="bold")
+    for col in ("version", "aliases", "verdict", "perplexity", "accuracy", "data", "trigger"):
+        t.add_column(col, justify="right" if col in ("perplexity", "accuracy") else "left")
+    t.add_column("flavour")
+    t.add_column("created")
+    for v in rows:
+        aliases = ", ".join(v.aliases)
+        t.add_row(
+            v.version,
+            f"[bold green]{aliases}[/]" if "champion" in v.aliases else aliases,
+            v.tags.get(TAG_VERDICT, ""),
+            _fmt(v.tags, "challenger_perplexity"),
+            _fmt(v.tags, "challenger_accuracy"),
+            v.tags.get(TAG_DATA_HASH, "")[:12],
+            v.tags.get(TAG_TRIGGER, "")[:40],
+            v.tags.get(TAG_FLAVOR, ""),
+            v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
+        )
+    console.print(t if rows else f"no versions of {reg.name} at {reg.uri}")
+
+
+@models_app.command("history")
+def history(overrides: OverridesArg = None, profile: ProfileOpt = None) -> None:
+    """Every move of the champion alias, oldest first."""
+    reg = _registry(profile, overrides)
+    entries = reg.history()
+    t = Table(title=f"{reg.name}: champion history", header_style="bold")
+    for col in ("#", "time (UTC)", "kind", "from", "to", "actor", "reason"):
+        t.add_column(col)
+    for e in entries:
+        t.add_row(
+            str(e.seq),
+            e.time.strftime("%Y-%m-%d %H:%M:%S"),
+            e.kind,
+            e.from_version or "-",
+            e.to_version,
+            e.actor,
+            e.reason,
+        )
+    console.print(t if entries else f"no champion moves of {reg.name} yet")
+
+
+@models_app.command("promote")
+def promote(
+    version: Annotated[str, typer.Argument(help="the version to make champion")],
+    reason: ReasonOpt,
+    actor: ActorOpt = None,
+    overrides: OverridesArg = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Make VERSION the champion by hand (recorded as a manual promotion)."""
+    from flywheel.registry import default_actor
+
+    reg = _registry(profile, overrides)
+    e = reg.promote(version, reason=reason, actor=actor or default_actor(), kind="manual")
+    console.print(f"{reg.name}: champion {e.from_version or '(none)'} -> {e.to_version} (#{e.seq})")
+
+
+@models_app.command("rollback")
+def rollback(
+    reason: ReasonOpt,
+    to: Annotated[
+        str | None, typer.Option("--to", help="version (default: the previous champion)")
+    ] = None,
+    actor: ActorOpt = None,
+    overrides: OverridesArg = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Move the champion back (an alias move: instant, recorded)."""
+    from flywheel.registry import default_actor
+
+    reg = _registry(profile, overrides)
+    e = reg.rollback(to=to, reason=reason, actor=actor or default_actor())
+    console.print(f"{reg.name}: champion {e.from_version} -> {e.to_version} (rollback, #{e.seq})")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(models_app, name="models")

@@ -1,0 +1,309 @@
+"""The registry adapter on MLflow's SQLite store (the local default): registration with the
+transformers flavour, alias moves and their history, refusals, failure without a
+half-promotion, the move lock, an unreachable server, and the CLI.
+
+One module-scoped store holds three registered versions; a test that moves aliases works
+on its own copy of the database, so tests stay independent and the flavour is paid once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from fixtures_models import build_eval_dataset, fresh_model, save_model, train_tokenizer
+
+from flywheel.config import Profile
+from flywheel.errors import RegistryError
+from flywheel.registry import (
+    CHAMPION,
+    LOCK_SUFFIX,
+    NotFoundError,
+    Registry,
+    lineage_tags,
+    parse_model_uri,
+)
+
+
+def _profile(state_dir, **registry) -> Profile:
+    return Profile(state_dir=str(state_dir), registry={"retry_backoff_s": 0.01, **registry})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(state dir, model dir) with versions 1..3 registered, no champion yet."""
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path_factory.mktemp("registry")
+    from fixtures_models import split_paragraphs
+
+    tok = train_tokenizer(split_paragraphs()[0])
+    model_dir = save_model(fresh_model(tok), tok, root / "model", {"train": {"lr": 0.01}})
+    reg = Registry(_profile(root / "state"))
+    for i in (1, 2, 3):
+        version = reg.register_candidate(
+            model_dir,
+            tags=lineage_tags(
+                data_hash="hash-abc",
+                training_run_id=f"train-{i}",
+                pipeline_run_id=f"pipe-{i}",
+                trigger_reason="test",
+            ),
+            model_card=f"# card {i}",
+        )
+        assert version == str(i)
+    yield root / "state", model_dir
+    mp.undo()
+
+
+@pytest.fixture
+def reg(base, tmp_path, monkeypatch):
+    """A registry on a private copy of the base store (artifacts stay shared, read-only)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    state = tmp_path / "state"
+    (state / "mlflow").mkdir(parents=True)
+    shutil.copy2(base[0] / "mlflow" / "mlflow.db", state / "mlflow" / "mlflow.db")
+    return Registry(_profile(state))
+
+
+def test_registered_versions_carry_lineage_alias_card_and_flavour(base):
+    reg = Registry(_profile(base[0]))
+    versions = reg.versions()
+    assert [v.version for v in versions] == ["1", "2", "3"]
+    v3 = versions[-1]
+    assert v3.aliases == ["challenger"]  # the alias follows the newest candidate
+    assert v3.tags["data_manifest_hash"] == "hash-abc"
+    assert v3.tags["training_run_id"] == "train-3"
+    assert v3.tags["pipeline_run_id"] == "pipe-3"
+    assert v3.tags["trigger_reason"] == "test"
+    assert v3.tags["flywheel.flavor"] == "transformers"
+    assert v3.description == "# card 3"
+    assert reg.champion() is None and reg.champion_uri() is None and reg.history() == []
+    # Logged with the transformers flavour (what `mlflow models serve` needs) and the card.
+    client = reg._client
+    files = {f.path for f in client.list_artifacts(v3.run_id, "model")}
+    assert {"model/MLmodel", "model/model", "model/components", "model/model_card.md"} <= files
+    mlmodel = client.download_artifacts(v3.run_id, "model/MLmodel", str(base[0].parent / "dl"))
+    text = Path(mlmodel).read_text()
+    assert "transformers:" in text and "task: text-generation" in text
+    assert "python_function:" in text
+
+
+def test_promote_rollback_and_history(reg):
+    e1 = reg.promote("1", reason="first champion", actor="ci")
+    e2 = reg.promote("2", reason="won the gate", actor="pipeline:run-2")
+    e3 = reg.promote("3", reason="hotfix", actor="alice", kind="manual")
+    back = reg.rollback(reason="3 regressed", actor="alice")
+    assert reg.champion().version == "2"
+    assert reg.champion_uri() == f"models:/{reg.name}@champion"
+    hist = reg.history()
+    assert hist == [e1, e2, e3, back]
+    assert [(h.seq, h.kind, h.from_version, h.to_version) for h in hist] == [
+        (1, "promotion", None, "1"),
+        (2, "promotion", "1", "2"),
+        (3, "manual", "2", "3"),
+        (4, "rollback", "3", "2"),
+    ]
+    assert hist[2].actor == "alice" and hist[3].reason == "3 regressed"
+    # A second rollback walks further back: 2 came from 1.
+    assert reg.rollback(reason="again", actor="alice").to_version == "1"
+    assert reg.rollback(to="3", reason="explicit", actor="bob").to_version == "3"
+    # The history is plain tags on the registered model, readable by any MLflow client.
+    raw = reg._client.get_registered_model(reg.name).tags
+    entry = json.loads(raw["flywheel.history.00000001"])
+    assert entry["from"] is None and entry["to"] == "1" and entry["actor"] == "ci"
+    # The version carries the record of its promotion.
+    v3 = reg.version("3")
+    assert v3.tags["flywheel.promoted_by"] == "bob"
+    assert v3.tags["flywheel.promotion_kind"] == "rollback"
+    assert [v.aliases for v in reg.versions()] == [[], [], ["challenger", "champion"]]
+
+
+def test_refusals(reg):
+    with pytest.raises(RegistryError, match="reason is required"):
+        reg.promote("1", reason=" ", actor="x")
+    with pytest.raises(NotFoundError):
+        reg.promote("99", reason="r", actor="x")
+    with pytest.raises(RegistryError, match="no champion to roll back"):
+        reg.rollback(reason="r", actor="x")
+    reg.promote("1", reason="r", actor="x")
+    with pytest.raises(RegistryError, match="already the champion"):
+        reg.promote("1", reason="r", actor="x")
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        reg.rollback(reason="r", actor="x")
+    # A version created outside flywheel has no lineage: it cannot become champion.
+    client = reg._client
+    foreign = client.create_model_version(reg.name, reg.version("1").source, run_id=None)
+    with pytest.raises(RegistryError, match="no flywheel lineage"):
+        reg.promote(str(foreign.version), reason="r", actor="x")
+    assert len(reg.history()) == 1 and reg.champion().version == "1"
+
+
+def test_download_gives_a_from_pretrained_directory_and_is_cached(reg):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reg.promote("2", reason="r", actor="x")
+    path = reg.download("champion")
+    assert path.name == "v2"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.n_layer == 2 and tok.eos_token == "<|endoftext|>"
+    assert json.loads((path / "flywheel_training.json").read_text())["train"] == {"lr": 0.01}
+    assert (path / "model_card.md").read_text().startswith("# card 2")
+    mtime = (path / ".complete").stat().st_mtime
+    assert reg.download("2") == path and (path / ".complete").stat().st_mtime == mtime
+
+
+def test_evaluate_resolves_a_registry_uri(reg, tmp_path):
+    from flywheel.evaluate import evaluate
+
+    reg.promote("1", reason="r", actor="x")
+    ds = build_eval_dataset(tmp_path / "ds", max_docs=5)
+    profile = reg.profile.model_copy(
+        update={"eval": reg.profile.eval.model_copy(update={"bootstrap_samples": 10})}
+    )
+    rep = evaluate(profile, f"models:/{reg.name}@champion", ds)
+    assert rep.model == f"models:/{reg.name}@champion"
+    assert rep.model_dir.endswith("v1") and rep.n_docs == 5
+
+
+def test_failed_alias_move_leaves_no_half_promotion(reg, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    reg.promote("1", reason="r", actor="x")
+    calls = []
+
+    def down(*args, **kwargs):
+        calls.append(args)
+        raise MlflowException("backend went away", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(reg._client, "set_registered_model_alias", down)
+    with pytest.raises(RegistryError, match="after 4 attempt"):
+        reg.promote("2", reason="r", actor="x")
+    assert len(calls) == reg.cfg.retries + 1
+    monkeypatch.undo()
+    # The alias did not move, the aborted move left no history entry, the lock is free.
+    assert reg.champion().version == "1"
+    assert [h.to_version for h in reg.history()] == ["1"]
+    assert reg.promote("2", reason="retry", actor="x").seq == 2
+
+
+def test_a_held_lock_makes_a_move_wait_then_fail(reg):
+    reg._client.create_registered_model(
+        reg.name + LOCK_SUFFIX,
+        tags={"flywheel.lock.owner": "someone", "flywheel.lock.since": repr(time.time())},
+    )
+    reg.cfg = reg.cfg.model_copy(update={"lock_timeout_s": 0.5})
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError, match="holds the lock \\(someone"):
+        reg.promote("1", reason="r", actor="x")
+    assert 0.5 <= time.monotonic() - t0 < 5
+    assert reg.champion() is None and reg.history() == []
+
+
+def test_a_stale_lock_is_broken(reg):
+    reg._client.create_registered_model(
+        reg.name + LOCK_SUFFIX,
+        tags={"flywheel.lock.owner": "dead", "flywheel.lock.since": repr(time.time() - 3600)},
+    )
+    assert reg.promote("1", reason="r", actor="x").to_version == "1"
+    with pytest.raises(Exception, match=r"not found|RESOURCE_DOES_NOT_EXIST"):
+        reg._client.get_registered_model(reg.name + LOCK_SUFFIX)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_fast_with_a_clear_message(tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    reg = Registry(
+        _profile(tmp_path, tracking_uri=uri, retries=2, retry_backoff_s=0.1, http_timeout_s=2)
+    )
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError) as err:
+        reg.champion()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 5, elapsed  # 3 attempts, 0.1 + 0.2 s of backoff; no MLflow retries
+    msg = str(err.value)
+    assert uri in msg and "after 3 attempt" in msg and "MLFLOW_TRACKING_URI" in msg
+    with pytest.raises(RegistryError, match="unreachable"):
+        reg.promote("1", reason="r", actor="x")
+
+
+def test_parse_model_uri():
+    assert parse_model_uri("models:/flywheel-lm@champion") == ("flywheel-lm", "champion")
+    assert parse_model_uri("models:/m/12") == ("m", "12")
+    with pytest.raises(RegistryError, match="expected models:/"):
+        parse_model_uri("runs:/abc/model")
+
+
+def test_model_card(base, tmp_path):
+    from flywheel.evaluate.report import EvalReport
+    from flywheel.gate import decide_promotion
+    from flywheel.registry import model_card
+
+    rep = EvalReport(
+        model="m", model_dir="m", dataset="d", data_hash="hash-abc", perplexity=40.0,
+        perplexity_ci=(39.0, 41.0), accuracy=0.3, accuracy_ci=(0.29, 0.31), mean_nll=3.7,
+        confidence=0.95, bootstrap_samples=10, n_docs=5, n_tokens=500, seconds=1.0,
+    )  # fmt: skip
+    profile = _profile(tmp_path)
+    decision = decide_promotion(rep, None, profile.gate)
+    card = model_card(profile, base[1], {"content_hash": "hash-abc", "docs": 5}, rep, decision)
+    assert card.startswith("# flywheel-lm")
+    assert "**Data manifest:** `hash-abc`" in card
+    assert "fresh gpt2" in card and '"lr": 0.01' in card
+    assert "| perplexity | 40 |" in card and "**PROMOTE**" in card
+
+
+def test_cli_list_history_promote_rollback(reg, capsys, monkeypatch):
+    from flywheel.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    state = f"state_dir={reg.profile.state_dir}"
+    main(["models", "promote", "2", "--reason", "by hand", "--actor", "carol", state])
+    main(["models", "promote", "3", "--reason", "newer", "--actor", "carol", state])
+    main(["models", "rollback", "--reason", "bad outputs", state])
+    main(["models", "list", state])
+    main(["models", "history", state])
+    out = capsys.readouterr().out
+    assert "champion (none) -> 2" in out and "champion 3 -> 2 (rollback, #3)" in out
+    assert "challenger" in out and "hash-abc" in out
+    assert "manual" in out and "rollback" in out and "bad outputs" in out and "carol" in out
+    assert reg.champion().version == "2"
+    with pytest.raises(SystemExit) as err:
+        main(["models", "promote", "77", "--reason", "x", state])
+    assert err.value.code == 1
+    assert "error:" in capsys.readouterr().err
+    assert reg.history()[-1].kind == "rollback"
+    assert CHAMPION in reg.version("2").aliases
+
+
+def test_rollback_target_undoes_rollbacks_like_a_stack():
+    from datetime import UTC, datetime
+
+    from flywheel.registry import HistoryEntry, rollback_target
+
+    def e(seq, kind, frm, to):
+        now = datetime.now(UTC)
+        return HistoryEntry(seq=seq, time=now, actor="a", kind=kind, **{"from": frm, "to": to}, reason="r")  # fmt: skip
+
+    h = [e(1, "promotion", None, "1"), e(2, "promotion", "1", "2"), e(3, "manual", "2", "3")]
+    assert rollback_target(h, "3") == "2"
+    h.append(e(4, "rollback", "3", "2"))
+    assert rollback_target(h, "2") == "1"
+    h.append(e(5, "rollback", "2", "1"))
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        rollback_target(h, "1")
+    # An explicit rollback elsewhere counts as a move: rolling back undoes it.
+    h.append(e(6, "rollback", "1", "3"))
+    assert rollback_target(h, "3") == "1"
+    with pytest.raises(RegistryError, match="not set through flywheel"):
+        rollback_target(h, "2")
