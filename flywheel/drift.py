@@ -323,15 +323,17 @@ def check_drift(
     out_dir: Path | None = None,
 ) -> DriftResult:
     """Measure drift of `window` against `reference`; write an HTML report and drift.json."""
+    cfg = profile.drift
+    cur_raw = load_window(window, cfg)
+    ref_raw = load_reference(reference, cfg)
+    oov = OovCounter.from_dir(tokenizer_dir, cfg.oov_min_tokens) if tokenizer_dir else None
+    # Imported after the input checks: bad input fails in milliseconds, not after
+    # Evidently's multi-second import.
     from evidently import DataDefinition, Dataset, Report
     from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as model_method
     from evidently.metrics import EmbeddingsDrift
     from evidently.presets import DataDriftPreset
 
-    cfg = profile.drift
-    cur_raw = load_window(window, cfg)
-    ref_raw = load_reference(reference, cfg)
-    oov = OovCounter.from_dir(tokenizer_dir, cfg.oov_min_tokens) if tokenizer_dir else None
     cur, ref = describe(cur_raw["text"], oov), describe(ref_raw["text"], oov)
     numeric = [c for c in ("length", "non_ascii_share", "oov_share") if c in cur.columns]
     embeddings: dict[str, list[str]] | None = None

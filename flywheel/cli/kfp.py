@@ -29,7 +29,8 @@ DryRunOpt = Annotated[
 DataOpt = Annotated[
     str | None,
     typer.Option(
-        "--data-location", help="passed as the data_location parameter, if the pipeline has one"
+        "--data-location",
+        help="where the data is: the data_location (retrain) or window (monitor) parameter",
     ),
 ]
 

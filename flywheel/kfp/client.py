@@ -6,7 +6,8 @@ A thin layer over the real `kfp.Client`, adding what a repeatable submit needs:
   (``<pipeline>-<sha12>``) and is tagged in its description (``sha256:<hex>``); a
   package already on the server is reused, never uploaded twice.
 - **Only declared parameters.** The run gets ``profile`` (the profile as one dict),
-  ``trigger_reason`` and ``data_location``, each only if the pipeline declares it:
+  ``trigger_reason`` and ``data_location`` (``window`` for the monitor), each only if
+  the pipeline declares it:
   the server rejects unknown run parameters.
 - **Auth without leaks.** Namespace and bearer token come from the profile (``kfp.*``)
   or flags; the token is read from a file or an environment variable, goes only into
@@ -176,7 +177,8 @@ def run_parameters(
         "trigger_reason": trigger_reason,
     }
     if data_location:
-        offered["data_location"] = data_location
+        # retrain calls it data_location, monitor calls it window: same knob, where the data is
+        offered["data_location"] = offered["window"] = data_location
     return {k: v for k, v in offered.items() if k in declared}
 
 

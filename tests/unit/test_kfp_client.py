@@ -358,3 +358,14 @@ def test_cli_schedule_roundtrip_and_dry_run(kfp, package, state_dir, capsys, mon
     assert kfp.recurring == {}
     code, _, err = _cli(["schedule", "create", "monitor", "--cron", "0 3 * *", *common], capsys)
     assert code == 2 and "expected 5 fields" in err
+
+
+def test_run_parameters_offer_only_what_the_pipeline_declares(profile):
+    from flywheel.kfp.client import run_parameters
+
+    monitor = run_parameters({"profile": {}, "window": {}}, profile, "schedule", "/data/w")
+    assert set(monitor) == {"profile", "window"} and monitor["window"] == "/data/w"
+    retrain = run_parameters(
+        {"profile": {}, "trigger_reason": {}, "data_location": {}}, profile, "drift: 0.9", None
+    )
+    assert set(retrain) == {"profile", "trigger_reason"}  # no location given: the default stands
