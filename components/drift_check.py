@@ -13,7 +13,7 @@ def drift_check(
     from flywheel.stages import drift_check as run
 
     result, decision = run(profile, window, report.path + ".d", run_id)
-    shutil.copyfile(result.html_path, report.path)
+    shutil.copyfile(result.report_html, report.path)
     for key, value in result.metrics().items():
         metrics.log_metric(key, value)
     metrics.log_metric("retrain", float(decision.retrain))
