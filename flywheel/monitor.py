@@ -64,16 +64,9 @@ def last_model_event(profile: Profile) -> float | None:
 
 
 def _epoch(item: Any) -> float | None:
-    for attr in ("time", "timestamp", "creation_timestamp", "created_at"):
-        value = getattr(item, attr, None) if not isinstance(item, dict) else item.get(attr)
-        if value is None:
-            continue
-        if isinstance(value, int | float):
-            return value / 1000 if value > 1e11 else float(value)  # MLflow times are ms
-        from datetime import datetime
-
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-    return None
+    """A history entry's `time` or a version's `created_at`, as epoch seconds."""
+    value = getattr(item, "time", None) or getattr(item, "created_at", None)
+    return value.timestamp() if value is not None else None
 
 
 def retrains_in_flight(profile: Profile, exclude_run: str, now: float) -> list[str]:
@@ -116,8 +109,7 @@ def champion_reference(profile: Profile, dest: Path) -> tuple[Path, Path]:
     champ = registry.champion()
     if champ is None:
         raise DataError("no champion in the registry: nothing to compare production data with")
-    tags = getattr(champ, "tags", {}) or {}
-    run_id = tags.get("training_run_id")
+    run_id = champ.tags.get("training_run_id")
     if not run_id:
         raise DataError(f"champion version {champ.version} has no training_run_id lineage tag")
     dest.mkdir(parents=True, exist_ok=True)

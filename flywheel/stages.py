@@ -218,7 +218,7 @@ def gate(
     """
     from flywheel.artifacts import read_manifest
     from flywheel.gate import decide_promotion
-    from flywheel.registry import Registry, model_card
+    from flywheel.registry import Registry, lineage_tags, model_card
 
     p = load(profile)
     t0 = time.perf_counter()
@@ -229,15 +229,15 @@ def gate(
     decision = decide_promotion(challenger, champion, p.gate)
     decision_md = decision.to_markdown(challenger, champion)
     manifest = read_manifest(dataset_dir)
-    card = model_card(p, Path(model_dir), manifest, challenger, decision)
-    tags = {
-        "data_manifest_hash": manifest["content_hash"],
-        "training_run_id": train_run_id,
-        "pipeline_run_id": run_id,
-        "trigger_reason": trigger_reason,
-        "verdict": decision.verdict,
-        **{k: f"{v:.6g}" for k, v in challenger.metrics("challenger_").items()},
-    }
+    card = model_card(p, Path(model_dir), manifest, challenger, decision, champion)
+    tags = lineage_tags(
+        data_hash=manifest["content_hash"],
+        training_run_id=train_run_id,
+        pipeline_run_id=run_id,
+        trigger_reason=trigger_reason,
+        report=challenger,
+        decision=decision,
+    )
     registry = Registry(p)
     version = registry.register_candidate(
         Path(model_dir), tags=tags, model_card=card, run_id=train_run_id or None
