@@ -41,6 +41,7 @@ def _root(
 # Each module registers its commands on `app` (or adds a sub-typer). Listed here, in
 # the order `--help` shows them, so one place says what the CLI offers.
 COMMAND_MODULES: list[str] = [
+    "flywheel.cli.data",
     "flywheel.cli.kfp",
     "flywheel.cli.drift",
     "flywheel.cli.pipeline",

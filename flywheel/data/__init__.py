@@ -1,0 +1,6 @@
+"""The data stage: sources, Ray Data blocks, and `prepare` (see `flywheel.data.stage`)."""
+
+from flywheel.data.stage import prepare
+from flywheel.data.stats import DataStats
+
+__all__ = ["DataStats", "prepare"]

@@ -1,0 +1,324 @@
+"""Where documents come from: `pydocs`, `files`, `hf`.
+
+A source is split into *units* listed in the driver (a stdlib module, a file) and read
+by the `ReadUnits` block on Ray workers, so parsing runs in parallel and a unit that
+cannot be read becomes reject rows instead of an exception. A `datasets` dataset is
+already columnar: it becomes a Ray dataset of records that `RecordsToDocs` validates.
+
+Every row carries id, source and (when the input has one) a timestamp; `source` is what
+a person would open to fix bad input (a file path, a module, a dataset name).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sysconfig
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flywheel.config import SourceConfig
+from flywheel.data import schema as S
+from flywheel.errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".md")
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+TOPICS_UNIT = "pydoc_data.topics"
+# Test suites and vendored packages are not documentation (and `test/` alone holds
+# ~40% of the stdlib's docstrings, most of them one-line test descriptions).
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_DETAIL_CHARS = 200
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_units(cfg: SourceConfig) -> list[str]:
+    """The units to read, in a fixed order (sorted), so `max_docs` picks the same documents."""
+    if cfg.kind == "pydocs":
+        root = stdlib_root()
+        modules = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*.py")
+            if not _STDLIB_SKIP.intersection(p.relative_to(root).parts)
+        )
+        return [TOPICS_UNIT, *modules]
+    if cfg.kind == "files":
+        root = Path(cfg.path or "")
+        if root.is_file():
+            return [root.name]
+        if not root.is_dir():
+            raise DataError(f"data.source.path: {root} is not a file or directory")
+        units = sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        if not units:
+            raise DataError(f"data.source.path: {root} holds no files")
+        return units
+    raise ValueError(f"source kind {cfg.kind!r} has no units")
+
+
+def files_root(cfg: SourceConfig) -> Path:
+    root = Path(cfg.path or "")
+    return root.parent if root.is_file() else root
+
+
+def digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(b"\x1f")
+        h.update(part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:32]
+
+
+def _timestamp(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, (datetime, date, pd.Timestamp)):
+        return value.isoformat()
+    return str(value)
+
+
+def doc_row(id_: str, source: str, text: str, timestamp: str | None = None) -> dict:
+    return {
+        "id": id_,
+        "source": source,
+        "timestamp": timestamp,
+        "text": text,
+        "block": "",
+        "reason": "",
+        "detail": "",
+        "digest": digest(id_, source, timestamp, text),
+    }
+
+
+def reject_row(id_: str, source: str, reason: str, detail: str = "") -> dict:
+    detail = detail[:_DETAIL_CHARS]
+    return {
+        "id": id_,
+        "source": source,
+        "timestamp": None,
+        "text": "",
+        "block": S.READ,
+        "reason": reason,
+        "detail": detail,
+        "digest": digest(id_, source, reason, detail),
+    }
+
+
+def record_row(record: Any, id_: str, source: str, cfg: SourceConfig) -> dict:
+    """One record (a JSON object, a parquet or `datasets` row) -> a doc row or a reject."""
+    if not isinstance(record, dict):
+        return reject_row(id_, source, S.NOT_AN_OBJECT, f"got {type(record).__name__}")
+    if cfg.id_field and record.get(cfg.id_field) is not None:
+        id_ = str(record[cfg.id_field])
+    text = record.get(cfg.text_field)
+    if text is None:
+        return reject_row(id_, source, S.MISSING_TEXT, f"no '{cfg.text_field}' value")
+    if not isinstance(text, str):
+        return reject_row(
+            id_, source, S.NON_STRING_TEXT, f"'{cfg.text_field}' is {type(text).__name__}"
+        )
+    ts = _timestamp(record.get(cfg.timestamp_field)) if cfg.timestamp_field else None
+    return doc_row(id_, source, text, ts)
+
+
+# ------------------------------------------------------------------------ pydocs
+
+
+def read_topics() -> list[dict]:
+    from pydoc_data.topics import topics
+
+    return [
+        doc_row(f"pydocs:topic:{name}", TOPICS_UNIT, text) for name, text in sorted(topics.items())
+    ]
+
+
+def read_module_docstrings(root: Path, relpath: str) -> list[dict]:
+    """Docstrings of a stdlib module, its classes and functions, via `ast`.
+
+    Parsed, never imported: importing the whole stdlib runs code with side effects
+    (`antigravity` opens a browser, `this` prints) and depends on optional C modules.
+    """
+    source = f"stdlib:{relpath}"
+    try:
+        tree = ast.parse((root / relpath).read_bytes(), filename=relpath)
+    except (SyntaxError, ValueError, OSError) as exc:
+        return [reject_row(f"pydocs:{relpath}", source, S.UNPARSABLE_MODULE, str(exc))]
+    rows = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{prefix}{child.name}"
+                doc = ast.get_docstring(child)
+                if doc:
+                    rows.append(doc_row(f"pydocs:{relpath}:{name}", source, doc))
+                visit(child, name + ".")
+
+    doc = ast.get_docstring(tree)
+    if doc:
+        rows.append(doc_row(f"pydocs:{relpath}", source, doc))
+    visit(tree, "")
+    return rows
+
+
+# ------------------------------------------------------------------------- files
+
+
+def _decode(data: bytes, what: str) -> tuple[str | None, str]:
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        return None, f"{what}: {exc.reason} at byte {exc.start}"
+
+
+def read_text_file(root: Path, relpath: str) -> list[dict]:
+    data = (root / relpath).read_bytes()
+    if not data.strip():
+        return [reject_row(relpath, relpath, S.EMPTY_FILE, f"{len(data)} bytes")]
+    text, error = _decode(data, "file")
+    if text is None:
+        return [reject_row(relpath, relpath, S.UNDECODABLE, error)]
+    return [doc_row(relpath, relpath, text.removeprefix("\ufeff"))]
+
+
+def read_jsonl_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
+    data = (root / relpath).read_bytes()
+    if not data.strip():
+        return [reject_row(relpath, relpath, S.EMPTY_FILE, f"{len(data)} bytes")]
+    rows = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue  # blank lines separate nothing in JSONL; they are not records
+        id_ = f"{relpath}:{lineno}"
+        line, error = _decode(raw, f"line {lineno}")
+        if line is None:
+            rows.append(reject_row(id_, relpath, S.UNDECODABLE, error))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rows.append(reject_row(id_, relpath, S.MALFORMED_JSON, f"line {lineno}: {exc}"))
+            continue
+        rows.append(record_row(record, id_, relpath, cfg))
+    return rows
+
+
+def read_parquet_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(root / relpath)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        return [reject_row(relpath, relpath, S.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}")]
+    if table.num_rows == 0:
+        return [reject_row(relpath, relpath, S.EMPTY_FILE, "0 rows")]
+    return [
+        record_row(record, f"{relpath}:{i}", relpath, cfg)
+        for i, record in enumerate(table.to_pylist())
+    ]
+
+
+def read_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
+    suffix = Path(relpath).suffix.lower()
+    try:
+        if suffix in TEXT_SUFFIXES:
+            return read_text_file(root, relpath)
+        if suffix == ".jsonl":
+            return read_jsonl_file(root, relpath, cfg)
+        if suffix == ".parquet":
+            return read_parquet_file(root, relpath, cfg)
+    except OSError as exc:
+        return [reject_row(relpath, relpath, S.UNREADABLE_FILE, str(exc))]
+    supported = ", ".join(TEXT_SUFFIXES + RECORD_SUFFIXES)
+    return [
+        reject_row(relpath, relpath, S.UNSUPPORTED_FILE, f"'{suffix}' is not one of {supported}")
+    ]
+
+
+# ------------------------------------------------------------------------ blocks
+
+
+class ReadUnits(S.Block):
+    """Block: a batch of units (column `unit`) -> document rows (DOC_COLUMNS)."""
+
+    def __init__(self, cfg: SourceConfig):
+        self.cfg = cfg
+        self.root = stdlib_root() if cfg.kind == "pydocs" else files_root(cfg)
+
+    def read(self, unit: str) -> list[dict]:
+        if self.cfg.kind == "pydocs":
+            if unit == TOPICS_UNIT:
+                return read_topics()
+            return read_module_docstrings(self.root, unit)
+        return read_file(self.root, unit, self.cfg)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = [row for unit in batch["unit"] for row in self.read(unit)]
+        return S.doc_frame(rows)
+
+
+class RecordsToDocs(S.Block):
+    """Block: a batch of `datasets` records (+ `__row`) -> document rows."""
+
+    def __init__(self, cfg: SourceConfig, source: str):
+        self.cfg = cfg
+        self.source = source
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows_idx = batch.pop("__row")
+        records = batch.to_dict("records")
+        if self.cfg.text_field not in batch.columns:
+            # A column that is absent from the dataset: every record lacks the text.
+            for record in records:
+                record.pop(self.cfg.text_field, None)
+        rows = [
+            record_row(_plain(rec), f"{self.source}:{i}", self.source, self.cfg)
+            for i, rec in zip(rows_idx, records, strict=True)
+        ]
+        return S.doc_frame(rows)
+
+
+def _plain(record: dict) -> dict:
+    # pandas turns missing strings into NaN/None; keep None as "no value".
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
+
+
+def hf_source_name(cfg: SourceConfig) -> str:
+    return f"hf:{cfg.path}[{cfg.hf_split}]"
+
+
+def load_hf_table(cfg: SourceConfig):
+    """A `datasets` dataset (save_to_disk path, or a hub name where a network exists) as Arrow."""
+    import datasets
+    import pyarrow as pa
+
+    path = cfg.path or ""
+    try:
+        if Path(path).exists():
+            loaded = datasets.load_from_disk(path)
+            if isinstance(loaded, datasets.DatasetDict):
+                if cfg.hf_split not in loaded:
+                    raise DataError(
+                        f"data.source.hf_split: '{cfg.hf_split}' not in {path} "
+                        f"(splits: {', '.join(loaded)})"
+                    )
+                loaded = loaded[cfg.hf_split]
+        else:
+            loaded = datasets.load_dataset(path, split=cfg.hf_split)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ...)
+        raise DataError(f"data.source.path: cannot load dataset '{path}': {exc}") from None
+    if cfg.max_docs:
+        loaded = loaded.select(range(min(cfg.max_docs, len(loaded))))
+    table = loaded.with_format("arrow")[:]
+    return table.append_column("__row", pa.array(range(table.num_rows), type=pa.int64()))

@@ -1,0 +1,71 @@
+"""The tokenizer: a base one from the profile, or byte-level BPE trained on the train split.
+
+Both end as a `PreTrainedTokenizerFast` saved with `save_pretrained`, with an EOS token
+(packing separates documents with it) and a pad token (evaluation pads batches), so
+`AutoTokenizer.from_pretrained(dataset/tokenizer)` is all a later stage needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from flywheel.config import TokenizerConfig
+from flywheel.errors import DataError
+
+EOS = "<|endoftext|>"
+
+
+def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = None):
+    """Byte-level BPE (GPT-2 style) with HF tokenizers; no unknown tokens, ever.
+
+    Deterministic for the same texts: the trainer counts words (order does not matter)
+    and breaks ties between equal-count merges by the pair itself.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    # GPT-2 convention: one special token serves as EOS, BOS and padding. Padding is
+    # masked out by the attention mask; packed training blocks never contain padding.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None
+    )
+
+
+def load_base(name: str):
+    """A tokenizer by local path or hub id; it must define EOS (pad defaults to EOS)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # OSError, ValueError, network errors: all mean "cannot load"
+        raise DataError(f"data.tokenizer.base: cannot load tokenizer '{name}': {exc}") from None
+    if not getattr(tok, "is_fast", False):
+        raise DataError(f"data.tokenizer.base: '{name}' has no fast (Rust) tokenizer")
+    if tok.eos_token_id is None:
+        raise DataError(f"data.tokenizer.base: '{name}' defines no eos_token; packing needs one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save(tok, out_dir: Path) -> dict:
+    """Save and describe the tokenizer (the manifest's `tokenizer` entry)."""
+    tok.save_pretrained(str(out_dir))
+    return {
+        "vocab_size": len(tok),
+        "eos_token": tok.eos_token,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }

@@ -1,0 +1,298 @@
+"""The whole data stage on a small mixed corpus with local Ray (num_cpus=2).
+
+The corpus is built in code from real text (pydoc topics, stdlib docstrings) in every
+supported format, with one planted case of each kind of bad input, an exact copy and a
+near-copy, so every count below is known in advance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flywheel import artifacts as A
+from flywheel.config import RayConfig, load_profile
+from flywheel.data import prepare, sources
+from flywheel.data import schema as S
+from flywheel.errors import DataError
+
+pytestmark = pytest.mark.integration
+
+BLOCK = 32
+EXPECTED_REJECTS = {
+    S.MALFORMED_JSON: 1,
+    S.MISSING_TEXT: 1,
+    S.NON_STRING_TEXT: 1,
+    S.EMPTY_FILE: 1,
+    S.UNDECODABLE: 1,
+    S.UNSUPPORTED_FILE: 1,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    from flywheel.runtime import ray_session
+
+    with ray_session(RayConfig(mode="local", num_cpus=2)):
+        yield
+
+
+def _topics() -> list[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    return sorted(topics.items())[:50]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    topics = _topics()
+    (root / "topics").mkdir()
+    for name, text in topics[:30]:
+        (root / "topics" / f"{name}.txt").write_text(text)
+    records = [
+        json.dumps({"id": f"rec-{n}", "text": t, "ts": f"2024-03-{i + 1:02d}"})
+        for i, (n, t) in enumerate(topics[30:])
+    ]
+    records[3:3] = [
+        "{broken json",
+        json.dumps({"id": "no-text"}),
+        json.dumps({"id": "num", "text": 7}),
+    ]
+    (root / "records.jsonl").write_text("\n".join(records) + "\n")
+    docstrings = sources.read_module_docstrings(sources.stdlib_root(), "json/decoder.py")
+    docstrings += sources.read_module_docstrings(sources.stdlib_root(), "argparse.py")
+    pq.write_table(
+        pa.table(
+            {
+                "id": [d["id"] for d in docstrings],
+                "text": [d["text"] for d in docstrings],
+                "ts": ["2024-04-01T00:00:00"] * len(docstrings),
+            }
+        ),
+        root / "docstrings.parquet",
+    )
+    # Planted: an exact copy (different file), and a near-copy (a few words changed).
+    (root / "copy.txt").write_text(topics[0][1])
+    longest = max(topics[:30], key=lambda kv: len(kv[1]))
+    (root / "near.md").write_text(longest[1].replace(" the ", " THE ", 3))
+    (root / "empty.txt").write_bytes(b"")
+    (root / "latin1.txt").write_bytes("résumé of the café".encode("latin-1"))
+    (root / "notes.csv").write_text("a,b\n1,2\n")
+    return root
+
+
+def _profile(corpus: Path, *extra: str):
+    return load_profile(
+        None,
+        [
+            "data.source.kind=files",
+            f"data.source.path={corpus}",
+            "data.source.id_field=id",
+            "data.source.timestamp_field=ts",
+            "data.tokenizer.vocab_size=400",
+            f"data.block_size={BLOCK}",
+            f"model.context={BLOCK}",
+            "data.split.validation_share=0.1",
+            "data.split.test_share=0.1",
+            "data.reference_sample_docs=20",
+            "ray.num_cpus=2",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds") / "a"
+    steps: list[str] = []
+    stats = prepare(
+        _profile(corpus), out, progress=lambda step, info: steps.append(f"{step}:{info['status']}")
+    )
+    return stats, out, steps
+
+
+def test_counts(prepared):
+    stats, out, steps = prepared
+    assert steps[:2] == ["ray:start", "ray:done"] and steps[-1] == "write:done"
+    assert stats.rejected == EXPECTED_REJECTS
+    assert stats.rejected_by_source == {
+        "records.jsonl": 3,
+        "empty.txt": 1,
+        "latin1.txt": 1,
+        "notes.csv": 1,
+    }
+    drops = pd.read_json(out / "dropped.jsonl", lines=True)
+    assert len(drops) == sum(stats.dropped.values())
+    by_id = drops.set_index("id")
+    # The planted copy: the smaller id survives, the other names it.
+    first = f"topics/{_topics()[0][0]}.txt"
+    assert by_id.loc[first, "reason"] == "exact_duplicate"
+    assert by_id.loc[first, "detail"] == "copy of copy.txt"
+    # The planted near-copy: one of the pair goes, naming the other.
+    longest = max(_topics()[:30], key=lambda kv: len(kv[1]))[0]
+    pair = {"near.md", f"topics/{longest}.txt"}
+    near = drops[drops["id"].isin(pair)]
+    assert near["reason"].tolist() == ["near_duplicate"]
+    assert near["detail"].iloc[0] == f"near-duplicate of {(pair - {near['id'].iloc[0]}).pop()}"
+    assert stats.dropped["quality"] == (drops["block"] == "quality").sum() > 0
+    dropped = sum(stats.dropped.values())
+    assert stats.docs_read == stats.docs_kept + dropped + sum(EXPECTED_REJECTS.values())
+    assert stats.docs_kept == sum(stats.docs.values())
+    assert all(stats.docs[s] > 0 and stats.blocks[s] > 0 for s in A.SPLITS)
+    assert all(stats.tokens[s] == stats.blocks[s] * BLOCK for s in A.SPLITS)
+
+
+def test_manifest_and_layout(prepared):
+    stats, out, _ = prepared
+    manifest = A.read_manifest(out)
+    assert manifest["content_hash"] == stats.content_hash
+    assert manifest["block_size"] == BLOCK
+    assert manifest["counts"]["rejected"] == 6
+    chain = manifest["counts"]["blocks"]
+    assert [b["name"] for b in chain] == list(S.PIPELINE_BLOCKS)
+    assert all(a["kept"] == b["read"] for a, b in itertools.pairwise(chain))
+    assert chain[-1]["kept"] == stats.docs_kept
+    for split in A.SPLITS:
+        files = A.split_files(out, split)
+        assert [f"{split}/{f.name}" for f in files] == manifest["splits"][split]["files"]
+        table = pq.read_table(files[0])
+        assert table.column_names == [A.TOKEN_COLUMN]
+        lengths = pa.compute.list_value_length(table.column(A.TOKEN_COLUMN))
+        assert set(lengths.to_pylist()) == {BLOCK}
+    test_text = pq.read_table(out / A.TEST_TEXT).to_pandas()
+    assert list(test_text.columns) == ["id", "source", "timestamp", "text"]
+    assert len(test_text) == stats.docs["test"] == manifest["text"]["test_docs"]
+    ref = pq.read_table(out / A.REFERENCE_TEXT).to_pandas()
+    assert len(ref) == 20
+    assert not set(ref["id"]) & set(test_text["id"])
+
+
+def test_rejects_file(prepared):
+    _, out, _ = prepared
+    lines = [json.loads(x) for x in (out / A.REJECTS).read_text().splitlines()]
+    assert {(r["source"], r["reason"]) for r in lines} == {
+        ("empty.txt", S.EMPTY_FILE),
+        ("latin1.txt", S.UNDECODABLE),
+        ("notes.csv", S.UNSUPPORTED_FILE),
+        ("records.jsonl", S.MALFORMED_JSON),
+        ("records.jsonl", S.MISSING_TEXT),
+        ("records.jsonl", S.NON_STRING_TEXT),
+    }
+    assert all(set(r) == {"id", "source", "reason", "detail"} and r["detail"] for r in lines)
+
+
+def test_tokens_eos_between_documents(prepared):
+    from transformers import AutoTokenizer
+
+    stats, out, _ = prepared
+    tok = AutoTokenizer.from_pretrained(out / A.TOKENIZER_DIR)
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+    flat = np.concatenate(
+        [
+            np.concatenate(pq.read_table(f).column(0).to_numpy(zero_copy_only=False))
+            for f in A.split_files(out, "train")
+        ]
+    )
+    eos = int((flat == tok.eos_token_id).sum())
+    assert 0 <= stats.docs["train"] - eos < BLOCK  # one EOS per document, bar the tail
+    # A train document (from the reference sample) appears verbatim, followed by EOS.
+    ref = pq.read_table(out / A.REFERENCE_TEXT).to_pandas()["text"]
+    hay = flat.tobytes()
+    found = sum(
+        np.asarray(
+            [*tok(t, add_special_tokens=False)["input_ids"], tok.eos_token_id], dtype=np.int32
+        ).tobytes()
+        in hay
+        for t in ref[:5]
+    )
+    assert found >= 4
+
+
+def test_reproducible_bytes(prepared, corpus, tmp_path):
+    stats, out, _ = prepared
+    again = prepare(_profile(corpus, "data.batch_size=17"), tmp_path / "b")
+    assert again.content_hash == stats.content_hash
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file()
+    )
+    differing = [
+        str(f) for f in files if (out / f).read_bytes() != (tmp_path / "b" / f).read_bytes()
+    ]
+    # The manifest records batch_size (a knob that changes no output), so it alone may differ.
+    assert differing in ([], ["manifest.json"])
+    left, right = (json.loads((d / A.MANIFEST).read_text()) for d in (out, tmp_path / "b"))
+    left["config"].pop("batch_size"), right["config"].pop("batch_size")
+    assert left == right
+
+
+def test_too_many_rejects_names_worst_source(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ok.txt").write_text(
+        "A fine document with enough letters to pass every quality filter here."
+    )
+    (bad / "junk.jsonl").write_text("{oops\n{nope\n" + json.dumps({"text": 1}) + "\n")
+    (bad / "empty.md").write_text("")
+    with pytest.raises(
+        DataError, match=r"worst source: junk.jsonl \(3 rejected, mostly malformed_json\)"
+    ):
+        prepare(_profile(bad, "data.max_reject_share=0.5"), tmp_path / "out")
+    assert len((tmp_path / "out" / A.REJECTS).read_text().splitlines()) == 4
+    assert not (tmp_path / "out" / A.MANIFEST).exists()
+
+
+def test_hf_dataset_from_disk(tmp_path):
+    import datasets
+
+    texts = [t for _, t in _topics()[:40]]
+    ds = datasets.Dataset.from_dict(
+        {
+            "body": [*texts, None],
+            "uid": [f"u{i}" for i in range(len(texts) + 1)],
+        }
+    )
+    datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "hf")
+    stats = prepare(
+        _profile(
+            tmp_path / "hf",
+            "data.source.kind=hf",
+            "data.source.text_field=body",
+            "data.source.id_field=uid",
+            "data.source.timestamp_field=null",
+        ),
+        tmp_path / "out",
+    )
+    assert stats.docs_read == 41
+    assert stats.rejected == {S.MISSING_TEXT: 1}
+    assert stats.rejected_by_source == {f"hf:{tmp_path / 'hf'}[train]": 1}
+    assert stats.docs_kept == 40 - sum(stats.dropped.values())
+    test_ids = pd.read_parquet(tmp_path / "out" / A.TEST_TEXT)["id"]
+    assert test_ids.str.match(r"u\d+$").all()
+
+
+def test_cli_prepare_default_out_dir(corpus, state_dir, capsys):
+    from flywheel.cli.main import main
+
+    args = ["data", "prepare", "data.source.kind=files", f"data.source.path={corpus}"]
+    args += [
+        "data.tokenizer.vocab_size=400",
+        "data.block_size=32",
+        "model.context=32",
+        "data.split.test_share=0.1",
+    ]
+    main(args)
+    out = capsys.readouterr().out
+    made = list((state_dir / "datasets").iterdir())
+    assert len(made) == 1 and len(made[0].name) == 12
+    assert A.read_manifest(made[0])["content_hash"].startswith(made[0].name)
+    assert "documents read" in out and "rejected: malformed_json" in out
+    assert f"wrote {made[0]}" in out.replace("\n", "")

@@ -1,0 +1,251 @@
+"""Each data block on an in-memory batch (no Ray): the block contract is DataFrame -> DataFrame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flywheel.config import DedupConfig, FilterConfig, SplitConfig
+from flywheel.data import blocks as B
+from flywheel.data import schema as S
+from flywheel.data import sources
+
+LOREM = (
+    "The quick brown fox jumps over the lazy dog while the cat watches from the warm "
+    "window sill and the bird sings a song about the river that runs past the old mill "
+    "where the miller grinds the wheat into flour for the bakers of the small town."
+)
+
+
+def docs(*texts: str, ids: list[str] | None = None) -> pd.DataFrame:
+    ids = ids or [f"d{i}" for i in range(len(texts))]
+    return S.doc_frame([sources.doc_row(i, "src", t) for i, t in zip(ids, texts, strict=True)])
+
+
+# --------------------------------------------------------------------- normalize
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("Cafe\u0301", "Café"),  # NFD -> NFC
+        ("a\r\nb\rc", "a\nb\nc"),
+        ("line   \nnext\t\n", "line\nnext"),
+        ("a\n\n\n\n\nb", "a\n\nb"),
+        ("zero\u200bwidth\ufeff", "zerowidth"),
+        ("words    spaced\u00a0out", "words spaced out"),
+        ("def f():\n    return  1", "def f():\n    return 1"),  # indentation kept
+        ("\tindented", "indented"),  # leading whitespace of the document is stripped
+        ("x\n\tdeeper", "x\n    deeper"),
+    ],
+)
+def test_normalize_text(raw, clean):
+    assert B.normalize_text(raw) == clean
+
+
+def test_normalize_leaves_judged_rows_alone():
+    batch = docs("Cafe\u0301  x", "Cafe\u0301  y")
+    S.mark(batch, batch["id"] == "d1", S.QUALITY, "too_short")
+    out = B.Normalize()(batch)
+    assert out["text"].tolist() == ["Café x", "Cafe\u0301  y"]
+
+
+# ----------------------------------------------------------------------- quality
+
+
+def test_quality_filter_reasons():
+    cfg = FilterConfig(
+        min_chars=20, max_chars=400, min_alpha_share=0.5, max_repeated_line_share=0.3
+    )
+    batch = docs(
+        LOREM[:200],
+        "too short",
+        LOREM * 3,
+        "1234567890 " * 5 + "abc",
+        "same line\n" * 5 + "another line\n",
+    )
+    out = B.QualityFilter(cfg)(batch)
+    assert out["reason"].tolist() == [
+        "",
+        "too_short",
+        "too_long",
+        "low_alpha_share",
+        "repeated_lines",
+    ]
+    assert set(out.loc[out["reason"] != "", "block"]) == {S.QUALITY}
+    assert out.loc[1, "detail"] == "9 chars"
+    assert out.loc[3, "detail"] == "alpha share 0.06"  # 3 letters of 53
+    assert "repeated-line share 0.67" in out.loc[4, "detail"]
+
+
+def test_quality_filter_does_not_overwrite_a_reject():
+    batch = S.doc_frame([sources.reject_row("r", "f.jsonl", S.MALFORMED_JSON, "line 1")])
+    out = B.QualityFilter(FilterConfig())(batch)
+    assert (out.loc[0, "block"], out.loc[0, "reason"]) == (S.READ, S.MALFORMED_JSON)
+
+
+def test_alpha_and_repeated_share():
+    assert B.alpha_share("ab 12") == 0.5
+    assert B.alpha_share("   ") == 0.0
+    assert B.repeated_line_share("a\na\nb\n\n") == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------ dedup
+
+
+def test_content_key_and_bucket():
+    out = B.ContentKey()(docs("same", "same", "other"))
+    assert out.loc[0, "key"] == out.loc[1, "key"] != out.loc[2, "key"]
+    assert len(out.loc[0, "key"]) == 32
+    assert out["bucket"].between(0, B.NUM_BUCKETS - 1).all()
+
+
+def test_exact_dedup_keeps_smallest_id():
+    batch = B.ContentKey()(docs("dup text", "unique", "dup text", ids=["z", "a", "b"]))
+    out = B.ExactDedup()(batch)
+    assert out["reason"].tolist() == ["exact_duplicate", "", ""]
+    assert out.loc[0, "detail"] == "copy of b"
+
+
+def test_shingles():
+    assert B.shingles("One two three", 5) == {b"one two three"}
+    assert B.shingles("a b c d e f", 5) == {b"a b c d e", b"b c d e f"}
+    assert B.shingles("!!!", 5) == {b"!!!"}  # no words: the text itself, never an empty set
+
+
+def _sigs(*texts: str, cfg: DedupConfig | None = None) -> pd.DataFrame:
+    cfg = cfg or DedupConfig()
+    return B.MinHashSignature(cfg)(B.ContentKey()(docs(*texts)))
+
+
+def test_minhash_estimates_jaccard():
+    near = LOREM.replace("lazy", "sleepy")
+    out = _sigs(
+        LOREM, near, "A completely different sentence about databases and indexes and joins."
+    )
+    sig = [np.frombuffer(s, dtype="<u4") for s in out["minhash"]]
+    assert all(len(s) == 128 for s in sig)
+    assert (sig[0] == sig[1]).mean() > 0.7
+    assert (sig[0] == sig[2]).mean() < 0.1
+    # Same text, same signature: the block is deterministic across processes.
+    assert out.loc[0, "minhash"] == _sigs(LOREM).loc[0, "minhash"]
+
+
+def test_minhash_skips_judged_rows():
+    batch = B.ContentKey()(docs(LOREM, "x"))
+    S.mark(batch, batch["id"] == "d1", S.QUALITY, "too_short")
+    out = B.MinHashSignature(DedupConfig())(batch)
+    assert out.loc[1, "minhash"] == b""
+
+
+def test_lsh_bands_rows():
+    cfg = DedupConfig(num_perm=64, bands=16)
+    out = B.LshBands(cfg)(_sigs(LOREM, LOREM + " extra", cfg=cfg))
+    assert len(out) == 2 * 16
+    assert out["band"].dtype == np.int64
+    assert out["bucket"].between(0, B.NUM_BUCKETS - 1).all()
+
+
+def test_band_candidates_all_pairs_and_star():
+    small = pd.DataFrame({"band": [1, 1, 1, 2, 3], "key": ["c", "a", "b", "a", "d"], "bucket": 0})
+    out = B.BandCandidates()(small)
+    assert sorted(map(tuple, out[["a", "b"]].values)) == [("a", "b"), ("a", "c"), ("b", "c")]
+    big = pd.DataFrame({"band": [7] * 5, "key": list("edcba"), "bucket": 0})
+    out = B.BandCandidates(max_all_pairs=3)(big)
+    assert sorted(map(tuple, out[["a", "b"]].values)) == [
+        ("a", "b"),
+        ("a", "c"),
+        ("a", "d"),
+        ("a", "e"),
+    ]
+
+
+def test_attach_and_verify_join_signatures():
+    """The two groupby steps of the pair/signature join, run on one in-memory group."""
+    near = LOREM.replace("lazy", "sleepy")
+    far = "Completely unrelated words about compilers, registers and instruction scheduling."
+    sigs = _sigs(LOREM, near, far)
+    k0, k1, k2 = sigs["key"]
+    sig_rows = pd.DataFrame(
+        {"key": sigs["key"], "other": "", "minhash": sigs["minhash"], "peer": [b""] * 3}
+    )
+    pairs = pd.DataFrame(
+        {"key": [k1, k2], "other": [k0, k0], "minhash": [b""] * 2, "peer": [b""] * 2}
+    )
+    with_b = B.AttachSignature()(pd.concat([sig_rows, pairs], ignore_index=True))
+    assert set(with_b["b"]) == {k1, k2}
+    step2 = pd.DataFrame(
+        {"key": with_b["a"], "other": with_b["b"], "minhash": [b""] * 2, "peer": with_b["peer"]}
+    )
+    edges = B.VerifyPairs(0.7)(pd.concat([sig_rows, step2], ignore_index=True))
+    assert list(zip(edges["a"], edges["b"], strict=True)) == [(k0, k1)]
+    assert edges["jaccard"].iloc[0] > 0.7
+    none = B.VerifyPairs(0.7)(sig_rows)
+    assert none.empty and list(none.columns) == ["a", "b", "jaccard"]
+
+
+def test_duplicate_components_keep_smallest_key():
+    edges = pd.DataFrame({"a": ["b", "c", "x"], "b": ["c", "d", "y"]})
+    assert B.duplicate_components(edges) == {"c": "b", "d": "b", "y": "x"}
+    assert B.duplicate_components(pd.DataFrame({"a": [], "b": []})) == {}
+
+
+def test_apply_drops():
+    batch = B.ContentKey()(docs("one", "two"))
+    out = B.ApplyDrops({batch.loc[1, "key"]: "k0"})(batch)
+    assert out["reason"].tolist() == ["", "near_duplicate"]
+    assert out.loc[1, "block"] == S.NEAR_DEDUP
+    assert out.loc[1, "detail"] == "near-duplicate of k0"
+
+
+# ------------------------------------------------------------------------- split
+
+
+def test_split_is_deterministic_and_salted():
+    batch = B.ContentKey()(docs(*[f"document number {i}" for i in range(2000)]))
+    cfg = SplitConfig(validation_share=0.1, test_share=0.2)
+    out = B.AssignSplit(cfg)(batch.copy())
+    shares = out["split"].value_counts(normalize=True)
+    assert shares["test"] == pytest.approx(0.2, abs=0.03)
+    assert shares["validation"] == pytest.approx(0.1, abs=0.03)
+    assert out["split"].tolist() == B.AssignSplit(cfg)(batch.copy())["split"].tolist()
+    salted = B.AssignSplit(SplitConfig(validation_share=0.1, test_share=0.2, salt="other"))(
+        batch.copy()
+    )
+    assert salted["split"].tolist() != out["split"].tolist()
+
+
+# ---------------------------------------------------------------------- tokenize
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from flywheel.config import TokenizerConfig
+    from flywheel.data.tokenizer import train_bpe
+
+    return train_bpe([LOREM] * 20, TokenizerConfig(vocab_size=300, min_frequency=2))
+
+
+def test_tokenize_block(tok):
+    import pickle
+
+    block = B.Tokenize(tok.backend_tokenizer.to_str())
+    batch = pd.DataFrame({"key": ["k0", "k1"], "split": ["train", "test"], "text": [LOREM, "fox"]})
+    out = pickle.loads(pickle.dumps(block))(batch)  # Ray ships the block pickled
+    assert list(out.columns) == ["key", "split", "input_ids", "n_tokens"]
+    assert out["input_ids"].iloc[0].dtype == np.int32
+    assert tok.decode(out["input_ids"].iloc[0].tolist()) == LOREM
+    assert out["n_tokens"].tolist() == [len(i) for i in out["input_ids"]]
+    assert tok.eos_token_id not in out["input_ids"].iloc[0]
+
+
+def test_pack_exact_blocks_with_eos():
+    batch = pd.DataFrame({"input_ids": [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)]})
+    blocks, tail = B.Pack(block_size=3, eos_id=0).blocks(batch)
+    assert blocks.tolist() == [[1, 2, 3], [0, 4, 5]]
+    assert tail == 1  # the final EOS does not fill a block
+    frame = B.Pack(block_size=4, eos_id=0)(batch)
+    assert frame["input_ids"].map(len).tolist() == [4]
+    empty, tail = B.Pack(4, 0).blocks(pd.DataFrame({"input_ids": []}))
+    assert empty.shape == (0, 4) and tail == 0

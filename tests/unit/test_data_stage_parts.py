@@ -1,0 +1,133 @@
+"""The stage's pure parts: reject budget, content hash, shard writing, tokenizer, stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from flywheel.config import DataConfig, TokenizerConfig
+from flywheel.data import stage, tokenizer
+from flywheel.data.stats import DataStats
+from flywheel.errors import DataError
+
+
+def _rejects(*pairs: tuple[str, str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(len(pairs))],
+            "source": [s for s, _ in pairs],
+            "reason": [r for _, r in pairs],
+        }
+    )
+
+
+def test_reject_budget_names_worst_source(tmp_path):
+    rejects = _rejects(
+        ("a.jsonl", "malformed_json"),
+        ("b.jsonl", "malformed_json"),
+        ("b.jsonl", "missing_text"),
+        ("b.jsonl", "missing_text"),
+    )
+    stage.check_rejects(
+        rejects, rows_read=8, max_share=0.5, where=tmp_path / "rejects.jsonl"
+    )  # 50%: ok
+    with pytest.raises(DataError) as err:
+        stage.check_rejects(rejects, rows_read=7, max_share=0.5, where=tmp_path / "rejects.jsonl")
+    msg = str(err.value)
+    assert "4 of 7 rows rejected (57% > data.max_reject_share 50%)" in msg
+    assert "worst source: b.jsonl (3 rejected, mostly missing_text)" in msg
+    assert "rejects.jsonl" in msg
+
+
+def test_content_hash_covers_inputs_and_config_not_batch_size():
+    cfg = DataConfig()
+    digests = pd.Series(["b", "a"])
+    h = stage._content_hash(cfg, digests)
+    assert h == stage._content_hash(cfg, pd.Series(["a", "b"]))  # order of arrival is irrelevant
+    assert h == stage._content_hash(DataConfig(batch_size=7), digests)
+    assert h != stage._content_hash(DataConfig(block_size=64), digests)
+    assert h != stage._content_hash(cfg, pd.Series(["a", "c"]))
+
+
+def test_write_blocks_identical_bytes_and_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(stage, "BLOCKS_PER_SHARD", 4)
+    blocks = np.arange(10 * 8, dtype=np.int32).reshape(10, 8)
+    names = stage.write_blocks(blocks, tmp_path / "a" / "train")
+    stage.write_blocks(blocks, tmp_path / "b" / "train")
+    assert names == [
+        "train/part-00000.parquet",
+        "train/part-00001.parquet",
+        "train/part-00002.parquet",
+    ]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    table = pq.read_table(tmp_path / "a" / "train")
+    assert str(table.schema.field("input_ids").type) == "list<element: int32>"
+    assert table.column("input_ids").to_pylist()[9] == list(range(72, 80))
+
+
+def test_bpe_is_deterministic_and_loads_with_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "Packing with EOS separators."] * 50
+    cfg = TokenizerConfig(vocab_size=300)
+    a = tokenizer.train_bpe(texts, cfg)
+    b = tokenizer.train_bpe(reversed(texts), cfg)
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    info = tokenizer.save(a, tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.eos_token == tokenizer.EOS and loaded.pad_token_id == loaded.eos_token_id
+    assert info["eos_token_id"] == loaded.eos_token_id and info["vocab_size"] == len(loaded) <= 300
+    # Byte-level: any text round-trips, no unknown tokens.
+    odd = "naïve 東京 \u2603 \t tabs"
+    assert loaded.decode(loaded(odd)["input_ids"]) == odd
+
+
+def test_missing_base_tokenizer_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"data\.tokenizer\.base: cannot load tokenizer"):
+        tokenizer.load_base(str(tmp_path / "nope"))
+
+
+def _stats() -> DataStats:
+    return DataStats(
+        content_hash="ab" * 32,
+        out_dir="/x",
+        docs_read=10,
+        docs_kept=6,
+        rejected={"malformed_json": 1},
+        dropped={"quality": 2, "exact_dedup": 1, "near_dedup": 0},
+        dropped_by_reason={"quality:too_short": 2, "exact_dedup:exact_duplicate": 1},
+        docs={"train": 4, "validation": 1, "test": 1},
+        tokens={"train": 64, "validation": 16, "test": 16},
+        blocks={"train": 4, "validation": 1, "test": 1},
+        block_size=16,
+        vocab_size=300,
+        tokenizer_trained=True,
+    )
+
+
+def test_stats_metrics_flat_numbers_and_rows():
+    s = _stats()
+    metrics = s.metrics()
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["docs_rejected"] == 1 and metrics["dropped_quality"] == 2
+    assert metrics["tokens_train"] == 64 and metrics["rejected_malformed_json"] == 1
+    rows = dict(s.rows())
+    assert rows["documents read"] == 10
+    assert rows["  dropped by quality: too_short"] == 2
+    assert rows["  train: docs / tokens / blocks"] == "4 / 64 / 4"
+    assert rows["content hash"] == "abababababab"
+
+
+def test_block_counts_chain():
+    counts = stage._block_counts(_stats())
+    assert [c["name"] for c in counts] == [
+        "read",
+        "normalize",
+        "quality",
+        "exact_dedup",
+        "near_dedup",
+    ]
+    assert [(c["read"], c["kept"]) for c in counts] == [(10, 9), (9, 9), (9, 7), (7, 6), (6, 6)]
