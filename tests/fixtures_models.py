@@ -141,3 +141,18 @@ def build_eval_dataset(out: Path, max_docs: int | None = 200) -> Path:
     }
     (out / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def promote_worker(profile: dict, version: str, actor: str, barrier, results) -> None:
+    """Run in a spawned process: warm up, wait for the other racer, promote, report back."""
+    from flywheel.config import Profile
+    from flywheel.registry import Registry
+
+    reg = Registry(Profile.model_validate(profile))
+    reg.versions()  # imports and connections done before the race starts
+    barrier.wait(timeout=120)
+    try:
+        entry = reg.promote(version, reason=f"race {actor}", actor=actor)
+        results.put((actor, entry.to_tag()))
+    except Exception as exc:  # reported to the parent, which fails the test with it
+        results.put((actor, f"ERROR {type(exc).__name__}: {exc}"))

@@ -293,7 +293,8 @@ def test_rollback_target_undoes_rollbacks_like_a_stack():
 
     def e(seq, kind, frm, to):
         now = datetime.now(UTC)
-        return HistoryEntry(seq=seq, time=now, actor="a", kind=kind, **{"from": frm, "to": to}, reason="r")  # fmt: skip
+        fields = {"from": frm, "to": to}
+        return HistoryEntry(seq=seq, time=now, actor="a", kind=kind, reason="r", **fields)
 
     h = [e(1, "promotion", None, "1"), e(2, "promotion", "1", "2"), e(3, "manual", "2", "3")]
     assert rollback_target(h, "3") == "2"
@@ -307,3 +308,19 @@ def test_rollback_target_undoes_rollbacks_like_a_stack():
     assert rollback_target(h, "3") == "1"
     with pytest.raises(RegistryError, match="not set through flywheel"):
         rollback_target(h, "2")
+
+
+def test_a_server_that_never_answers_is_bounded_by_the_request_timeout(tmp_path):
+    # A socket that accepts connections (the kernel's backlog) but never responds: each
+    # request hangs until registry.http_timeout_s, then the bounded retries give up.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        reg = Registry(
+            _profile(tmp_path, tracking_uri=uri, retries=1, retry_backoff_s=0.1, http_timeout_s=1)
+        )
+        t0 = time.monotonic()
+        with pytest.raises(RegistryError, match="after 2 attempt"):
+            reg.versions()
+        assert time.monotonic() - t0 < 8

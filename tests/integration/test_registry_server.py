@@ -1,0 +1,169 @@
+"""The registry against a real `mlflow server` on 127.0.0.1 (started here, stopped after),
+and two real processes racing to promote, on the server and on the SQLite store."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures_models import build_models, promote_worker
+
+from flywheel.config import Profile
+from flywheel.registry import LOCK_SUFFIX, HistoryEntry, Registry, lineage_tags
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A tracking server with its own SQLite backend and proxied artifact store."""
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [
+        str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow"),
+        "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    log = (root / "server.log").open("w")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    # Startup is slow on a busy 2-core box (imports, migrations): tens of seconds.
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("models"), steps=30)
+
+
+def _profile(state: Path, uri: str | None, name: str) -> Profile:
+    registry = {"model_name": name, "retry_backoff_s": 0.05}
+    if uri:
+        registry["tracking_uri"] = uri
+    return Profile(state_dir=str(state), registry=registry)
+
+
+def test_lifecycle_through_a_tracking_server(mlflow_server, models, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    reg = Registry(_profile(tmp_path / "state", mlflow_server, "server-lm"))
+    random_dir, trained_dir = models
+    v1 = reg.register_candidate(
+        random_dir, tags=lineage_tags(data_hash="h1", trigger_reason="first"), model_card="# v1"
+    )
+    v2 = reg.register_candidate(
+        trained_dir, tags=lineage_tags(data_hash="h1", trigger_reason="drift"), model_card="# v2"
+    )
+    assert (v1, v2) == ("1", "2")
+    info = reg.version("2")
+    assert info.source.startswith("mlflow-artifacts:/")  # proxied through the server
+    assert info.tags["flywheel.flavor"] == "transformers"
+    reg.promote(v1, reason="bootstrap", actor="ci")
+    reg.promote(v2, reason="won the gate", actor="ci")
+    reg.rollback(reason="regression", actor="oncall")
+    assert reg.champion().version == "1"
+    assert [(h.kind, h.from_version, h.to_version) for h in reg.history()] == [
+        ("promotion", None, "1"),
+        ("promotion", "1", "2"),
+        ("rollback", "2", "1"),
+    ]
+    # Downloaded through the server's artifact proxy into a from_pretrained directory.
+    from transformers import AutoModelForCausalLM
+
+    path = reg.download("2")
+    assert AutoModelForCausalLM.from_pretrained(path).config.n_layer == 2
+    # What `mlflow models serve -m models:/server-lm@champion` loads: the pyfunc flavour.
+    import mlflow.pyfunc
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    served = mlflow.pyfunc.load_model("models:/server-lm@champion")
+    out = served.predict(["The for statement"])
+    assert isinstance(out[0], str) and out[0].startswith("The for statement")
+
+
+def _race(profile: Profile, versions: tuple[str, str]) -> list[tuple[str, str]]:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=promote_worker,
+            args=(profile.model_dump(), v, f"racer-{v}", barrier, results),
+        )
+        for v in versions
+    ]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return out
+
+
+@pytest.mark.parametrize("store", ["server", "sqlite"])
+def test_two_processes_promoting_at_once(store, request, models, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = request.getfixturevalue("mlflow_server") if store == "server" else None
+    profile = _profile(tmp_path / "state", uri, f"race-{store}")
+    reg = Registry(profile)
+    for i in range(3):
+        reg.register_candidate(models[0], tags=lineage_tags(data_hash="h"), model_card=f"# {i}")
+    reg.promote("1", reason="start", actor="ci")
+
+    results = _race(profile, ("2", "3"))
+    errors = [r for _, r in results if r.startswith("ERROR")]
+    assert not errors, errors
+    history = reg.history()
+    assert [h.seq for h in history] == [1, 2, 3]
+    first, second = history[1], history[2]
+    # Both moves recorded, in one consistent order: the second starts where the first ended.
+    assert {first.to_version, second.to_version} == {"2", "3"}
+    assert first.from_version == "1" and second.from_version == first.to_version
+    assert reg.champion().version == second.to_version
+    assert {e for _, e in results} == {first.to_tag(), second.to_tag()}
+    assert HistoryEntry.model_validate_json(results[0][1]).actor.startswith("racer-")
+    # Exactly one champion, and the lock is released.
+    assert [v.version for v in reg.versions() if "champion" in v.aliases] == [second.to_version]
+    names = [m.name for m in reg._client.search_registered_models()]
+    assert f"race-{store}{LOCK_SUFFIX}" not in names
+    assert json.loads(reg._client.get_registered_model(reg.name).tags["flywheel.history.00000003"])
