@@ -1,0 +1,232 @@
+"""The per-worker training loop: runs on every Ray Train worker, builds everything from `config`.
+
+`config` is plain data made by `flywheel.train.run` (see `loop_config`): the profile, the
+plan (batch sizes, filled DeepSpeed config, dataset facts), where MLflow is, and an
+optional fault to inject. Nothing here reads module state a test would have to patch.
+
+A checkpoint is one directory merged by Ray from every worker's report::
+
+    ds/            engine.save_checkpoint (model, optimizer shards, scheduler, step)
+    state.json     rank 0: step, tokens, per-step history, attempt
+    hf/            final checkpoint only: the model as save_pretrained writes it
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "state.json"
+DS_DIR = "ds"
+HF_DIR = "hf"
+
+
+def _maybe_inject_fault(fault: dict[str, Any] | None, step: int, rank: int) -> None:
+    """Kill this worker process (SIGKILL, no clean-up) once, at `fault.step` on `fault.rank`.
+
+    The marker file makes it once per run: the replacement worker sees it and trains on.
+    """
+    if not fault or step != fault["step"] or rank != fault.get("rank", 0):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(json.dumps({"pid": os.getpid(), "step": step, "rank": rank}))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _batches(shard, micro: int, seed: int):
+    """Endless micro-batches of token ids from this worker's shard, reshuffled per epoch."""
+    import numpy as np
+    import torch
+
+    epoch = 0
+    while True:
+        n = 0
+        for batch in shard.iter_batches(
+            batch_size=micro,
+            batch_format="numpy",
+            drop_last=True,
+            # A local shuffle buffer (a few batches) instead of a global shuffle: the data
+            # stage already mixes documents across shards; this breaks up block order.
+            local_shuffle_buffer_size=micro * 8,
+            local_shuffle_seed=seed + epoch,
+        ):
+            ids = np.stack(batch["input_ids"]).astype(np.int64)
+            n += 1
+            yield torch.from_numpy(ids)
+        if n == 0:
+            raise RuntimeError("this worker's dataset shard holds less than one micro batch")
+        epoch += 1
+
+
+class _MlflowBatcher:
+    """Rank 0's metric buffer: one `log_batch` every `every` steps, so tracking stays off the
+    step's critical path (one SQLite/HTTP round trip per few steps, not per metric)."""
+
+    def __init__(self, uri: str, run_id: str, every: int) -> None:
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.every = MlflowClient(uri), run_id, every
+        self.pending: list = []
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), ts, step) for k, v in values.items()]
+        if step % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        # log_batch takes at most 1000 metrics per call.
+        while self.pending:
+            chunk, self.pending = self.pending[:1000], self.pending[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+
+def _model_state_for_export(engine, zero_stage: int) -> dict | None:
+    """Full weights on rank 0. ZeRO-3 shards parameters, so every rank joins the gather."""
+    if zero_stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    entered = time.time()
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from flywheel.config import Profile
+    from flywheel.train.model import build_model
+    from flywheel.train.plan import TrainPlan, lr_factor
+
+    profile = Profile.model_validate(config["profile"])
+    plan = TrainPlan.model_validate(config["plan"])
+    t = profile.train
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+
+    torch.manual_seed(t.seed)
+    model = build_model(profile.model, plan.model_source, plan.dataset)
+    # betas (0.9, 0.95): the GPT-3/LLaMA setting; steadier than 0.999 at small batches.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay
+    )
+    schedule = partial(
+        lr_factor, warmup=t.warmup_steps, max_steps=t.max_steps, schedule=t.lr_schedule
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # Ray's TorchConfig has already created the process group (gloo or nccl); DeepSpeed
+    # adopts it rather than starting its own rendezvous.
+    imported = time.time()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=plan.deepspeed
+    )
+    # Where a worker's start-up goes (seconds), kept with the checkpoint for the benchmark.
+    startup = {"import_build_s": imported - entered, "deepspeed_init_s": time.time() - imported}
+    device = engine.device
+
+    step, tokens, attempt, history = 0, 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+            engine.load_checkpoint(str(Path(ckpt_dir) / DS_DIR))
+        step, tokens, history = state["step"], state["tokens"], state["history"]
+        attempt = state.get("attempt", 0) + 1
+        if engine.global_steps != step:
+            raise RuntimeError(
+                f"checkpoint says step {step}, DeepSpeed restored {engine.global_steps}"
+            )
+
+    tracker = None
+    if rank == 0 and config.get("mlflow"):
+        tracker = _MlflowBatcher(config["mlflow"]["uri"], config["mlflow"]["run_id"], t.log_every)
+    queue = config.get("progress_queue") if rank == 0 else None
+
+    def save(final: bool) -> None:
+        with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
+            engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=f"step{step}")
+            if final:
+                weights = _model_state_for_export(engine, t.zero_stage)
+                if rank == 0:
+                    engine.module.save_pretrained(os.path.join(tmp, HF_DIR), state_dict=weights)
+            if rank == 0:
+                state = {
+                    "step": step,
+                    "tokens": tokens,
+                    "attempt": attempt,
+                    "startup": startup,
+                    "history": history,
+                }
+                Path(tmp, STATE_FILE).write_text(json.dumps(state))
+            metrics = {
+                "step": step,
+                "tokens": tokens,
+                "loss": history[-1]["loss"] if history else None,
+            }
+            # Every worker reports its directory (its own ZeRO shards); Ray merges them.
+            # Directory names are Ray's (unique per report), so a retried step never collides.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    tokens_per_step = plan.tokens_per_step
+    shard = ray.train.get_dataset_shard("train")
+    # Reshuffle after a restart rather than replay the same order: exact data position is
+    # not restored (Ray Data streams), so a restart sees a fresh permutation instead.
+    batches = _batches(shard, plan.micro_batch, t.seed + step)
+    first = next(batches)
+    startup["restore_first_batch_s"] = time.time() - imported - startup["deepspeed_init_s"]
+    startup["worker_entered_at"] = entered
+    batches = itertools.chain([first], batches)
+    engine.train()
+    loss_sum = torch.zeros((), device=device)
+    tick = time.perf_counter()
+    while step < t.max_steps:
+        _maybe_inject_fault(config.get("fault"), step + 1, rank)
+        lr = scheduler.get_last_lr()[0]
+        for _ in range(plan.grad_accum):
+            ids = next(batches).to(device)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        step += 1
+        tokens += tokens_per_step
+        # One scalar all-reduce per step: the logged loss is the global batch's, not rank 0's.
+        dist.all_reduce(loss_sum)
+        mean_loss = loss_sum.item() / (plan.grad_accum * plan.world_size)
+        loss_sum.zero_()
+        now = time.perf_counter()
+        dt, tick = now - tick, now
+        norm = engine.get_global_grad_norm()
+        row = {
+            "step": step,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "step_s": dt,
+            "tokens_per_s": tokens_per_step / dt,
+            "attempt": attempt,
+        }
+        if rank == 0:
+            history.append(row)
+            if tracker:
+                tracker.add(step, {k: row[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s")})
+            if queue is not None:
+                queue.put_nowait({k: row[k] for k in ("step", "loss", "lr", "tokens_per_s")})
+        final = step == t.max_steps
+        if final or step % t.checkpoint_every == 0:
+            save(final)
+            tick = time.perf_counter()  # checkpoint time is not step time
+    if tracker:
+        tracker.flush()

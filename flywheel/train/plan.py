@@ -1,0 +1,315 @@
+"""Everything decided before a worker starts: batch arithmetic, DeepSpeed config, data checks.
+
+Pure functions over the profile, the DeepSpeed JSON and the dataset's metadata (parquet
+footers, manifest, tokenizer config; no tensors). `make_plan` either returns a `TrainPlan`
+that the workers execute as is, or raises a `ConfigError`/`DataError` that names the file
+and the field, so a bad input costs a second instead of a Ray + DeepSpeed start-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from flywheel import artifacts
+from flywheel.config import Profile, repo_path
+from flywheel.errors import ConfigError, DataError
+
+# The profile owns these DeepSpeed keys; the JSON may omit them, repeat the same value, or
+# say "auto" (the Hugging Face convention), but never disagree.
+_OWNED_KEYS = (
+    ("train_batch_size", "train.global_batch_size (micro x accum x workers)"),
+    ("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+    ("gradient_accumulation_steps", "train.grad_accum"),
+    ("gradient_clipping", "train.grad_clip"),
+    ("zero_optimization.stage", "train.zero_stage"),
+    ("bf16.enabled", "train.precision"),
+    ("fp16.enabled", "train.precision (fp16 is not offered: bf16 or fp32)"),
+)
+# The optimizer and schedule are built in code from the profile (torch AdamW + LambdaLR):
+# DeepSpeed's own Adam on CPU needs a JIT-compiled C++ op, torch's runs everywhere.
+_FORBIDDEN_SECTIONS = {
+    "optimizer": "train.lr / train.weight_decay",
+    "scheduler": "train.lr_schedule",
+}
+
+
+class DatasetInfo(BaseModel):
+    path: str
+    train_files: list[str]
+    train_blocks: int
+    block_size: int
+    vocab_size: int
+    content_hash: str | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    @property
+    def train_tokens(self) -> int:
+        return self.train_blocks * self.block_size
+
+
+class ModelSource(BaseModel):
+    """Where the weights come from: a directory or hub id, or a fresh model (None)."""
+
+    kind: Literal["init_from", "base", "fresh"]
+    path: str | None = None
+
+
+class TrainPlan(BaseModel):
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    max_steps: int
+    precision: Literal["fp32", "bf16"]
+    backend: Literal["gloo", "nccl"]
+    deepspeed_config_path: str
+    deepspeed: dict[str, Any]
+    model_source: ModelSource
+    dataset: DatasetInfo
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.dataset.block_size
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def batch_sizes(profile: Profile) -> tuple[int, int, int, int]:
+    """(micro, accum, world, global) with micro x accum x world = global, or ConfigError."""
+    t = profile.train
+    world = t.scaling.num_workers
+    derived = t.micro_batch_size * t.grad_accum * world
+    if t.global_batch_size is not None and t.global_batch_size != derived:
+        # The profile validator checks this too; repeated for profiles built in code.
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) != micro_batch_size "
+            f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x scaling.num_workers ({world})"
+        )
+    return t.micro_batch_size, t.grad_accum, world, derived
+
+
+def precision(profile: Profile) -> Literal["fp32", "bf16"]:
+    p = profile.train.precision
+    if p == "auto":
+        return "bf16" if profile.train.scaling.use_gpu else "fp32"
+    return p
+
+
+def _get(d: dict, dotted: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = d
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def deepspeed_config(profile: Profile, raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Fill the profile's values into a DeepSpeed JSON; a contradiction is a ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a DeepSpeed config must be a JSON object")
+    for section, owner in _FORBIDDEN_SECTIONS.items():
+        if section in raw:
+            raise ConfigError(f"{source}: remove '{section}'; the profile sets it ({owner})")
+    micro, accum, _world, global_batch = batch_sizes(profile)
+    prec = precision(profile)
+    wanted = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": profile.train.grad_clip,
+        "zero_optimization.stage": profile.train.zero_stage,
+        "bf16.enabled": prec == "bf16",
+        "fp16.enabled": False,
+    }
+    cfg = copy.deepcopy(raw)
+    for key, owner in _OWNED_KEYS:
+        have, want = _get(cfg, key), wanted[key]
+        if have is not None and have != "auto" and have != want:
+            raise ConfigError(
+                f"{source}: {key} = {json.dumps(have)} contradicts the profile "
+                f"({owner} gives {json.dumps(want)})"
+            )
+        _set(cfg, key, want)
+    return cfg
+
+
+def load_deepspeed_json(profile: Profile) -> tuple[dict[str, Any], str]:
+    path = repo_path(profile.train.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: {path} not found")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+def lr_factor(
+    step: int, *, warmup: int, max_steps: int, schedule: str, floor: float = 0.1
+) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup, then the schedule.
+
+    Decays to `floor` x peak rather than 0 (as nanoGPT/Chinchilla do): the last steps
+    still learn, and a continued run (`resume_from`) does not start from a dead LR.
+    """
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or max_steps <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------- dataset checks
+
+
+def inspect_dataset(dataset_dir: str | Path) -> DatasetInfo:
+    """Read the dataset's metadata (manifest, parquet footers, tokenizer) or DataError."""
+    import pyarrow.parquet as pq
+
+    root = Path(dataset_dir)
+    manifest = artifacts.read_manifest(root)
+    files = artifacts.split_files(root, "train")
+    if not files:
+        raise DataError(f"{root / 'train'}: no parquet shards")
+    blocks = 0
+    width: int | None = None
+    for f in files:
+        meta = pq.ParquetFile(f)
+        if artifacts.TOKEN_COLUMN not in meta.schema_arrow.names:
+            raise DataError(f"{f}: no column '{artifacts.TOKEN_COLUMN}'")
+        blocks += meta.metadata.num_rows
+        if width is None and meta.metadata.num_rows:
+            first = meta.read_row_group(0, columns=[artifacts.TOKEN_COLUMN]).column(0)[0]
+            width = len(first)
+    block_size = int(manifest.get("block_size") or width or 0)
+    if width is not None and width != block_size:
+        raise DataError(f"{root}: manifest block_size {block_size} but shards hold {width} tokens")
+    tok_dir = root / artifacts.TOKENIZER_DIR
+    vocab, eos, pad = _tokenizer_meta(tok_dir)
+    return DatasetInfo(
+        path=str(root.resolve()),
+        train_files=[str(f.resolve()) for f in files],
+        train_blocks=blocks,
+        block_size=block_size,
+        vocab_size=vocab,
+        content_hash=manifest.get("content_hash"),
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+
+
+def _tokenizer_meta(tok_dir: Path) -> tuple[int, int | None, int | None]:
+    if (
+        not (tok_dir / "tokenizer.json").is_file()
+        and not (tok_dir / "tokenizer_config.json").is_file()
+    ):
+        raise DataError(f"{tok_dir}: no tokenizer (expected a save_pretrained directory)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    return len(tok), tok.eos_token_id, tok.pad_token_id
+
+
+# ---------------------------------------------------------------- model checks
+
+
+def _model_source(profile: Profile, init_from: str | None) -> ModelSource:
+    if init_from:
+        if not Path(init_from).is_dir():
+            raise ConfigError(f"init_from: {init_from} is not a model directory")
+        return ModelSource(kind="init_from", path=str(Path(init_from).resolve()))
+    if profile.model.base:
+        return ModelSource(kind="base", path=profile.model.base)
+    return ModelSource(kind="fresh")
+
+
+def _check_model(profile: Profile, source: ModelSource, data: DatasetInfo) -> None:
+    m = profile.model
+    if source.kind == "fresh":
+        if m.n_embd % m.n_head:
+            raise ConfigError(
+                f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})"
+            )
+        if m.arch == "llama" and (m.n_embd // m.n_head) % 2:
+            raise ConfigError(
+                f"model.n_embd / model.n_head = {m.n_embd // m.n_head}: llama's rotary "
+                "embeddings need an even head width"
+            )
+        if data.block_size > m.context:
+            raise ConfigError(
+                f"dataset block_size ({data.block_size}) exceeds model.context ({m.context})"
+            )
+        return
+    from transformers import AutoConfig
+
+    field = "init_from" if source.kind == "init_from" else "model.base"
+    try:
+        cfg = AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{field}: cannot load a model config from {source.path} ({exc})"
+        ) from None
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is not None and vocab < data.vocab_size:
+        raise ConfigError(
+            f"{field}: the model's vocabulary ({vocab}) is smaller than the dataset tokenizer's "
+            f"({data.vocab_size}); prepare the data with this model's tokenizer"
+        )
+    positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if positions is not None and data.block_size > positions:
+        raise ConfigError(
+            f"{field}: dataset block_size ({data.block_size}) exceeds the model's {positions} positions"
+        )
+
+
+# ---------------------------------------------------------------------- the plan
+
+
+def make_plan(profile: Profile, dataset_dir: str | Path, init_from: str | None = None) -> TrainPlan:
+    """Check everything checkable before Ray starts; return what the workers will do."""
+    micro, accum, world, global_batch = batch_sizes(profile)
+    raw, source = load_deepspeed_json(profile)
+    ds = deepspeed_config(profile, raw, source)
+    data = inspect_dataset(dataset_dir)
+    if data.train_blocks < global_batch:
+        raise DataError(
+            f"{dataset_dir}: {data.train_tokens:,} training tokens ({data.train_blocks} blocks of "
+            f"{data.block_size}) is fewer than one global batch of {global_batch} blocks "
+            f"({global_batch * data.block_size:,} tokens); lower train.micro_batch_size / "
+            "grad_accum / scaling.num_workers or prepare more data"
+        )
+    model_source = _model_source(profile, init_from)
+    _check_model(profile, model_source, data)
+    prec = precision(profile)
+    return TrainPlan(
+        world_size=world,
+        micro_batch=micro,
+        grad_accum=accum,
+        global_batch=global_batch,
+        max_steps=profile.train.max_steps,
+        precision=prec,
+        backend="nccl" if profile.train.scaling.use_gpu else "gloo",
+        deepspeed_config_path=source,
+        deepspeed=ds,
+        model_source=model_source,
+        dataset=data,
+    )

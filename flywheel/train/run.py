@@ -1,0 +1,390 @@
+"""The training stage on the driver: plan, track, run Ray Train, export the model.
+
+    result = train(profile, Path("dataset"), Path("model"))
+
+Order matters for the failure rules: every check (`make_plan`, `resume_from`) runs before
+Ray starts; MLflow is opened only once the plan is sound; the run is marked FAILED in
+MLflow when training fails, and the error names what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flywheel import artifacts
+from flywheel.config import Profile
+from flywheel.errors import ConfigError, FlywheelError
+from flywheel.train.loop import HF_DIR, STATE_FILE, train_loop_per_worker
+from flywheel.train.plan import TrainPlan, make_plan
+from flywheel.train.report import TrainResult, loop_throughput, loss_curve_html
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, dict], None]
+LOSS_CURVE = "loss_curve.html"
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_step(path: Path) -> int | None:
+    state = path / STATE_FILE
+    if not state.is_file():
+        return None
+    return int(json.loads(state.read_text())["step"])
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, int]:
+    """A checkpoint directory, or the latest checkpoint inside a run directory."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"train.resume_from: {root} is not a directory")
+    step = checkpoint_step(root)
+    if step is not None:
+        return root, step
+    found = [(s, p) for p in root.glob("checkpoint_*") if (s := checkpoint_step(p)) is not None]
+    if not found:
+        raise ConfigError(f"train.resume_from: no checkpoint ({STATE_FILE}) in {root}")
+    step, best = max(found)
+    return best, step
+
+
+# --------------------------------------------------------------------- tracking
+
+
+def flat_params(profile: Profile, plan: TrainPlan) -> dict[str, str]:
+    """model.* and train.* as dotted keys, plus the derived numbers a reader compares runs by."""
+
+    def walk(prefix: str, value: Any, out: dict[str, str]) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v, out)
+        else:
+            out[prefix] = str(value)
+
+    out: dict[str, str] = {}
+    walk("model", profile.model.model_dump(), out)
+    walk("train", profile.train.model_dump(), out)
+    out |= {
+        "plan.global_batch": str(plan.global_batch),
+        "plan.precision": plan.precision,
+        "plan.backend": plan.backend,
+        "plan.model_source": plan.model_source.kind,
+        "plan.model_path": str(plan.model_source.path),
+        "data.train_tokens": str(plan.dataset.train_tokens),
+        "data.block_size": str(plan.dataset.block_size),
+        "data.path": plan.dataset.path,
+    }
+    return out
+
+
+@contextmanager
+def _mlflow_run(
+    profile: Profile, plan: TrainPlan, tags: dict[str, str]
+) -> Iterator[tuple[str, str]]:
+    """Open a run (params, tags), yield (tracking uri, run id); close it FINISHED or FAILED."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from flywheel import tracking
+
+    uri = tracking.tracking_uri(profile)
+    exp = tracking.experiment_id(profile)
+    client = MlflowClient(uri)
+    all_tags = {"flywheel.stage": "train", **tags}
+    if plan.dataset.content_hash:
+        all_tags["flywheel.data_hash"] = plan.dataset.content_hash
+    commit = tracking.git_commit()
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(exp, run_name=tags.get("run_name"), tags=all_tags)
+    run_id = run.info.run_id
+    params = [Param(k, v[:6000]) for k, v in flat_params(profile, plan).items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run_id, params=params[i : i + 100])
+    try:
+        yield uri, run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+@contextmanager
+def _progress_relay(progress: Progress | None) -> Iterator[Any]:
+    """A Ray queue that rank 0 puts step rows into; a thread here hands them to `progress`."""
+    if progress is None:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                progress("step", queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # the queue actor is gone at shutdown
+                return
+
+    thread = threading.Thread(target=drain, daemon=True, name="flywheel-train-progress")
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        for row in queue.get_nowait_batch(queue.qsize()):
+            progress("step", row)
+        queue.shutdown()
+
+
+# ------------------------------------------------------------------------ train
+
+
+def loop_config(
+    profile: Profile,
+    plan: TrainPlan,
+    *,
+    mlflow: dict[str, str] | None = None,
+    progress_queue: Any = None,
+    fault: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything `train_loop_per_worker` needs, as plain data."""
+    return {
+        "profile": profile.model_dump(mode="json"),
+        "plan": plan.model_dump(mode="json"),
+        "mlflow": mlflow,
+        "progress_queue": progress_queue,
+        "fault": fault,
+    }
+
+
+# Token datasets up to this size are read into the object store before the workers start.
+# Packed int32 tokens are compact (the default local corpus is ~10 MB), and reading them
+# up front frees the CPUs the streaming read would otherwise compete with training for.
+MATERIALIZE_BELOW_BYTES = 512 * 1024**2
+
+
+def _materialize(plan: TrainPlan, per_worker: dict[str, float], workers: int) -> bool:
+    """Read the split up front when it is small, or when streaming could never run.
+
+    Ray Data streams with the CPUs Train leaves over; on a 2-CPU Ray with two 1-CPU workers
+    that is none, and a streaming read would wait forever ("Cluster resources are not
+    enough to run any task from ReadFiles..."). Reading before the workers start avoids it.
+    """
+    import ray
+
+    size = sum(Path(f).stat().st_size for f in plan.dataset.train_files)
+    spare = ray.cluster_resources().get("CPU", 0) - per_worker.get("CPU", 0) * workers
+    if size >= MATERIALIZE_BELOW_BYTES and spare < 1:
+        log.warning(
+            "no CPU left for streaming %d MB of training data; reading it up front", size >> 20
+        )
+    return size < MATERIALIZE_BELOW_BYTES or spare < 1
+
+
+def _fit(
+    profile: Profile, plan: TrainPlan, config: dict[str, Any], resume: Path | None, run_name: str
+):
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = profile.train.scaling
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    if _materialize(plan, resources, s.num_workers):
+        import pyarrow.parquet as pq
+
+        # Read here with pyarrow and hand Ray the table: for a small split this is ~0.1 s,
+        # where a Ray Data read (list files, schedule read tasks) takes several seconds.
+        dataset = ray.data.from_arrow(
+            pq.ParquetDataset(plan.dataset.train_files).read(columns=[artifacts.TOKEN_COLUMN])
+        )
+    else:
+        dataset = ray.data.read_parquet(plan.dataset.train_files, columns=[artifacts.TOKEN_COLUMN])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend=plan.backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(profile.state_path("ray")),
+            failure_config=ray.train.FailureConfig(max_failures=profile.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=profile.train.keep_checkpoints
+            ),
+        ),
+        datasets={"train": dataset},
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume)) if resume else None,
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise FlywheelError(
+            f"training failed (train.max_failures={profile.train.max_failures} restarts used): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; checkpoints are in "
+            f"{Path(profile.state_path('ray')) / run_name}"
+        ) from exc
+
+
+def _export(
+    checkpoint_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    summary: dict[str, Any],
+    profile: Profile,
+) -> None:
+    """save_pretrained layout: the final weights, the dataset's tokenizer, the training record."""
+    from transformers import AutoTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in (checkpoint_dir / HF_DIR).iterdir():
+        shutil.copy2(item, out_dir / item.name)
+    AutoTokenizer.from_pretrained(str(dataset_dir / artifacts.TOKENIZER_DIR)).save_pretrained(
+        str(out_dir)
+    )
+    info = {
+        "model": profile.model.model_dump(mode="json"),
+        "train": profile.train.model_dump(mode="json"),
+        "summary": summary,
+    }
+    (out_dir / artifacts.TRAINING_INFO).write_text(json.dumps(info, indent=2))
+
+
+def train(
+    profile: Profile,
+    dataset_dir: Path,
+    out_dir: Path,
+    *,
+    init_from: str | None = None,
+    tags: dict[str, str] | None = None,
+    progress: Progress | None = None,
+    fault: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train (or continue training) a causal LM on a prepared dataset; write a Model artifact.
+
+    init_from: a local save_pretrained directory to warm-start from (the pipeline passes the
+    registry champion); otherwise `model.base`, otherwise a fresh model from `model.*`.
+    progress: called as progress(event, data) with events "plan", "start", "step", "done".
+    fault: test hook, {"step": k, "rank": r, "marker": path}: worker r SIGKILLs itself
+    before step k, once (the marker file remembers), to exercise recovery.
+    """
+    from flywheel.runtime import ray_session
+
+    t0 = time.perf_counter()
+    emit = progress or (lambda _event, _data: None)
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    plan = make_plan(profile, dataset_dir, init_from)
+    resume, resume_step = (None, 0)
+    if profile.train.resume_from:
+        resume, resume_step = find_checkpoint(profile.train.resume_from)
+        if resume_step >= profile.train.max_steps:
+            raise ConfigError(
+                f"train.resume_from: {resume} is at step {resume_step}, not below "
+                f"train.max_steps ({profile.train.max_steps}); raise max_steps to continue"
+            )
+    planned = time.time()
+    emit(
+        "plan",
+        {
+            "workers": plan.world_size,
+            "global_batch": plan.global_batch,
+            "tokens_per_step": plan.tokens_per_step,
+            "max_steps": plan.max_steps,
+            "precision": plan.precision,
+            "zero_stage": profile.train.zero_stage,
+            "model": plan.model_source.kind,
+            "resume_step": resume_step,
+        },
+    )
+    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    with _mlflow_run(profile, plan, dict(tags or {})) as (uri, run_id), ray_session(profile.ray):
+        emit("start", {"run_name": run_name, "mlflow_run_id": run_id})
+        with _progress_relay(progress) as queue:
+            config = loop_config(
+                profile,
+                plan,
+                mlflow={"uri": uri, "run_id": run_id},
+                progress_queue=queue,
+                fault=fault,
+            )
+            result = _fit(profile, plan, config, resume, run_name)
+        ckpt = Path(result.checkpoint.path)
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        history = state["history"]
+        tokens_per_s, loop_s = loop_throughput(history, plan.tokens_per_step)
+        startup = state.get("startup", {})
+        summary = {
+            # Seconds from the end of planning to rank 0 entering the loop (Ray, MLflow,
+            # worker processes), then the worker's own start-up phases.
+            "startup": {"ray_and_workers_s": startup.pop("worker_entered_at", planned) - planned}
+            | startup,
+            "first_loss": history[0]["loss"],
+            "final_loss": history[-1]["loss"],
+            "steps": state["step"],
+            "tokens": state["tokens"],
+            "tokens_per_s": tokens_per_s,
+            "loop_s": loop_s,
+            # Attempts seen in this run's steps; a resumed run's first attempt is not a restart.
+            "restarts": len({r["attempt"] for r in history if r["step"] > resume_step}) - 1,
+            "resumed_from_step": resume_step,
+            "global_batch": plan.global_batch,
+            "world_size": plan.world_size,
+            "data_hash": plan.dataset.content_hash,
+            "mlflow_run_id": run_id,
+            "checkpoint": str(ckpt),
+        }
+        _export(ckpt, dataset_dir, out_dir, summary, profile)
+        curve = out_dir / LOSS_CURVE
+        subtitle = (
+            f"{plan.model_source.kind} model, {plan.world_size} workers x micro {plan.micro_batch} "
+            f"x accum {plan.grad_accum}, ZeRO-{profile.train.zero_stage}, {plan.precision}; "
+            f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {state['step']} steps"
+        )
+        curve.write_text(loss_curve_html(history, f"training loss — {run_name}", subtitle))
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        client = MlflowClient(uri)
+        client.log_artifact(run_id, str(curve))
+        client.log_artifact(run_id, str(out_dir / artifacts.TRAINING_INFO))
+        res = TrainResult(
+            model_dir=str(out_dir),
+            loss_curve_html=str(curve),
+            final_loss=summary["final_loss"],
+            first_loss=summary["first_loss"],
+            steps=summary["steps"],
+            tokens=summary["tokens"],
+            tokens_per_s=tokens_per_s,
+            loop_s=loop_s,
+            restarts=summary["restarts"],
+            resumed_from_step=resume_step,
+            checkpoint=str(ckpt),
+            mlflow_run_id=run_id,
+            wall_s=time.perf_counter() - t0,
+        )
+        now_ms = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(f"summary.{k}", v, now_ms, res.steps) for k, v in res.metrics().items()
+            ],
+        )
+    emit("done", res.metrics())
+    return res
