@@ -1,14 +1,16 @@
-from typing import NamedTuple
-
 from kfp.dsl import HTML, Metrics, Output
 
 
 def drift_check(
     profile: dict, window: str, run_id: str, report: Output[HTML], metrics: Output[Metrics]
-) -> NamedTuple("Drift", [("retrain", bool), ("reason", str)]):
-    """Evidently drift of the production window vs the champion's training sample."""
+) -> str:
+    """Evidently drift of the production window vs the champion's training sample.
+
+    Returns the trigger reason of the retrain to start ("drift: 0.94 (4/4 features)"), or ""
+    when none starts; why not (no drift, cooldown, a retrain in flight) is in the metrics and
+    the ledger. One return value: kfp.local resolves conditions on a single `Output` only.
+    """
     import shutil
-    from collections import namedtuple
 
     from flywheel.stages import drift_check as run
 
@@ -17,11 +19,11 @@ def drift_check(
     for key, value in result.metrics().items():
         metrics.log_metric(key, value)
     metrics.log_metric("retrain", float(decision.retrain))
-    return namedtuple("Drift", ["retrain", "reason"])(decision.retrain, decision.reason)
+    return decision.reason if decision.retrain else ""
 
 
-def no_retrain(profile: dict, reason: str, run_id: str) -> str:
+def no_retrain(profile: dict, run_id: str) -> str:
     """The branch taken without drift (or inside the cooldown): recorded, nothing started."""
     from flywheel.stages import record_no_retrain
 
-    return record_no_retrain(profile, reason, run_id)
+    return record_no_retrain(profile, run_id)

@@ -1,5 +1,3 @@
-from typing import NamedTuple
-
 from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
@@ -15,9 +13,12 @@ def gate(
     decision: Output[Markdown],
     model_card: Output[Markdown],
     metrics: Output[Metrics],
-) -> NamedTuple("Gate", [("promote", bool), ("version", str)]):
-    """Decide challenger vs champion; register the candidate with lineage and verdict."""
-    from collections import namedtuple
+) -> str:
+    """Decide challenger vs champion; register the candidate with lineage and verdict.
+
+    Returns the version to promote, or "" when the gate rejects it. (One return value:
+    kfp.local resolves a condition on a task's single `Output`, not on NamedTuple fields.)
+    """
     from pathlib import Path
 
     from flywheel.stages import gate as run
@@ -35,4 +36,4 @@ def gate(
     Path(decision.path).write_text(decision_md)
     Path(model_card.path).write_text(card)
     metrics.log_metric("promote", float(result.promote))
-    return namedtuple("Gate", ["promote", "version"])(result.promote, version)
+    return version if result.promote else ""

@@ -1,16 +1,12 @@
-from typing import NamedTuple
+def plan(profile: dict, run_id: str) -> bool:
+    """Validate the profile before any work starts. Returns whether tuning runs.
 
-
-def plan(profile: dict, run_id: str) -> NamedTuple(
-    "Plan", [("tune_enabled", bool), ("model_name", str)]
-):
-    """Validate the profile before any work starts and say what this run will do."""
-    from collections import namedtuple
-
+    One return value, not a NamedTuple: kfp.local resolves a condition on a task's
+    single `Output` but not on a named output of a NamedTuple.
+    """
     from flywheel.stages import plan as run
 
-    p = run(profile, run_id)
-    return namedtuple("Plan", ["tune_enabled", "model_name"])(p["tune_enabled"], p["model_name"])
+    return run(profile, run_id)["tune_enabled"]
 
 
 def skip_tune() -> dict:

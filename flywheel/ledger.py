@@ -42,10 +42,10 @@ def record(
     import mlflow
     from mlflow.entities import Metric, RunTag
 
-    from flywheel.tracking import experiment_id
+    from flywheel.tracking import experiment_id, tracking_uri
 
-    client = mlflow.MlflowClient()
     exp = experiment_id(profile)
+    client = mlflow.MlflowClient(tracking_uri(profile))
     all_tags = {RUN_TAG: run_id, STAGE_TAG: stage, "mlflow.runName": f"{stage} [{run_id}]"}
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     run = client.create_run(exp, tags=all_tags)
@@ -64,10 +64,10 @@ def collect(profile: Profile, run_id: str) -> dict[str, dict[str, Any]]:
     """Stage name -> {"metrics": {...}, "tags": {...}} for one pipeline run (latest wins)."""
     import mlflow
 
-    from flywheel.tracking import experiment_id
+    from flywheel.tracking import experiment_id, tracking_uri
 
     exp = experiment_id(profile)
-    runs = mlflow.MlflowClient().search_runs(
+    runs = mlflow.MlflowClient(tracking_uri(profile)).search_runs(
         [exp],
         filter_string=f"tags.`{RUN_TAG}` = '{run_id}'",
         order_by=["attributes.start_time ASC"],

@@ -73,10 +73,10 @@ def retrains_in_flight(profile: Profile, exclude_run: str, now: float) -> list[s
     """Pipeline runs with a `plan` ledger entry, no `summary`, younger than STALE_RUN_S."""
     import mlflow
 
-    from flywheel.tracking import experiment_id
+    from flywheel.tracking import experiment_id, tracking_uri
 
     exp = experiment_id(profile)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri(profile))
     since = int((now - STALE_RUN_S) * 1000)
     started = client.search_runs(
         [exp],

@@ -151,12 +151,11 @@ def _log_reference_sample(profile: Profile, training_run_id: str, dataset_dir: P
     import mlflow
 
     from flywheel.artifacts import REFERENCE_TEXT
-    from flywheel.tracking import experiment_id
+    from flywheel.tracking import tracking_uri
 
     ref = dataset_dir / REFERENCE_TEXT
     if ref.is_file():
-        experiment_id(profile)  # points this process at the profile's tracking store
-        mlflow.MlflowClient().log_artifact(training_run_id, str(ref), "data")
+        mlflow.MlflowClient(tracking_uri(profile)).log_artifact(training_run_id, str(ref), "data")
 
 
 def evaluate(
@@ -359,7 +358,9 @@ def drift_check(profile: dict[str, Any], window: str, out_dir: Path, run_id: str
     return result, decision
 
 
-def record_no_retrain(profile: dict[str, Any], reason: str, run_id: str) -> str:
+def record_no_retrain(profile: dict[str, Any], run_id: str) -> str:
+    """Record why this monitor run started no retrain (the drift check's decision)."""
     p = load(profile)
-    ledger.record(p, run_id, "no-retrain", {}, {"reason": reason})
-    return reason
+    decision = ledger.collect(p, run_id).get("drift-check", {}).get("tags", {}).get("decision", "")
+    ledger.record(p, run_id, "no-retrain", {}, {"reason": decision})
+    return decision

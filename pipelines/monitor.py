@@ -35,16 +35,16 @@ def build(profile: Profile):
             "Drift check (Evidently)",
             kfp,
         )
-        with dsl.If(drift.outputs["retrain"] == True, name="drifted-and-cooled-down"):  # noqa: E712
+        with dsl.If(drift.outputs["Output"] != "", name="drifted-and-cooled-down"):
             nested = retrain(
-                profile=profile, trigger_reason=drift.outputs["reason"], data_location=window
+                profile=profile, trigger_reason=drift.outputs["Output"], data_location=window
             )
             nested.set_display_name("Retrain (nested pipeline)").set_caching_options(
                 enable_caching=False
             )
         with dsl.Else(name="no-retrain"):
             configure(
-                c.no_retrain(profile=profile, reason=drift.outputs["reason"], run_id=run_id),
+                c.no_retrain(profile=profile, run_id=run_id),
                 "no-retrain",
                 "No retrain",
                 kfp,

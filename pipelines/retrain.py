@@ -44,7 +44,7 @@ def build(profile: Profile):
             "Prepare data (Ray Data)",
             kfp,
         ).after(plan)
-        with dsl.If(plan.outputs["tune_enabled"] == True, name="tune-enabled"):  # noqa: E712 (KFP condition)
+        with dsl.If(plan.output == True, name="tune-enabled"):  # noqa: E712 (a KFP condition, not Python)
             tuned = configure(
                 c.tune(profile=profile, dataset=prep.outputs["dataset"], run_id=run_id),
                 "tune",
@@ -99,11 +99,11 @@ def build(profile: Profile):
             "Gate: challenger vs champion",
             kfp,
         )
-        with dsl.If(gate.outputs["promote"] == True, name="promote-if-better"):  # noqa: E712
+        with dsl.If(gate.outputs["Output"] != "", name="promote-if-better"):
             configure(
                 c.promote(
                     profile=profile,
-                    version=gate.outputs["version"],
+                    version=gate.outputs["Output"],
                     trigger_reason=trigger_reason,
                     run_id=run_id,
                 ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,9 @@ from rich.table import Table
 
 from flywheel.config import Profile, load_profile
 
-console = Console(stderr=False)
+# Bound to the real stdout: `flywheel run` redirects sys.stdout (kfp.local's task logs) to
+# a log file while this console keeps showing progress on the terminal.
+console = Console(file=sys.stdout)
 err_console = Console(stderr=True)
 
 ProfileOpt = Annotated[

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
@@ -118,7 +119,11 @@ def run_local(
     t0 = time.monotonic()
     with open(log_file, "w") as log:
         stream = _TaskStream(log, on_event)
-        with redirect_stdout(stream):
+        with redirect_stdout(stream), warnings.catch_warnings():
+            # kfp.local warns, per task, that resources and display names are cluster-only
+            # and that the project image is not used locally: both by design here.
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
             # kfp.local binds its log handler to sys.stdout when it starts, so the
             # redirect must be in place before the call.
             pipeline(**args)

@@ -81,8 +81,12 @@ def test_retrain_conditions_and_exit_handler(retrain_spec):
         for name, t in tasks.items()
         if "triggerPolicy" in t and "condition" in t["triggerPolicy"]
     }
-    assert any("gate-promote" in c for c in conditions.values()), conditions
-    assert any("plan-tune_enabled" in c for c in conditions.values()), conditions
+    assert "inputs.parameter_values['pipelinechannel--gate-Output'] != ''" in conditions.values(), (
+        conditions
+    )
+    assert (
+        "inputs.parameter_values['pipelinechannel--plan-Output'] == true" in conditions.values()
+    ), conditions
     root = _tasks(retrain_spec["root"])
     assert root["summary"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert "exit-handler-1" in root["summary"]["dependentTasks"]
@@ -168,16 +172,16 @@ def test_monitor_nests_retrain_under_the_drift_condition(monitor_spec):
     )
     ((_, condition),) = _parents(monitor_spec, holder)
     assert condition["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--drift-check-retrain'] == true"
+        "inputs.parameter_values['pipelinechannel--drift-check-Output'] != ''"
     )
     branches = monitor_spec["root"]["dag"]["tasks"]["condition-branches-1"]
     assert branches["dependentTasks"] == ["drift-check"]
-    reason = branches["inputs"]["parameters"]["pipelinechannel--drift-check-reason"][
+    reason = branches["inputs"]["parameters"]["pipelinechannel--drift-check-Output"][
         "taskOutputParameter"
     ]
-    assert reason == {"outputParameterKey": "reason", "producerTask": "drift-check"}
+    assert reason == {"outputParameterKey": "Output", "producerTask": "drift-check"}
     assert nested[0][1]["inputs"]["parameters"]["trigger_reason"] == {
-        "componentInputParameter": "pipelinechannel--drift-check-reason"
+        "componentInputParameter": "pipelinechannel--drift-check-Output"
     }
     # the nested retrain keeps its own exit handler
     comp = monitor_spec["components"]["comp-flywheel-retrain"]["dag"]["tasks"]
