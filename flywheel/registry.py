@@ -496,14 +496,16 @@ class Registry:
                 )
             if to == current:
                 raise RegistryError(f"{self.name} version {to} is already the champion")
-            entry = HistoryEntry(
-                seq=(history[-1].seq + 1) if history else 1,
-                time=_now(),
-                actor=actor,
-                kind=kind,
-                from_version=current,
-                to_version=to,
-                reason=_clip(reason, 2000),
+            entry = HistoryEntry.model_validate(
+                {
+                    "seq": (history[-1].seq + 1) if history else 1,
+                    "time": _now(),
+                    "actor": actor,
+                    "kind": kind,
+                    "from": current,
+                    "to": to,
+                    "reason": _clip(reason, 2000),
+                }
             )
             # Order matters. 1: the target's promotion tags, so the alias never points at a
             # version without them. 2: the history entry, so no alias move is ever off the
@@ -764,8 +766,10 @@ def _save_mlflow_model(model_dir: Path, out: Path, model_card: str) -> str:
         src = model_dir.resolve()
         model = AutoModelForCausalLM.from_pretrained(src)
         tokenizer = AutoTokenizer.from_pretrained(src)
-        context = getattr(model.config, "n_positions", None) or getattr(
-            model.config, "max_position_embeddings", 1024
+        context = int(
+            getattr(model.config, "n_positions", None)
+            or getattr(model.config, "max_position_embeddings", None)
+            or 1024
         )
         mlflow.transformers.save_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
@@ -773,7 +777,7 @@ def _save_mlflow_model(model_dir: Path, out: Path, model_card: str) -> str:
             task="text-generation",
             model_card=ModelCard(model_card),
             # Serving defaults: a tiny context must not be overrun by the pipeline's 256.
-            model_config={"max_new_tokens": max(1, min(64, int(context) // 2))},
+            model_config={"max_new_tokens": max(1, min(64, context // 2))},
             pip_requirements=[
                 f"transformers=={transformers.__version__}",
                 f"torch=={torch.__version__.split('+')[0]}",

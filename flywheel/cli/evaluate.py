@@ -26,7 +26,8 @@ def evaluate(
 
     prof = profile_from(profile, overrides)
     report = run(prof, model, data)
-    console.print(table(f"evaluation: {model}", report.metrics()))
+    rows: dict[str, object] = dict(report.metrics())
+    console.print(table(f"evaluation: {model}", rows))
     for g in report.generation:
         console.print(f"[bold]{g.prompt}[/] -> {g.output!r} ({'ok' if g.passed else 'FAILED'})")
     if out:

@@ -186,7 +186,7 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
         dtype = torch.float32
         if device == "cuda" and torch.cuda.is_bf16_supported():
             dtype = torch.bfloat16  # logits are upcast before the loss (see score_documents)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise FlywheelError(f"{model_dir}: cannot load model or tokenizer ({exc})") from None
     return model.to(device).eval(), tokenizer

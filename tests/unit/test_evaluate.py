@@ -122,3 +122,26 @@ def test_not_a_model_directory(tmp_path):
     ds = build_eval_dataset(tmp_path / "ds", max_docs=3)
     with pytest.raises(FlywheelError, match="not a model directory"):
         evaluate(Profile(), tmp_path / "nope", ds)
+
+
+def test_cli_evaluate_writes_the_report_and_gates_against_another_model(
+    random_model, tmp_path, capsys, monkeypatch
+):
+    from flywheel.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    # The CLI console binds the sys.stdout of its import time; point it at this test's capture.
+    import sys
+
+    from flywheel.cli.common import console
+
+    monkeypatch.setattr(console, "file", sys.stdout)
+    ds = build_eval_dataset(tmp_path / "ds", max_docs=6)
+    out = tmp_path / "report.json"
+    knobs = ["eval.max_docs=6", "eval.bootstrap_samples=20"]
+    main(["evaluate", str(random_model), "--data", str(ds), "--out", str(out), *knobs])
+    assert EvalReport.load(out).n_docs == 6
+    main(["evaluate", str(random_model), "--data", str(ds), "--against", str(random_model), *knobs])
+    text = capsys.readouterr().out
+    assert "perplexity" in text and "Gate decision" in text and "PROMOTE" in text

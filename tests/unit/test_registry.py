@@ -267,6 +267,12 @@ def test_cli_list_history_promote_rollback(reg, capsys, monkeypatch):
     from flywheel.cli.main import main
 
     monkeypatch.setenv("COLUMNS", "200")
+    # The CLI console binds the sys.stdout of its import time; point it at this test's capture.
+    import sys
+
+    from flywheel.cli.common import console
+
+    monkeypatch.setattr(console, "file", sys.stdout)
     state = f"state_dir={reg.profile.state_dir}"
     main(["models", "promote", "2", "--reason", "by hand", "--actor", "carol", state])
     main(["models", "promote", "3", "--reason", "newer", "--actor", "carol", state])
