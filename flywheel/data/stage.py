@@ -208,8 +208,10 @@ def _content_hash(cfg: DataConfig, digests: pd.Series) -> str:
     payload = {
         "schema_version": A.SCHEMA_VERSION,
         "pipeline_version": PIPELINE_VERSION,
-        # batch_size changes how work is cut, never the output.
-        "data": cfg.model_dump(mode="json", exclude={"batch_size"}),
+        # batch_size changes how work is cut, never the output; where the corpus lies
+        # (source.path) is not content: the digests already cover every row's id, source
+        # name and text, so a moved corpus keeps its hash.
+        "data": cfg.model_dump(mode="json", exclude={"batch_size": True, "source": {"path"}}),
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -514,6 +516,11 @@ def _manifest(
         "config": cfg.model_dump(mode="json"),
         "block_size": cfg.block_size,
         "token_column": A.TOKEN_COLUMN,
+        # Flat per-split totals (the same numbers as under `splits`) for quick readers.
+        "vocab_size": tok_info["vocab_size"],
+        "docs": stats.docs,
+        "tokens": stats.tokens,
+        "blocks": stats.blocks,
         "splits": splits,
         "tokenizer": {
             "path": A.TOKENIZER_DIR,

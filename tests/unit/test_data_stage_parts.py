@@ -49,6 +49,9 @@ def test_content_hash_covers_inputs_and_config_not_batch_size():
     assert h == stage._content_hash(DataConfig(batch_size=7), digests)
     assert h != stage._content_hash(DataConfig(block_size=64), digests)
     assert h != stage._content_hash(cfg, pd.Series(["a", "c"]))
+    moved = DataConfig.model_validate({"source": {"kind": "files", "path": "/elsewhere"}})
+    here = DataConfig.model_validate({"source": {"kind": "files", "path": "/here"}})
+    assert stage._content_hash(moved, digests) == stage._content_hash(here, digests)
 
 
 def test_write_blocks_identical_bytes_and_shards(tmp_path, monkeypatch):
