@@ -42,6 +42,7 @@ def _root(
 # the order `--help` shows them, so one place says what the CLI offers.
 COMMAND_MODULES: list[str] = [
     "flywheel.cli.data",
+    "flywheel.cli.train",
     "flywheel.cli.kfp",
     "flywheel.cli.drift",
     "flywheel.cli.pipeline",

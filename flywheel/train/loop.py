@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -22,6 +23,8 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 DS_DIR = "ds"
@@ -92,6 +95,25 @@ class _MlflowBatcher:
             self.client.log_batch(self.run_id, metrics=chunk)
 
 
+def _wait_committed(timeout_s: float = 120.0) -> None:
+    """Block until the controller has registered this worker's last report.
+
+    Ray Train v2 registers a reported checkpoint when its controller next polls the workers
+    (every 2 s). A worker that dies inside that window loses the checkpoint it just wrote,
+    and the replacement group starts from the one before (or from scratch). Waiting here
+    costs up to one poll per checkpoint; the final one needs no wait (fit() drains it).
+    Only rank 0 waits: the next step's all-reduce holds the other ranks behind it.
+    """
+    import ray.train
+
+    try:
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=timeout_s
+        )
+    except Exception as exc:  # a slow controller must not stop training; it only risks rework
+        log.warning("checkpoint not confirmed within %.0f s: %s", timeout_s, exc)
+
+
 def _model_state_for_export(engine, zero_stage: int) -> dict | None:
     """Full weights on rank 0. ZeRO-3 shards parameters, so every rank joins the gather."""
     if zero_stage == 3:
@@ -137,7 +159,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
 
     step, tokens, attempt, history = 0, 0, 0, []
+    # A restart inside this run (a worker died) wins over the run we were asked to continue.
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
@@ -178,6 +203,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Every worker reports its directory (its own ZeRO shards); Ray merges them.
             # Directory names are Ray's (unique per report), so a retried step never collides.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if rank == 0 and not final:
+            _wait_committed()
 
     tokens_per_step = plan.tokens_per_step
     shard = ray.train.get_dataset_shard("train")

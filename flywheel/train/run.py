@@ -161,14 +161,20 @@ def loop_config(
     mlflow: dict[str, str] | None = None,
     progress_queue: Any = None,
     fault: dict[str, Any] | None = None,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Everything `train_loop_per_worker` needs, as plain data."""
+    """Everything `train_loop_per_worker` needs, as plain data.
+
+    resume_from goes to the loop rather than to TorchTrainer(resume_from_checkpoint=...),
+    which Ray Train v2 deprecates in favour of exactly this.
+    """
     return {
         "profile": profile.model_dump(mode="json"),
         "plan": plan.model_dump(mode="json"),
         "mlflow": mlflow,
         "progress_queue": progress_queue,
         "fault": fault,
+        "resume_from": str(resume_from) if resume_from else None,
     }
 
 
@@ -196,9 +202,7 @@ def _materialize(plan: TrainPlan, per_worker: dict[str, float], workers: int) ->
     return size < MATERIALIZE_BELOW_BYTES or spare < 1
 
 
-def _fit(
-    profile: Profile, plan: TrainPlan, config: dict[str, Any], resume: Path | None, run_name: str
-):
+def _fit(profile: Profile, plan: TrainPlan, config: dict[str, Any], run_name: str):
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -231,7 +235,6 @@ def _fit(
             ),
         ),
         datasets={"train": dataset},
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume)) if resume else None,
     )
     try:
         return trainer.fit()
@@ -323,12 +326,14 @@ def train(
                 mlflow={"uri": uri, "run_id": run_id},
                 progress_queue=queue,
                 fault=fault,
+                resume_from=resume,
             )
-            result = _fit(profile, plan, config, resume, run_name)
+            result = _fit(profile, plan, config, run_name)
         ckpt = Path(result.checkpoint.path)
         state = json.loads((ckpt / STATE_FILE).read_text())
         history = state["history"]
-        tokens_per_s, loop_s = loop_throughput(history, plan.tokens_per_step)
+        # Throughput of this run's own steps; a resumed run's earlier steps were timed before.
+        tokens_per_s, loop_s = loop_throughput(history[resume_step:], plan.tokens_per_step)
         startup = state.get("startup", {})
         summary = {
             # Seconds from the end of planning to rank 0 entering the loop (Ray, MLflow,
