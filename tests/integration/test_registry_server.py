@@ -15,7 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fixtures_models import build_models, promote_worker
+from fixtures_models import (
+    fresh_model,
+    promote_worker,
+    save_model,
+    split_paragraphs,
+    train_tokenizer,
+)
 
 from flywheel.config import Profile
 from flywheel.registry import LOCK_SUFFIX, HistoryEntry, Registry, lineage_tags
@@ -73,7 +79,10 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("models"), steps=30)
+    """Two untrained tiny GPT-2s (different seeds): the registry does not care how good."""
+    root = tmp_path_factory.mktemp("models")
+    tok = train_tokenizer(split_paragraphs()[0])
+    return tuple(save_model(fresh_model(tok, seed=s), tok, root / f"m{s}") for s in (0, 1))
 
 
 def _profile(state: Path, uri: str | None, name: str) -> Profile:
@@ -86,12 +95,12 @@ def _profile(state: Path, uri: str | None, name: str) -> Profile:
 def test_lifecycle_through_a_tracking_server(mlflow_server, models, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reg = Registry(_profile(tmp_path / "state", mlflow_server, "server-lm"))
-    random_dir, trained_dir = models
+    first_dir, second_dir = models
     v1 = reg.register_candidate(
-        random_dir, tags=lineage_tags(data_hash="h1", trigger_reason="first"), model_card="# v1"
+        first_dir, tags=lineage_tags(data_hash="h1", trigger_reason="first"), model_card="# v1"
     )
     v2 = reg.register_candidate(
-        trained_dir, tags=lineage_tags(data_hash="h1", trigger_reason="drift"), model_card="# v2"
+        second_dir, tags=lineage_tags(data_hash="h1", trigger_reason="drift"), model_card="# v2"
     )
     assert (v1, v2) == ("1", "2")
     info = reg.version("2")
