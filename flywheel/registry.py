@@ -676,7 +676,7 @@ class Registry:
 def _short(exc: Exception | None) -> str:
     text = str(exc) if exc else "no error"
     # MLflow wraps urllib3's long retry message; the first line names the cause.
-    return text.splitlines()[0][:300]
+    return text.splitlines()[0][:200]
 
 
 def _safe(name: str) -> str:

@@ -46,22 +46,21 @@ def list_versions(overrides: OverridesArg = None, profile: ProfileOpt = None) ->
     reg = _registry(profile, overrides)
     rows = reg.versions()
     t = Table(title=f"{reg.name} @ {reg.uri}", header_style="bold")
-    for col in ("version", "aliases", "verdict", "perplexity", "accuracy", "data", "trigger"):
-        t.add_column(col, justify="right" if col in ("perplexity", "accuracy") else "left")
-    t.add_column("flavour")
-    t.add_column("created")
+    for col in ("ver", "aliases", "verdict", "ppl", "acc", "data", "trigger", "created"):
+        t.add_column(col, justify="right" if col in ("ppl", "acc") else "left")
     for v in rows:
         aliases = ", ".join(v.aliases)
+        if v.tags.get(TAG_FLAVOR) == "raw":
+            aliases += " (raw files: not servable)"
         t.add_row(
             v.version,
             f"[bold green]{aliases}[/]" if "champion" in v.aliases else aliases,
             v.tags.get(TAG_VERDICT, ""),
             _fmt(v.tags, "challenger_perplexity"),
             _fmt(v.tags, "challenger_accuracy"),
-            v.tags.get(TAG_DATA_HASH, "")[:12],
-            v.tags.get(TAG_TRIGGER, "")[:40],
-            v.tags.get(TAG_FLAVOR, ""),
-            v.created_at.strftime("%Y-%m-%d %H:%M") if v.created_at else "",
+            v.tags.get(TAG_DATA_HASH, "")[:8],
+            v.tags.get(TAG_TRIGGER, "")[:30],
+            v.created_at.strftime("%m-%d %H:%M") if v.created_at else "",
         )
     console.print(t if rows else f"no versions of {reg.name} at {reg.uri}")
 
