@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +11,7 @@ from rich.table import Table
 
 from flywheel.config import Profile, load_profile
 
-# Bound to the real stdout: `flywheel run` redirects sys.stdout (kfp.local's task logs) to
-# a log file while this console keeps showing progress on the terminal.
-console = Console(file=sys.stdout)
+console = Console()
 err_console = Console(stderr=True)
 
 ProfileOpt = Annotated[
