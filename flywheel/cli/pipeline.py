@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from
@@ -14,18 +16,17 @@ from flywheel.errors import FlywheelError
 
 
 def _progress_printer():
-    started: dict[str, float] = {}
+    # Bound to the stdout of now: while the pipeline runs, sys.stdout is redirected to the
+    # log file (kfp.local's task logs), and progress must still reach the terminal.
+    out = Console(file=sys.stdout, highlight=False)
 
     def on_event(task: str, status: str, seconds: float) -> None:
         if status == "start":
-            started[task] = time.monotonic()
-            console.print(f"  [cyan]>[/cyan] {task} ...", highlight=False)
+            out.print(f"  [cyan]>[/cyan] {task} ...")
         elif status == "SUCCESS":
-            console.print(f"  [green]ok[/green] {task} [dim]{seconds:.1f}s[/dim]", highlight=False)
+            out.print(f"  [green]ok[/green] {task} [dim]{seconds:.1f}s[/dim]")
         else:
-            console.print(
-                f"  [red]{status.lower()}[/red] {task} [dim]{seconds:.1f}s[/dim]", highlight=False
-            )
+            out.print(f"  [red]{status.lower()}[/red] {task} [dim]{seconds:.1f}s[/dim]")
 
     return on_event
 
