@@ -87,7 +87,7 @@ def _clear(out_dir: Path) -> None:
 # ------------------------------------------------------------------------ steps
 
 
-def read_documents(cfg: DataConfig):
+def read_documents(cfg: DataConfig, units: list[str] | None = None):
     """The source as a Ray dataset of DOC_COLUMNS rows (rejects included)."""
     import ray
 
@@ -102,7 +102,7 @@ def read_documents(cfg: DataConfig):
             batch_format="pandas",
             batch_size=cfg.batch_size,
         )
-    units = sources.list_units(src)
+    units = units if units is not None else sources.list_units(src)
     ds = ray.data.from_items(
         [{"unit": u} for u in units], override_num_blocks=max(1, min(len(units), 8 * _cpus()))
     ).map_batches(sources.ReadUnits(src), batch_format="pandas", batch_size=UNITS_PER_BATCH)
@@ -284,10 +284,16 @@ def write_blocks(blocks: np.ndarray, split_dir: Path) -> list[str]:
 def prepare(profile: Profile, out_dir: Path, progress: Progress | None = None) -> DataStats:
     """Run the data stage; write the Dataset layout of `flywheel.artifacts` into `out_dir`.
 
+    `progress(step, info)` is called with `info["status"]` "start" and then "done" (with
+    `seconds` and the step's counts) for each step: ray, read, dedup, near_dedup, split,
+    tokenizer, tokenize, write.
+
     Raises DataError for unusable input (too many rejects, nothing left, too few tokens
     for a split); the rejects file is written before that, so nothing is lost.
     """
     cfg = profile.data
+    # A missing or empty corpus directory fails here, before Ray starts or anything is written.
+    units = None if cfg.source.kind == "hf" else sources.list_units(cfg.source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
@@ -310,7 +316,7 @@ def prepare(profile: Profile, out_dir: Path, progress: Progress | None = None) -
     with _data_context():
         # -- read, normalize, quality, content key
         with step("read") as info:
-            cleaned = clean(read_documents(cfg), cfg).materialize()
+            cleaned = clean(read_documents(cfg, units), cfg).materialize()
             meta = _meta(cleaned, [*META_COLUMNS, "digest"])
             rows_read = len(meta)
             rejects = meta[meta["block"] == S.READ]
