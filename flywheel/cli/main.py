@@ -32,10 +32,24 @@ def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks and debug logs"),
 ) -> None:
     _state["verbose"] = verbose
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True
     )
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record, not at configuration:
+    a handler holding an old stream breaks after a redirect (tests, `flywheel run`)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 # Each module registers its commands on `app` (or adds a sub-typer). Listed here, in

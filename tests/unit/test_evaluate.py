@@ -131,12 +131,6 @@ def test_cli_evaluate_writes_the_report_and_gates_against_another_model(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "200")
-    # The CLI console binds the sys.stdout of its import time; point it at this test's capture.
-    import sys
-
-    from flywheel.cli.common import console
-
-    monkeypatch.setattr(console, "file", sys.stdout)
     ds = build_eval_dataset(tmp_path / "ds", max_docs=6)
     out = tmp_path / "report.json"
     knobs = ["eval.max_docs=6", "eval.bootstrap_samples=20"]
