@@ -58,8 +58,8 @@ def last_model_event(profile: Profile) -> float | None:
     from flywheel.registry import Registry
 
     registry = Registry(profile)
-    times = [_epoch(e) for e in registry.history()] + [_epoch(v) for v in registry.versions()]
-    times = [t for t in times if t is not None]
+    events = [*registry.history(), *registry.versions()]
+    times = [t for t in (_epoch(e) for e in events) if t is not None]
     return max(times) if times else None
 
 
