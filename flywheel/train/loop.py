@@ -89,10 +89,17 @@ class _MlflowBatcher:
             self.flush()
 
     def flush(self) -> None:
-        # log_batch takes at most 1000 metrics per call.
-        while self.pending:
-            chunk, self.pending = self.pending[:1000], self.pending[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+        # log_batch takes at most 1000 metrics per call. A tracking outage must not kill
+        # training: keep the metrics (bounded) and try again at the next flush.
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                self.pending = self.pending[1000:]
+        except Exception as exc:
+            log.warning(
+                "MLflow log_batch failed (%s); %d metrics kept for retry", exc, len(self.pending)
+            )
+            self.pending = self.pending[-100_000:]
 
 
 def _wait_committed(timeout_s: float = 120.0) -> None:

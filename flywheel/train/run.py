@@ -202,7 +202,16 @@ def _materialize(plan: TrainPlan, per_worker: dict[str, float], workers: int) ->
     return size < MATERIALIZE_BELOW_BYTES or spare < 1
 
 
-def _fit(profile: Profile, plan: TrainPlan, config: dict[str, Any], run_name: str):
+def _fit(
+    profile: Profile,
+    plan: TrainPlan,
+    config: dict[str, Any],
+    run_name: str,
+    *,
+    callbacks: list[Any] | None = None,
+):
+    """Run Ray Train. callbacks: Ray Train `UserCallback`s for the run (tuning passes Tune's
+    `TuneReportCallback` so each trial's reports reach its scheduler)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -230,6 +239,7 @@ def _fit(profile: Profile, plan: TrainPlan, config: dict[str, Any], run_name: st
             name=run_name,
             storage_path=str(profile.state_path("ray")),
             failure_config=ray.train.FailureConfig(max_failures=profile.train.max_failures),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=profile.train.keep_checkpoints
             ),
