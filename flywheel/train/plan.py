@@ -73,6 +73,8 @@ class TrainPlan(BaseModel):
     deepspeed: dict[str, Any]
     model_source: ModelSource
     dataset: DatasetInfo
+    tokenizer_matches_model: bool | None = None
+    """For a model from a directory: does its tokenizer equal the dataset's? (None: unknown)"""
 
     @property
     def tokens_per_step(self) -> int:
@@ -281,6 +283,21 @@ def _check_model(profile: Profile, source: ModelSource, data: DatasetInfo) -> No
         )
 
 
+def tokenizer_matches(model_dir: str | Path, dataset_dir: str | Path) -> bool | None:
+    """Whether a model directory's tokenizer has the dataset tokenizer's vocabulary.
+
+    A warm start on data tokenized by a different BPE trains on token ids that mean other
+    strings to the starting weights: it runs, but starts from a scrambled model. None when
+    either side has no tokenizer.json to compare.
+    """
+    a = Path(model_dir) / "tokenizer.json"
+    b = Path(dataset_dir) / artifacts.TOKENIZER_DIR / "tokenizer.json"
+    if not (a.is_file() and b.is_file()):
+        return None
+    vocab = [json.loads(f.read_text()).get("model", {}).get("vocab") for f in (a, b)]
+    return vocab[0] == vocab[1]
+
+
 # ---------------------------------------------------------------------- the plan
 
 
@@ -300,6 +317,9 @@ def make_plan(profile: Profile, dataset_dir: str | Path, init_from: str | None =
     model_source = _model_source(profile, init_from)
     _check_model(profile, model_source, data)
     prec = precision(profile)
+    matches = None
+    if model_source.kind != "fresh" and Path(str(model_source.path)).is_dir():
+        matches = tokenizer_matches(str(model_source.path), dataset_dir)
     return TrainPlan(
         world_size=world,
         micro_batch=micro,
@@ -312,4 +332,5 @@ def make_plan(profile: Profile, dataset_dir: str | Path, init_from: str | None =
         deepspeed=ds,
         model_source=model_source,
         dataset=data,
+        tokenizer_matches_model=matches,
     )

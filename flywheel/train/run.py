@@ -103,6 +103,8 @@ def _mlflow_run(
     all_tags = {"flywheel.stage": "train", **tags}
     if plan.dataset.content_hash:
         all_tags["flywheel.data_hash"] = plan.dataset.content_hash
+    if plan.tokenizer_matches_model is False:
+        all_tags["flywheel.tokenizer_mismatch"] = "true"
     commit = tracking.git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
@@ -312,6 +314,14 @@ def train(
                 f"train.resume_from: {resume} is at step {resume_step}, not below "
                 f"train.max_steps ({profile.train.max_steps}); raise max_steps to continue"
             )
+    if plan.tokenizer_matches_model is False:
+        log.warning(
+            "%s: its tokenizer differs from the dataset's (%s); the warm start begins from "
+            "weights trained on other token ids. Prepare the data with data.tokenizer.base "
+            "set to the model directory to keep them aligned.",
+            plan.model_source.path,
+            dataset_dir / artifacts.TOKENIZER_DIR,
+        )
     planned = time.time()
     emit(
         "plan",

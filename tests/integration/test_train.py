@@ -159,6 +159,20 @@ def test_checkpoints_kept_and_resume_continues_numbering(first_run, dataset, wor
     assert after[24]["lr"] < cont.train.lr, "the LR schedule resumed past its warm-up"
 
 
+def test_warm_start_from_a_model_directory(first_run, dataset, workdir):
+    """init_from (the pipeline passes the champion): training starts from its weights."""
+    from flywheel.train import train
+
+    _, r, _ = first_run
+    p = load_profile(None, [*TINY, "train.max_steps=4", "train.checkpoint_every=4"])
+    warm = train(p, dataset, workdir / "model-warm", init_from=r.model_dir)
+    assert warm.steps == 4 and warm.resumed_from_step == 0
+    # Step 1 of a fresh model is ~6.24; from the trained model it is near its final loss.
+    assert warm.first_loss < r.final_loss + 0.3, warm.first_loss
+    info = json.loads((Path(warm.model_dir) / "flywheel_training.json").read_text())
+    assert info["summary"]["steps"] == 4
+
+
 def test_killed_worker_resumes_from_checkpoint(workdir, dataset):
     """SIGKILL one training worker mid-run; Ray replaces it and training resumes."""
     from flywheel.train import train

@@ -281,3 +281,23 @@ def test_resume_from_without_a_checkpoint_fails_before_ray(profile, dataset, tmp
     with pytest.raises(ConfigError, match=r"train.resume_from: no checkpoint"):
         train(p, dataset, tmp_path / "m")
     assert not _ray_started()
+
+
+def test_tokenizer_match_is_recorded_for_a_warm_start(state_dir, dataset, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    p = load_profile(None, ["data.block_size=32", "model.context=32"])
+    same = tmp_path / "same"
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    ).save_pretrained(same)
+    AutoTokenizer.from_pretrained(dataset / "tokenizer").save_pretrained(same)
+    assert P.make_plan(p, dataset, init_from=str(same)).tokenizer_matches_model is True
+    other_ds = build_dataset(tmp_path / "other", block_size=32, vocab_size=300, max_docs=60)
+    other = tmp_path / "other-model"
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    ).save_pretrained(other)
+    AutoTokenizer.from_pretrained(other_ds / "tokenizer").save_pretrained(other)
+    assert P.make_plan(p, dataset, init_from=str(other)).tokenizer_matches_model is False
+    assert P.make_plan(p, dataset).tokenizer_matches_model is None  # fresh model
