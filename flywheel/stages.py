@@ -58,6 +58,22 @@ def with_params(profile: Profile, params: dict[str, Any] | None) -> Profile:
     return validate_profile(data, f"{PROFILE_PARAM} with tuned params {params}")
 
 
+def with_champion_tokenizer(profile: Profile) -> Profile:
+    """A run that will warm-start from the champion tokenizes with the champion's tokenizer.
+
+    The data stage otherwise trains a fresh BPE every run, and a warm-started model would
+    read token ids that now mean other strings. An explicit `data.tokenizer.base` wins.
+    """
+    if profile.data.tokenizer.base is not None:
+        return profile
+    champion = champion_model_dir(profile)
+    if champion is None:
+        return profile
+    data = profile.model_dump()
+    data["data"]["tokenizer"]["base"] = str(champion)
+    return validate_profile(data, f"{PROFILE_PARAM} with the champion's tokenizer")
+
+
 def plan(profile: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Validate the profile once, before any work, and say what this run will do.
 
@@ -75,7 +91,7 @@ def plan(profile: dict[str, Any], run_id: str) -> dict[str, Any]:
 def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: str):
     from flywheel.data import prepare as prepare_data
 
-    p = with_data_location(load(profile), data_location)
+    p = with_champion_tokenizer(with_data_location(load(profile), data_location))
     t0 = time.perf_counter()
     stats = prepare_data(p, Path(out_dir))
     seconds = {"stage_seconds": time.perf_counter() - t0}

@@ -85,6 +85,8 @@ def test_second_run_warm_starts_and_is_gated_against_champion(profile_for):
 
     train_run = mlflow.MlflowClient().get_run(stages["train"]["tags"]["training_run_id"])
     assert train_run.data.tags["flywheel.warm_start"] == "True"
+    # the data stage tokenized with the champion's tokenizer, so the warm start reads the same ids
+    assert "flywheel.tokenizer_mismatch" not in train_run.data.tags
     version = _version(Registry(p), gate["tags"]["version"])
     assert version.tags["trigger_reason"] == "second"
     assert int(version.version) > int(before)
