@@ -57,6 +57,7 @@ class _StderrHandler(logging.StreamHandler):
 COMMAND_MODULES: list[str] = [
     "flywheel.cli.data",
     "flywheel.cli.train",
+    "flywheel.cli.tune",
     "flywheel.cli.kfp",
     "flywheel.cli.drift",
     "flywheel.cli.pipeline",

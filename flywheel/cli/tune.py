@@ -1,0 +1,75 @@
+"""`flywheel tune`: the tuning stage alone on a prepared dataset, with progress and a table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from, table
+
+
+def tune_cmd(
+    data: Annotated[Path, typer.Option("--data", "-d", help="a prepared dataset directory")],
+    overrides: OverridesArg = None,
+    profile: ProfileOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="where best_params.json and tuning.html go (default: <state_dir>/tune/<run>)",
+        ),
+    ] = None,
+) -> None:
+    """Run tune.n_trials more trials of the profile's Optuna study; print the best parameters.
+
+    Rerunning with the same tune.study_name continues the study (its trial numbers go on).
+    Example: flywheel tune --data .flywheel/data/ds tune.n_trials=8 tune.pruner=none
+    """
+    from flywheel.tune import tune
+
+    prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    target = out or prof.state_path("tune") / time.strftime("tune-%Y%m%d-%H%M%S")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} trials"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("checking inputs", total=prof.tune.n_trials)
+        best: list[float] = []
+
+        def progress(event: str, info: dict) -> None:
+            if event == "start":
+                bar.update(
+                    task,
+                    description=(
+                        f"study {info['study']} from trial {info['first_trial']} "
+                        f"({info['parallel']} at once, {info['pruner']})"
+                    ),
+                )
+            elif event == "result" and "loss" in info:
+                best.append(info["loss"])
+                bar.update(
+                    task,
+                    description=f"trial {info['trial']} step {info.get('step')}: "
+                    f"loss {info['loss']:.3f} (lowest seen {min(best):.3f})",
+                )
+            elif event == "trial":
+                bar.advance(task)
+
+        result = tune(prof, data, target, tags={"trigger_reason": "cli"}, progress=progress)
+    plots = result.write_html(target / "tuning.html")
+    console.print(table("tuning", [*result.rows(), ("plots", str(plots))]))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tune")(tune_cmd)
