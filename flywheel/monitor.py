@@ -104,6 +104,7 @@ def champion_reference(profile: Profile, dest: Path) -> tuple[Path, Path]:
     import mlflow
 
     from flywheel.registry import Registry
+    from flywheel.tracking import tracking_uri
 
     registry = Registry(profile)
     champ = registry.champion()
@@ -113,9 +114,10 @@ def champion_reference(profile: Profile, dest: Path) -> tuple[Path, Path]:
     if not run_id:
         raise DataError(f"champion version {champ.version} has no training_run_id lineage tag")
     dest.mkdir(parents=True, exist_ok=True)
-    ref = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=str(dest)
-    )
+    # Through a client bound to the profile's store: the module-level download_artifacts
+    # resolves `runs:/` against the process-default store.
+    client = mlflow.MlflowClient(tracking_uri(profile))
+    ref = client.download_artifacts(run_id, REFERENCE_ARTIFACT, str(dest))
     return Path(ref), registry.download("champion")
 
 
