@@ -13,12 +13,14 @@ per-step losses, and a rerun with the same study name continues it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,22 @@ def _progress_callback(emit: Progress):
     return Relay()
 
 
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Ray Tune's new console output prints an experiment banner and paths even at
+    verbose=0; the stage reports through `progress` instead. The old reporter at verbose=0
+    prints nothing, and this variable is read when `fit` starts."""
+    old = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old
+
+
 def _short(result: dict) -> dict:
     return {k: result[k] for k in ("step", METRIC) if k in result}
 
@@ -186,10 +204,16 @@ def tune(
     make_plan(trial_profile(profile, {}), dataset_dir)
 
     url = storage_url(profile)
-    storage = optuna.storages.RDBStorage(url)
-    study = optuna.create_study(
-        storage=storage, study_name=cfg.study_name, direction="minimize", load_if_exists=True
-    )
+    try:
+        storage = optuna.storages.RDBStorage(url)
+        study = optuna.create_study(
+            storage=storage, study_name=cfg.study_name, direction="minimize", load_if_exists=True
+        )
+    except Exception as exc:  # unreachable server, bad URL, a study made to maximize
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlywheelError(
+            f"tune.storage: cannot open study '{cfg.study_name}' at {masked(url)}: {line}"
+        ) from None
     first_number = len(study.get_trials(deepcopy=False))
     # Seeded per continuation: a fixed seed would replay the first run's random start-up
     # draws on every rerun of the study. Few start-up trials because runs are small (4 by
@@ -287,7 +311,8 @@ def tune(
                     callbacks=[_progress_callback(emit)],
                 ),
             )
-            grid = tuner.fit()
+            with _quiet_tune():
+                grid = tuner.fit()
         stopped = {}
         errors: list[tuple[int, str]] = []
         for i in range(len(grid)):

@@ -237,3 +237,18 @@ def test_a_dataset_too_small_fails_before_ray_starts(state_dir, tmp_path):
     with pytest.raises(FlywheelError, match="fewer than one global batch"):
         tune(load_profile(None, SMALL), ds, tmp_path / "out")
     assert not ray.is_initialized()
+
+
+def test_an_unreachable_storage_fails_with_the_field_and_no_password(state_dir, tmp_path):
+    from fixtures_data import build_dataset
+
+    from flywheel.tune import tune
+
+    ds = build_dataset(tmp_path / "ds", block_size=32, vocab_size=300)
+    bad = load_profile(None, [*SMALL, "tune.storage=sqlite:////nonexistent-dir/x/optuna.db"])
+    with pytest.raises(FlywheelError, match=r"^tune\.storage: cannot open study 'flywheel' at"):
+        tune(bad, ds, tmp_path / "out")
+    pg = load_profile(None, [*SMALL, "tune.storage=postgresql://u:s3cret@127.0.0.1:1/optuna"])
+    with pytest.raises(FlywheelError) as info:
+        tune(pg, ds, tmp_path / "out")
+    assert "s3cret" not in str(info.value) and "u:***@127.0.0.1:1" in str(info.value)
