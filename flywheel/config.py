@@ -52,7 +52,11 @@ class RayConfig(_Strict):
     """Where Ray runs. One setting, read in one place (`flywheel.runtime`)."""
 
     mode: Literal["local", "address", "kuberay"] = "local"
-    address: str | None = Field(None, description="ray://host:10001 or http://host:8265 for mode=address")
+    address: str | None = Field(
+        None,
+        description="mode=address: host:6379 (GCS), ray://host:10001 (Ray Client), "
+        "or http(s)://host:8265 (Jobs API, for submit_job); 'auto' inside a Ray job",
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all)")
     object_store_memory_mb: int | None = Field(None, ge=64)
     kuberay: KubeRayConfig = KubeRayConfig()
@@ -61,6 +65,13 @@ class RayConfig(_Strict):
     def _address_needed(self) -> RayConfig:
         if self.mode == "address" and not self.address:
             raise ValueError("ray.mode is 'address' but ray.address is not set")
+        if self.address:
+            from flywheel.runtime import parse_address
+
+            try:  # a malformed address fails when the profile loads, naming the file
+                parse_address(self.address)
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix("ray.address ")) from None
         return self
 
 
@@ -71,7 +82,9 @@ class SourceConfig(_Strict):
     """Where documents come from."""
 
     kind: Literal["pydocs", "files", "hf"] = "pydocs"
-    path: str | None = Field(None, description="directory (files) or save_to_disk path / hub name (hf)")
+    path: str | None = Field(
+        None, description="directory (files) or save_to_disk path / hub name (hf)"
+    )
     hf_split: str = "train"
     text_field: str = "text"
     id_field: str | None = None
@@ -104,7 +117,9 @@ class DedupConfig(_Strict):
     num_perm: int = Field(128, ge=16)
     bands: int = Field(32, ge=1, description="LSH bands; rows per band = num_perm / bands")
     shingle_size: int = Field(5, ge=1, description="word n-gram size for MinHash shingles")
-    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity that makes a near-duplicate")
+    threshold: float = Field(
+        0.8, gt=0, le=1, description="Jaccard similarity that makes a near-duplicate"
+    )
 
     @model_validator(mode="after")
     def _bands_divide(self) -> DedupConfig:
@@ -126,7 +141,9 @@ class SplitConfig(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    base: str | None = Field(None, description="path or hub id of a tokenizer; None trains byte-level BPE")
+    base: str | None = Field(
+        None, description="path or hub id of a tokenizer; None trains byte-level BPE"
+    )
     vocab_size: int = Field(4096, ge=260)
     min_frequency: int = Field(2, ge=1)
 
@@ -189,8 +206,12 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     zero_stage: int = Field(2, ge=0, le=3)
-    deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="relative to the repo")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    deepspeed_config: str = Field(
+        "configs/deepspeed/zero2.json", description="relative to the repo"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -262,7 +283,9 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1)
     seed: int = 0
     max_tokens_per_doc: int | None = Field(
-        2048, ge=2, description="evaluate at most this many leading tokens of a document (bounds time)"
+        2048,
+        ge=2,
+        description="evaluate at most this many leading tokens of a document (bounds time)",
     )
     max_repetition: float = Field(
         0.5, ge=0, le=1, description="generation check: highest share of repeated 3-grams allowed"
@@ -277,7 +300,9 @@ class GatePolicy(_Strict):
     non_inferiority_margin: float = Field(
         0.0, ge=0, description="accept a challenger up to this share worse (0: must not be worse)"
     )
-    min_accuracy: float = Field(0.0, ge=0, le=1, description="absolute bound on next-token accuracy")
+    min_accuracy: float = Field(
+        0.0, ge=0, le=1, description="absolute bound on next-token accuracy"
+    )
     margins: dict[str, float] = Field(
         default_factory=dict,
         description="per-metric non-inferiority margin (share worse than the champion allowed), "
@@ -302,7 +327,8 @@ class GatePolicy(_Strict):
 
 class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or SQLite in the state dir"
+        None,
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or SQLite in the state dir",
     )
     model_name: str = "flywheel-lm"
     experiment: str = "flywheel"
@@ -319,14 +345,23 @@ class RegistryConfig(_Strict):
 
 
 class DriftConfig(_Strict):
-    window: str | None = Field(None, description="JSONL/parquet file or directory of production records")
+    window: str | None = Field(
+        None, description="JSONL/parquet file or directory of production records"
+    )
     text_field: str = "text"
     timestamp_field: str = "timestamp"
     min_rows: int = Field(50, ge=1)
-    drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted features that means drift")
+    drift_share: float = Field(
+        0.5, gt=0, le=1, description="share of drifted features that means drift"
+    )
     cooldown_hours: float = Field(24.0, ge=0)
     embedding_model: str | None = Field(None, description="sentence embedding model; None: off")
     max_rows: int = Field(2000, ge=1)
+    oov_min_tokens: int = Field(
+        3,
+        ge=2,
+        description="a word the champion's tokenizer splits into this many tokens counts as OOV",
+    )
 
 
 # ---------------------------------------------------------------------------- kfp
@@ -355,9 +390,6 @@ class KfpConfig(_Strict):
     def for_task(self, name: str) -> TaskResources:
         return self.resources.get(name) or self.resources.get("default") or TaskResources()
 
-    oov_min_tokens: int = Field(
-        3, ge=2, description="a word the champion's tokenizer splits into this many tokens counts as OOV"
-    )
 
 # ----------------------------------------------------------------------- profile
 
@@ -395,7 +427,9 @@ class Profile(_Strict):
         if Profile.model_validate(data) != self:
             back = Profile.model_validate(data).model_dump()
             diff = _first_difference(self.model_dump(), back)
-            raise ConfigError(f"profile field {diff}: None cannot be passed to a pipeline; set a value")
+            raise ConfigError(
+                f"profile field {diff}: None cannot be passed to a pipeline; set a value"
+            )
         return data
 
     def state_path(self, *parts: str) -> Path:
@@ -467,7 +501,9 @@ def validate_profile(data: dict[str, Any], source: str = "<profile>") -> Profile
         raise ConfigError(_format_error(source, exc)) from None
 
 
-def load_profile(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Profile:
+def load_profile(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> Profile:
     """Read a profile YAML, apply dotted overrides, validate. Errors name file and field."""
     file = Path(path) if path else DEFAULT_PROFILE
     if not file.is_file():
