@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+from pydantic import BaseModel
 
 SCHEMA_VERSION = 1
 
@@ -57,3 +59,36 @@ def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
 
 def split_files(dataset_dir: str | Path, split: str) -> list[Path]:
     return sorted((Path(dataset_dir) / split).glob("*.parquet"))
+
+
+class JsonFile(BaseModel):
+    """A pydantic model that travels between steps as one JSON file (reports, decisions).
+
+    `load` fails with a DataError naming the file, so a step handed the wrong artifact says
+    which one instead of raising a pydantic traceback.
+    """
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls.model_validate_json(text)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        from flywheel.errors import DataError
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: {cls.__name__} not found")
+        try:
+            return cls.from_json(path.read_text())
+        except ValueError as exc:
+            raise DataError(f"{path}: not a {cls.__name__} ({exc})") from None

@@ -24,16 +24,16 @@ Margins are relative ("a share worse than the champion") for every metric, from
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from flywheel.artifacts import JsonFile
 from flywheel.config import GatePolicy
 from flywheel.evaluate.report import EvalReport
 
 
-class Decision(BaseModel):
+class Decision(JsonFile):
     model_config = ConfigDict(ser_json_inf_nan="constants")
 
     promote: bool
@@ -91,23 +91,6 @@ class Decision(BaseModel):
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ json
-
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> Decision:
-        return cls.model_validate_json(text)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Decision:
-        return cls.from_json(Path(path).read_text())
 
 
 def margin(policy: GatePolicy, metric: str) -> float:

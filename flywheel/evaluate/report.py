@@ -8,9 +8,10 @@ infinity included: a model that diverged must arrive at the gate as NaN, not as 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from flywheel.artifacts import JsonFile
 
 
 class GenerationCheck(BaseModel):
@@ -31,7 +32,7 @@ class GenerationCheck(BaseModel):
         return self.non_empty and not self.degenerate
 
 
-class EvalReport(BaseModel):
+class EvalReport(JsonFile):
     model_config = ConfigDict(ser_json_inf_nan="constants", extra="forbid")
 
     model: str = Field(description="the reference evaluated: a path or a models:/ URI")
@@ -81,28 +82,3 @@ class EvalReport(BaseModel):
         return [k for k, v in self.metrics().items() if not math.isfinite(v)]
 
     # ------------------------------------------------------------------- json
-
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> EvalReport:
-        return cls.model_validate_json(text)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> EvalReport:
-        from flywheel.errors import DataError
-
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: evaluation report not found")
-        try:
-            return cls.from_json(path.read_text())
-        except ValueError as exc:
-            raise DataError(f"{path}: not an evaluation report ({exc})") from None

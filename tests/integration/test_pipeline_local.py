@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_OVERRIDES
 
 from flywheel import ledger
 from flywheel.config import load_profile
@@ -27,21 +28,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def profile_for(workdir):
-    overrides = [
-        f"state_dir={workdir / '.flywheel'}",
-        "data.source.max_docs=400",
-        "data.tokenizer.vocab_size=512",
-        "data.block_size=32",
-        "model.context=32",
-        "model.n_embd=32",
-        "train.max_steps=12",
-        "train.micro_batch_size=4",
-        "train.warmup_steps=2",
-        "train.checkpoint_every=6",
-        "tune.enabled=false",
-        "eval.max_docs=40",
-        "eval.bootstrap_samples=50",
-    ]
+    overrides = [f"state_dir={workdir / '.flywheel'}", *TINY_OVERRIDES, "tune.enabled=false"]
 
     def make(*extra: str):
         return load_profile(None, overrides + list(extra))
@@ -60,12 +47,24 @@ def test_first_run_promotes_with_lineage(profile_for):
     registry = Registry(p)
     champ = registry.champion()
     assert champ is not None
-    for tag in ("data_manifest_hash", "training_run_id", "pipeline_run_id", "trigger_reason", "verdict"):
+    for tag in (
+        "data_manifest_hash",
+        "training_run_id",
+        "pipeline_run_id",
+        "trigger_reason",
+        "verdict",
+    ):
         assert champ.tags.get(tag), f"champion lacks lineage tag {tag}: {champ.tags}"
     assert champ.tags["pipeline_run_id"] == run.run_id
     assert champ.tags["trigger_reason"] == "first"
     # what a person inspects in the UI exists as typed artifacts
-    assert run.artifact("train", "loss_curve").read_text().lstrip().lower().startswith(("<!doctype", "<html"))
+    assert (
+        run.artifact("train", "loss_curve")
+        .read_text()
+        .lstrip()
+        .lower()
+        .startswith(("<!doctype", "<html"))
+    )
     assert "promote" in run.artifact("gate", "decision").read_text().lower()
     assert "State:** SUCCEEDED" in run.artifact("summary", "report").read_text()
     stages = ledger.collect(p, run.run_id)
@@ -93,7 +92,9 @@ def test_second_run_warm_starts_and_is_gated_against_champion(profile_for):
 
 
 def test_sabotaged_challenger_is_gated_and_run_succeeds(profile_for):
-    p = profile_for("model.warm_start=false", "train.max_steps=1", "train.warmup_steps=0", "train.lr=0")
+    p = profile_for(
+        "model.warm_start=false", "train.max_steps=1", "train.warmup_steps=0", "train.lr=0"
+    )
     registry = Registry(p)
     before = registry.champion().version
     run = run_local("retrain", p, arguments={"trigger_reason": "sabotage"})
