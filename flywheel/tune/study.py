@@ -157,19 +157,36 @@ def _records(study, first_number: int, stopped_steps: dict[int, int]) -> list[Tr
     return out
 
 
+_MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
 def _finish_nested_runs(client, experiment_id: str, parent: str, records: list[TrialRecord]):
-    """Tag each trial's MLflow run with its Optuna state; close runs a stop left open."""
+    """Make each trial's MLflow run say what the study says: its Optuna state as a tag and
+    status, and a finished trial's loss as `final_loss`.
+
+    Done here, from the study, rather than in the trial: ASHA stops every trial at its
+    last step too (time_attr reached max_t), so a finished trial's actor may be torn down
+    while its Train run is still closing, and what the trial wrote last is not reliable.
+    """
+    from mlflow.entities import Metric
+
     by_number = {str(r.number): r for r in records}
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=1000
     )
+    now = int(time.time() * 1000)
     for run in runs:
         rec = by_number.get(run.data.tags.get("flywheel.tune_trial", ""))
         if rec is None:
             continue
         client.set_tag(run.info.run_id, "flywheel.tune_state", rec.state)
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED" if rec.state == "PRUNED" else "FAILED")
+        if rec.state == "COMPLETE" and rec.value is not None:
+            client.log_batch(
+                run.info.run_id, metrics=[Metric("final_loss", rec.value, now, rec.steps)]
+            )
+        status = _MLFLOW_STATUS.get(rec.state)
+        if status and run.info.status != status:
+            client.set_terminated(run.info.run_id, status)
 
 
 def tune(
