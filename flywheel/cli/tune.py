@@ -35,7 +35,9 @@ def tune_cmd(
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
     logging.getLogger("ray").setLevel(logging.ERROR)
-    logging.getLogger("optuna").setLevel(logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     target = out or prof.state_path("tune") / time.strftime("tune-%Y%m%d-%H%M%S")
     with Progress(
         TextColumn("{task.description}"),

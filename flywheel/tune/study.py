@@ -100,16 +100,31 @@ def _progress_callback(emit: Progress):
     from ray.tune import Callback
 
     class Relay(Callback):
+        """Trial events to `progress`. The class holds no reference to `emit` (an instance
+        attribute, dropped when pickled): Tune pickles its run config, callbacks included,
+        with the experiment state, and the caller's callback (a progress bar) cannot go."""
+
+        emit: Progress | None = None
+
+        def __getstate__(self) -> dict:
+            return {"emit": None}
+
+        def _send(self, event: str, data: dict) -> None:
+            if self.emit is not None:
+                self.emit(event, data)
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            emit("result", {"trial": trial.config.get(TRIAL_NUMBER_KEY), **_short(result)})
+            self._send("result", {"trial": trial.config.get(TRIAL_NUMBER_KEY), **_short(result)})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            emit("trial", {"trial": trial.config.get(TRIAL_NUMBER_KEY), "error": False})
+            self._send("trial", {"trial": trial.config.get(TRIAL_NUMBER_KEY), "error": False})
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            emit("trial", {"trial": trial.config.get(TRIAL_NUMBER_KEY), "error": True})
+            self._send("trial", {"trial": trial.config.get(TRIAL_NUMBER_KEY), "error": True})
 
-    return Relay()
+    relay = Relay()
+    relay.emit = emit
+    return relay
 
 
 @contextlib.contextmanager

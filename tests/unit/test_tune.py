@@ -252,3 +252,52 @@ def test_an_unreachable_storage_fails_with_the_field_and_no_password(state_dir, 
     with pytest.raises(FlywheelError) as info:
         tune(pg, ds, tmp_path / "out")
     assert "s3cret" not in str(info.value) and "u:***@127.0.0.1:1" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["tune.nope=1"], 2, "tune.nope: unknown field"),
+        (["tune.search_space={lr: {type: float, low: 1.0, high: 0.1}}"], 2, "tune.search_space.lr"),
+        ([], 1, "/nonexistent-dataset"),
+    ],
+)
+def test_cli_errors_are_one_line_before_any_work(args, code, message, state_dir):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flywheel.cli.main",
+            "tune",
+            "--data",
+            "/nonexistent-dataset",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == code and len(lines) == 1, out.stderr
+    assert message in lines[0] and "Traceback" not in out.stderr
+
+
+def test_the_progress_relay_pickles_without_the_callers_callback():
+    # Tune pickles its callbacks with the experiment state; a CLI progress bar holds a lock.
+    import threading
+
+    import cloudpickle
+
+    from flywheel.tune.study import _progress_callback
+
+    lock, seen = threading.RLock(), []
+    relay = _progress_callback(lambda event, data: seen.append((event, data, lock)))
+    copy = cloudpickle.loads(cloudpickle.dumps(relay))
+    assert copy.emit is None and relay.emit is not None
+    relay._send("trial", {"trial": 0})
+    copy._send("trial", {"trial": 1})
+    assert [d["trial"] for _, d, _ in seen] == [0]
