@@ -108,7 +108,15 @@ def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: 
 def tune(profile: dict[str, Any], dataset_dir: Path, out_dir: Path, run_id: str):
     from flywheel.tune import tune as run_study
 
+    from flywheel.artifacts import read_manifest
+
     p = load(profile)
+    # One study per prepared dataset: a retrain on new data starts a fresh study instead of
+    # taking "best" over trials that saw other data; the same data resumes its study.
+    data_hash = read_manifest(dataset_dir)["content_hash"]
+    data = p.model_dump()
+    data["tune"]["study_name"] = f"{p.tune.study_name}-{data_hash[:12]}"
+    p = validate_profile(data, PROFILE_PARAM)
     t0 = time.perf_counter()
     result = run_study(p, Path(dataset_dir), Path(out_dir), tags={ledger.RUN_TAG: run_id})
     metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}

@@ -7,7 +7,19 @@ import sys
 
 import pytest
 
-EXPECTED = ["run", "compile", "monitor", "submit", "schedule", "data", "train", "models", "drift"]
+EXPECTED = [
+    "run",
+    "compile",
+    "monitor",
+    "submit",
+    "schedule",
+    "data",
+    "train",
+    "tune",
+    "evaluate",
+    "models",
+    "drift",
+]
 
 
 def flywheel(*args: str) -> subprocess.CompletedProcess:
