@@ -106,9 +106,8 @@ def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: 
 
 
 def tune(profile: dict[str, Any], dataset_dir: Path, out_dir: Path, run_id: str):
-    from flywheel.tune import tune as run_study
-
     from flywheel.artifacts import read_manifest
+    from flywheel.tune import tune as run_study
 
     p = load(profile)
     # One study per prepared dataset: a retrain on new data starts a fresh study instead of
