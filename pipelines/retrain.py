@@ -21,7 +21,10 @@ def configure(task: dsl.PipelineTask, name: str, display: str, kfp: KfpConfig) -
     """Display name, resources, retries and caching for one task, from the profile."""
     res = kfp.for_task(name)
     task.set_display_name(display)
-    task.set_cpu_limit(res.cpu).set_memory_limit(res.memory)
+    # Request what the task is given as its limit: a training pod that is scheduled on a node
+    # that cannot hold its limit gets OOM-killed mid-run instead of waiting for room.
+    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
+    task.set_memory_request(res.memory).set_memory_limit(res.memory)
     if res.accelerator_type and res.accelerator_count:
         task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(res.accelerator_count)
     if res.retries:

@@ -112,6 +112,7 @@ def test_retrain_image_and_resources(retrain_spec):
     }
     train = executors["exec-train"]["container"]["resources"]
     assert train["cpuLimit"] == 8.0 and train["memoryLimit"] == 32.0
+    assert train["resourceCpuRequest"] == "8" and train["resourceMemoryRequest"] == "32G"
     # no pip install of kfp at task start: the image carries it
     assert all("pip install" not in " ".join(e["container"]["command"]) for e in executors.values())
 
