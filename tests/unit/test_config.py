@@ -72,3 +72,11 @@ def test_state_path_is_under_cwd_not_package(state_dir):
     assert path.is_dir()
     assert str(path).startswith(str(state_dir.parent))
     assert "site-packages" not in str(path)
+
+
+def test_test_modules_have_unique_basenames():
+    # pytest's default (prepend) import mode imports test files by basename: a second
+    # tests/*/test_x.py shadows the first and the whole session fails to collect.
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
