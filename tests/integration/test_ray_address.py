@@ -230,28 +230,6 @@ def test_local_mode_starts_its_own_instance_beside_a_running_cluster(cluster):
     assert out["own"][1] == 1.0  # its own num_cpus, not the cluster's 2
 
 
-def test_ray_client_address_reaches_the_cluster(cluster):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    out = _run_py(
-        f"""
-        import json, ray
-        from flywheel.config import RayConfig
-        from flywheel.runtime import ray_session
-        with ray_session(RayConfig(mode="address", address="{cluster.client}")):
-            square = ray.remote(lambda x: x * x)
-            got = ray.get([square.remote(i) for i in range(4)])
-            cpus = ray.cluster_resources()["CPU"]
-            gcs = ray.get_runtime_context().gcs_address
-        print(json.dumps({{"got": got, "cpus": cpus, "gcs": gcs}}))
-        """,
-        env,
-    )
-    assert out["got"] == [0, 1, 4, 9]
-    assert out["cpus"] == 2.0
-    assert out["gcs"].endswith(f":{cluster.port}")
-
-
 def test_a_stage_submitted_as_a_ray_job(cluster, token_auth):
     cfg = RayConfig(mode="address", address=cluster.dashboard)
     # Inside the job the stage reaches Ray with address=auto (the job's own cluster).

@@ -123,8 +123,14 @@ def test_lifecycle_through_a_tracking_server(mlflow_server, models, tmp_path, mo
     # What `mlflow models serve -m models:/server-lm@champion` loads: the pyfunc flavour.
     import mlflow.pyfunc
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    served = mlflow.pyfunc.load_model("models:/server-lm@champion")
+    # `models:/` resolves against the process-wide URI, which an earlier test in the same
+    # session may have set explicitly (and an explicit URI wins over the environment).
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        served = mlflow.pyfunc.load_model("models:/server-lm@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
     out = served.predict(["The for statement"])
     assert isinstance(out[0], str) and out[0].startswith("The for statement")
 
