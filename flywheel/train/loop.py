@@ -255,7 +255,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             history.append(row)
             if tracker:
-                tracker.add(step, {k: row[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s")})
+                tracker.add(
+                    step, {k: float(row[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_s")}
+                )
             if queue is not None:
                 queue.put_nowait({k: row[k] for k in ("step", "loss", "lr", "tokens_per_s")})
         final = step == t.max_steps

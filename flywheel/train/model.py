@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flywheel.config import ModelConfig
 
@@ -20,7 +20,7 @@ def fresh_config(cfg: ModelConfig, data: DatasetInfo) -> PretrainedConfig:
     """
     from transformers import GPT2Config, LlamaConfig
 
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": data.vocab_size,
         "bos_token_id": data.eos_token_id,
         "eos_token_id": data.eos_token_id,
@@ -58,4 +58,4 @@ def build_model(cfg: ModelConfig, source: ModelSource, data: DatasetInfo) -> Pre
     if source.kind == "fresh":
         return AutoModelForCausalLM.from_config(fresh_config(cfg, data))
     # make_plan checked that the vocabulary and positions cover the dataset.
-    return AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)

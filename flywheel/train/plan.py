@@ -265,7 +265,7 @@ def _check_model(profile: Profile, source: ModelSource, data: DatasetInfo) -> No
 
     field = "init_from" if source.kind == "init_from" else "model.base"
     try:
-        cfg = AutoConfig.from_pretrained(source.path)
+        cfg = AutoConfig.from_pretrained(str(source.path))
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{field}: cannot load a model config from {source.path} ({exc})"

@@ -225,7 +225,7 @@ def _fit(
 
         # Read here with pyarrow and hand Ray the table: for a small split this is ~0.1 s,
         # where a Ray Data read (list files, schedule read tasks) takes several seconds.
-        dataset = ray.data.from_arrow(
+        dataset: ray.data.Dataset = ray.data.from_arrow(
             pq.ParquetDataset(plan.dataset.train_files).read(columns=[artifacts.TOKEN_COLUMN])
         )
     else:
