@@ -41,7 +41,13 @@ def measure(profile) -> dict:
     for task, wall in run.task_seconds.items():
         stage = stages.get(STAGE_OF.get(task, task), {})
         inside = stage.get("metrics", {}).get("stage_seconds")
-        rows.append({"task": task, "wall_s": round(wall, 2), "stage_s": None if inside is None else round(inside, 2)})
+        rows.append(
+            {
+                "task": task,
+                "wall_s": round(wall, 2),
+                "stage_s": None if inside is None else round(inside, 2),
+            }
+        )
     tasks_wall = sum(r["wall_s"] for r in rows)
     inside = sum(r["stage_s"] or 0.0 for r in rows)
     return {
@@ -57,10 +63,14 @@ def measure(profile) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("overrides", nargs="*", help="dotted profile overrides")
     ap.add_argument("--profile", default=None)
-    ap.add_argument("--runs", type=int, default=1, help="consecutive runs on one state dir (2: warm start)")
+    ap.add_argument(
+        "--runs", type=int, default=1, help="consecutive runs on one state dir (2: warm start)"
+    )
     ap.add_argument("--out", default="bench-results/pipeline.json")
     args = ap.parse_args()
 
@@ -79,9 +89,24 @@ def main() -> None:
             t.add_column(col, justify="left" if col == "task" else "right")
         for row in r["tasks"]:
             over = "" if row["stage_s"] is None else f"{row['wall_s'] - row['stage_s']:.1f}"
-            t.add_row(row["task"], f"{row['wall_s']:.1f}", "" if row["stage_s"] is None else f"{row['stage_s']:.1f}", over)
-        t.add_row("[b]all tasks[/b]", f"{r['tasks_wall_s']:.1f}", f"{r['stage_s']:.1f}", f"{r['task_overhead_s']:.1f}")
-        t.add_row("between tasks (kfp.local)", f"{r['between_tasks_s']:.1f}", "", f"{r['between_tasks_s']:.1f}")
+            t.add_row(
+                row["task"],
+                f"{row['wall_s']:.1f}",
+                "" if row["stage_s"] is None else f"{row['stage_s']:.1f}",
+                over,
+            )
+        t.add_row(
+            "[b]all tasks[/b]",
+            f"{r['tasks_wall_s']:.1f}",
+            f"{r['stage_s']:.1f}",
+            f"{r['task_overhead_s']:.1f}",
+        )
+        t.add_row(
+            "between tasks (kfp.local)",
+            f"{r['between_tasks_s']:.1f}",
+            "",
+            f"{r['between_tasks_s']:.1f}",
+        )
         t.add_row(
             "[b]pipeline[/b]",
             f"{r['wall_s']:.1f}",
@@ -92,7 +117,12 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "overrides": args.overrides}
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "overrides": args.overrides,
+    }
     out.write_text(json.dumps({"meta": meta, "runs": results}, indent=2))
     console.print(f"wrote {out}")
 

@@ -19,7 +19,9 @@ def test_every_profile_loads(path: Path):
 def test_every_profile_opens_with_a_run_comment():
     for path in PROFILES:
         first = path.read_text().splitlines()[0]
-        assert first.startswith("#"), f"{path.name} should open with a comment showing how to run it"
+        assert first.startswith("#"), (
+            f"{path.name} should open with a comment showing how to run it"
+        )
 
 
 def test_overrides_are_typed():
@@ -60,7 +62,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_override_syntax():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
-    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
         parse_override("train.lr")
     with pytest.raises(ConfigError, match="is not a section"):
         apply_overrides({"train": 3}, ["train.lr=1"])
