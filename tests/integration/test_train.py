@@ -35,17 +35,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A module-wide working directory (the state dir lands in it) and one local Ray."""
-    from flywheel.runtime import ray_session
-
-    root = tmp_path_factory.mktemp("train-int")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with ray_session(load_profile(None, []).ray):
-        yield root
-    mp.undo()
+def workdir(ray_workdir):
+    return ray_workdir
 
 
 @pytest.fixture(scope="module")

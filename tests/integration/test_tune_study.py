@@ -41,16 +41,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    from flywheel.runtime import ray_session
-
-    root = tmp_path_factory.mktemp("tune-int")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with ray_session(load_profile(None, []).ray):
-        yield root
-    mp.undo()
+def workdir(ray_workdir):
+    return ray_workdir
 
 
 @pytest.fixture(scope="module")
