@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fixtures_data import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACTS = REPO.parent / "shared" / "contracts"
@@ -41,24 +42,6 @@ def state_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path / ".flywheel"
-
-
-# Overrides that make configs/local.yaml tiny enough for the integration tier.
-TINY_OVERRIDES = (
-    "data.source.max_docs=400",
-    "data.tokenizer.vocab_size=512",
-    "data.block_size=32",
-    "model.context=32",
-    "model.n_embd=32",
-    "train.max_steps=12",
-    "train.micro_batch_size=4",
-    "train.warmup_steps=2",
-    "train.checkpoint_every=6",
-    "tune.n_trials=2",
-    "tune.trial_steps=4",
-    "eval.max_docs=40",
-    "eval.bootstrap_samples=50",
-)
 
 
 @pytest.fixture

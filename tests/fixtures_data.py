@@ -95,3 +95,21 @@ def build_dataset(
     }
     (out / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
+
+
+# Overrides that make configs/local.yaml tiny enough for the integration tier.
+TINY_OVERRIDES = (
+    "data.source.max_docs=400",
+    "data.tokenizer.vocab_size=512",
+    "data.block_size=32",
+    "model.context=32",
+    "model.n_embd=32",
+    "train.max_steps=12",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=6",
+    "tune.n_trials=2",
+    "tune.trial_steps=4",
+    "eval.max_docs=40",
+    "eval.bootstrap_samples=50",
+)

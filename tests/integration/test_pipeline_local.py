@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_OVERRIDES
+from fixtures_data import TINY_OVERRIDES
 
 from flywheel import ledger
 from flywheel.config import load_profile
