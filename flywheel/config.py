@@ -12,6 +12,7 @@ each component validates it again with ``Profile.model_validate``.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,9 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flywheel.errors import ConfigError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_ROOT.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# Profiles and DeepSpeed configs ship inside the package (package data), so an image that
+# installed the wheel finds them exactly as a checkout does; nothing resolves against the
+# checkout or the working directory unless a user names a path.
+CONFIG_PACKAGE = "flywheel"
+CONFIG_SUBDIR = "configs"
+CONFIG_DIR = Path(str(resources.files(CONFIG_PACKAGE).joinpath(CONFIG_SUBDIR)))
 DEFAULT_PROFILE = CONFIG_DIR / "local.yaml"
 
 
@@ -207,7 +211,8 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     zero_stage: int = Field(2, ge=0, le=3)
     deepspeed_config: str = Field(
-        "configs/deepspeed/zero2.json", description="relative to the repo"
+        "configs/deepspeed/zero2.json",
+        description="a path, or configs/... naming a file shipped with the package",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU"
@@ -505,7 +510,7 @@ def load_profile(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
 ) -> Profile:
     """Read a profile YAML, apply dotted overrides, validate. Errors name file and field."""
-    file = Path(path) if path else DEFAULT_PROFILE
+    file = config_file(str(path)) if path else DEFAULT_PROFILE
     if not file.is_file():
         raise ConfigError(f"{file}: profile not found")
     try:
@@ -518,9 +523,24 @@ def load_profile(
     return validate_profile(apply_overrides(data, list(overrides or [])), source)
 
 
-def repo_path(relative: str) -> Path:
-    """Resolve a path from the profile: absolute as is, else against cwd then the repo."""
-    p = Path(relative).expanduser()
+def config_file(name: str) -> Path:
+    """A file the user names, else the packaged file of that name.
+
+    `configs/cluster.yaml`, `cluster.yaml` and `cluster` all find the packaged profile when
+    no such file exists where the command runs; an existing path always wins. The result may
+    not exist (callers say so, naming the field).
+    """
+    p = Path(name).expanduser()
     if p.is_absolute() or p.exists():
-        return p.resolve()
-    return (REPO_ROOT / p).resolve()
+        return p.resolve() if p.exists() else p
+    rel = Path(*p.parts[1:]) if p.parts and p.parts[0] == CONFIG_SUBDIR else p
+    for candidate in (rel, rel.with_suffix(".yaml")):
+        packaged = CONFIG_DIR / candidate
+        if packaged.is_file():
+            return packaged
+    return p
+
+
+def repo_path(relative: str) -> Path:
+    """Resolve a config path from the profile (kept name): see `config_file`."""
+    return config_file(relative)
