@@ -369,6 +369,25 @@ class DriftConfig(_Strict):
     )
 
 
+# ----------------------------------------------------------------------- storage
+
+
+class StorageConfig(_Strict):
+    """Where checkpoints and run data live. Locally the state directory; on a cluster object
+    storage, because a pod's disk vanishes with the pod (a retried train step must find its
+    checkpoints). Credentials come from the environment (AWS_ACCESS_KEY_ID, ...), which on a
+    cluster is filled from Kubernetes Secrets; never from the profile."""
+
+    root: str | None = Field(
+        None,
+        description="URI or path for Ray checkpoints and run data: s3://bucket/prefix, "
+        "gs://bucket/prefix, file:///abs/path; None: <state_dir>",
+    )
+    endpoint_url: str | None = Field(
+        None, description="an S3-compatible endpoint (MinIO, Ceph, moto); None: AWS's own"
+    )
+
+
 # ---------------------------------------------------------------------------- kfp
 
 
@@ -411,6 +430,7 @@ class Profile(_Strict):
     gate: GatePolicy = GatePolicy()
     registry: RegistryConfig = RegistryConfig()
     drift: DriftConfig = DriftConfig()
+    storage: StorageConfig = StorageConfig()
     kfp: KfpConfig = KfpConfig()
 
     @model_validator(mode="after")
