@@ -12,13 +12,12 @@ def drift_check(
     """
     import shutil
 
+    from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import drift_check as run
 
     result, decision = run(profile, window, report.path + ".d", run_id)
     shutil.copyfile(result.report_html, report.path)
-    for key, value in result.metrics().items():
-        metrics.log_metric(key, value)
-    metrics.log_metric("retrain", float(decision.retrain))
+    log_metrics(metrics, {**result.metrics(), "retrain": float(decision.retrain)})
     return decision.reason if decision.retrain else ""
 
 

@@ -10,11 +10,11 @@ def evaluate(
     metrics: Output[Metrics],
 ):
     """Perplexity and next-token accuracy of the challenger on the held-out split."""
+    from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import evaluate as run
 
     result = run(profile, model.path, dataset.path, report.path, run_id)
-    for key, value in result.metrics("").items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result.metrics(""))
 
 
 def evaluate_champion(
@@ -25,9 +25,9 @@ def evaluate_champion(
     metrics: Output[Metrics],
 ):
     """The current champion, evaluated fresh on the same split (absent: an empty report)."""
+    from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import evaluate as run
 
     result = run(profile, None, dataset.path, report.path, run_id)
-    metrics.log_metric("champion_exists", float(result is not None))
-    for key, value in (result.metrics("") if result else {}).items():
-        metrics.log_metric(key, value)
+    found = result.metrics("") if result else {}
+    log_metrics(metrics, {"champion_exists": float(result is not None), **found})

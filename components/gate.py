@@ -21,6 +21,7 @@ def gate(
     """
     from pathlib import Path
 
+    from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import gate as run
 
     result, version, decision_md, card = run(
@@ -35,5 +36,5 @@ def gate(
     )
     Path(decision.path).write_text(decision_md)
     Path(model_card.path).write_text(card)
-    metrics.log_metric("promote", float(result.promote))
+    log_metrics(metrics, {"promote": float(result.promote)})
     return version if result.promote else ""

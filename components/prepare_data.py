@@ -9,10 +9,10 @@ def prepare_data(
     metrics: Output[Metrics],
 ) -> str:
     """Ray Data: normalize, filter, dedup, split, tokenize and pack. Returns the content hash."""
+    from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import prepare
 
     stats = prepare(profile, data_location, dataset.path, run_id)
-    for key, value in stats.metrics().items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, stats.metrics())
     dataset.metadata["content_hash"] = stats.content_hash
     return stats.content_hash

@@ -14,11 +14,11 @@ def train(
     """DeepSpeed on Ray Train. Returns the MLflow run id of the training run."""
     import shutil
 
+    from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import train as run
 
     result = run(profile, dataset.path, params, model.path, trigger_reason, run_id)
     shutil.copyfile(result.loss_curve_html, loss_curve.path)
-    for key, value in result.metrics().items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result.metrics())
     model.metadata["mlflow_run_id"] = result.mlflow_run_id or ""
     return result.mlflow_run_id or ""

@@ -9,10 +9,10 @@ def tune(
     metrics: Output[Metrics],
 ) -> dict:
     """Optuna study of short trials on Ray. Returns the best train parameters."""
+    from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import tune as run
 
     result = run(profile, dataset.path, plots.path + ".d", run_id)
     result.write_html(plots.path)
-    for key, value in result.metrics().items():
-        metrics.log_metric(key, value)
+    log_metrics(metrics, result.metrics())
     return result.best_params

@@ -385,6 +385,20 @@ class Registry:
         if not (model_dir / "config.json").is_file():
             raise RegistryError(f"{model_dir}: not a model directory (no config.json)")
         self._registered(create=True)
+        existing = self._registered_by(tags)
+        if existing is not None:
+            # A retried gate step (KFP retries, or a pod evicted after registering) must not
+            # leave a second version of the same candidate: the same pipeline run and training
+            # run is the same candidate. Re-pointing the alias makes the retry complete.
+            log.info("version %s already registers this candidate; reusing it", existing)
+            self._call(
+                f"set alias {CHALLENGER}",
+                self._client.set_registered_model_alias,
+                self.name,
+                CHALLENGER,
+                existing,
+            )
+            return existing
         if run_id is None:
             run = self._call(
                 "create registration run",
@@ -435,6 +449,18 @@ class Registry:
         )
         log.info("registered %s version %s (%s flavour)", self.name, version, flavor)
         return version
+
+    def _registered_by(self, tags: dict[str, str]) -> str | None:
+        """The version already registered for this pipeline run's candidate, if any."""
+        keys = (TAG_PIPELINE_RUN, TAG_TRAINING_RUN)
+        if not all(tags.get(k) for k in keys):
+            return None  # no identity to match on: every call is a new candidate
+        found = [
+            v.version
+            for v in self.versions()
+            if all(v.tags.get(k) == str(tags[k]) for k in keys)
+        ]
+        return found[-1] if found else None
 
     def set_verdict(self, version: str, decision: Decision) -> None:
         """Record the gate's verdict, reasons and deltas on a version."""

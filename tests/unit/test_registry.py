@@ -330,3 +330,17 @@ def test_a_server_that_never_answers_is_bounded_by_the_request_timeout(tmp_path)
         with pytest.raises(RegistryError, match="after 2 attempt"):
             reg.versions()
         assert time.monotonic() - t0 < 8
+
+
+def test_a_retried_gate_reuses_the_version_it_registered(reg, base):
+    """KFP retries a gate pod that died after registering: the same pipeline run and training
+    run must not become a second version, and the retry still leaves the alias on it."""
+    reg.promote("1", reason="first", actor="ci")  # move challenger's neighbourhood a little
+    tags = lineage_tags(training_run_id="train-2", pipeline_run_id="pipe-2", trigger_reason="x")
+    again = reg.register_candidate(base[1], tags=tags, model_card="# retry")
+    assert again == "2"
+    assert [v.version for v in reg.versions()] == ["1", "2", "3"]
+    assert reg.version("challenger").version == "2"
+    # Another training run in the same pipeline run is a different candidate.
+    other = lineage_tags(training_run_id="train-9", pipeline_run_id="pipe-2")
+    assert reg.register_candidate(base[1], tags=other, model_card="# new") == "4"
