@@ -5,13 +5,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +15,7 @@ from fixtures_models import (
     split_paragraphs,
     train_tokenizer,
 )
+from fixtures_services import mlflow_server as start_mlflow_server
 
 from flywheel.config import Profile
 from flywheel.registry import LOCK_SUFFIX, HistoryEntry, Registry, lineage_tags
@@ -29,52 +23,11 @@ from flywheel.registry import LOCK_SUFFIX, HistoryEntry, Registry, lineage_tags
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A tracking server with its own SQLite backend and proxied artifact store."""
-    root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [
-        str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow"),
-        "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    log = (root / "server.log").open("w")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    # Startup is slow on a busy 2-core box (imports, migrations): tens of seconds.
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    with start_mlflow_server(tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
