@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export TORCH_INDEX
 
-.PHONY: help setup run test test-unit test-integration test-gpu lint lock bench clean
+.PHONY: help setup services run test test-unit test-integration test-gpu lint lock bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,7 +22,15 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 run: setup  ## the retraining DAG on this machine (configs/local.yaml)
 	$(VENV)/bin/flywheel run
 
-test: setup  ## unit + integration tiers (the gpu tier skips itself without a device)
+# PostgreSQL's server binaries for the tests that run Optuna (and the pod-isolation test) on a
+# real database; the fixtures start and stop their own cluster. Installed once, as root.
+services:  ## install the test services' binaries (Debian's postgresql) when missing
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "note: postgresql is not installed; its tests will skip (apt-get install postgresql)"; fi; }
+
+test: setup services  ## unit + integration tiers (the gpu tier skips itself without a device)
 	$(VENV)/bin/pytest -m "" tests  # -m "": every tier; gpu tests skip without CUDA
 
 test-unit: setup  ## unit tier only (seconds)
