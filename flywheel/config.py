@@ -35,6 +35,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _check_uri(value: str | None, field: str) -> None:
+    """A malformed or unknown-scheme URI (s3://, gs://, file://) fails when the profile loads."""
+    from flywheel import storage
+
+    try:
+        storage.check_uri(value, field)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
 # --------------------------------------------------------------------------- ray
 
 
@@ -99,6 +109,7 @@ class SourceConfig(_Strict):
     def _path_needed(self) -> SourceConfig:
         if self.kind in ("files", "hf") and not self.path:
             raise ValueError(f"data.source.path is required when data.source.kind is '{self.kind}'")
+        _check_uri(self.path, "data.source.path")
         return self
 
 
@@ -368,6 +379,11 @@ class DriftConfig(_Strict):
         description="a word the champion's tokenizer splits into this many tokens counts as OOV",
     )
 
+    @model_validator(mode="after")
+    def _window_uri(self) -> DriftConfig:
+        _check_uri(self.window, "drift.window")
+        return self
+
 
 # ----------------------------------------------------------------------- storage
 
@@ -384,8 +400,21 @@ class StorageConfig(_Strict):
         "gs://bucket/prefix, file:///abs/path; None: <state_dir>",
     )
     endpoint_url: str | None = Field(
-        None, description="an S3-compatible endpoint (MinIO, Ceph, moto); None: AWS's own"
+        None,
+        description="an S3-compatible endpoint (MinIO, Ceph, moto) for every s3:// URI in the "
+        "profile; None: $AWS_ENDPOINT_URL, else AWS's own",
     )
+
+    @model_validator(mode="after")
+    def _uris(self) -> StorageConfig:
+        from flywheel import storage
+
+        _check_uri(self.root, "storage.root")
+        try:  # no network here: only the form is checked when the profile loads
+            storage.check_endpoint(self.endpoint_url, "storage.endpoint_url")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 # ---------------------------------------------------------------------------- kfp

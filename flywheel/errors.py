@@ -19,3 +19,7 @@ class DataError(FlywheelError):
 
 class RegistryError(FlywheelError):
     """The model registry refused or could not be reached."""
+
+
+class StorageError(FlywheelError):
+    """Object storage (S3, GCS) or a storage path could not be read or written."""
