@@ -12,12 +12,22 @@ each component validates it again with ``Profile.model_validate``.
 from __future__ import annotations
 
 import os
+import re
+import sys
+from contextlib import suppress
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from flywheel.errors import ConfigError
 
@@ -28,6 +38,11 @@ CONFIG_PACKAGE = "flywheel"
 CONFIG_SUBDIR = "configs"
 CONFIG_DIR = Path(str(resources.files(CONFIG_PACKAGE).joinpath(CONFIG_SUBDIR)))
 DEFAULT_PROFILE = CONFIG_DIR / "local.yaml"
+
+
+DEFAULT_STATE_DIR = ".flywheel"
+# Read at run time by `resolve_state_dir`, never at import or compile time.
+STATE_ENV = "FLYWHEEL_STATE_DIR"
 
 
 class _Strict(BaseModel):
@@ -273,18 +288,86 @@ class TuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _space_fields(self) -> TuneConfig:
+        # Everything Optuna would refuse is refused here, when the profile loads: in a
+        # pipeline the tune step starts only after the data stage, far too late for a typo.
         allowed = set(TrainConfig.model_fields) - {"scaling", "resume_from", "deepspeed_config"}
         for name, spec in self.search_space.items():
             if name not in allowed:
                 raise ValueError(f"tune.search_space.{name}: not a train field")
-            kind = spec.get("type")
-            if kind not in ("float", "int", "categorical"):
-                raise ValueError(f"tune.search_space.{name}.type must be float, int or categorical")
-            if kind == "categorical" and not spec.get("choices"):
-                raise ValueError(f"tune.search_space.{name}.choices is required for categorical")
-            if kind != "categorical" and not ("low" in spec and "high" in spec):
-                raise ValueError(f"tune.search_space.{name} needs low and high")
+            self.search_space[name] = _space_entry(name, spec)
         return self
+
+
+_SPACE_KEYS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
+
+
+def _number(field: str, value: Any, whole: bool) -> int | float:
+    # PyYAML reads `1e-4` (no dot) as a string; a numeric string is a number here too.
+    if isinstance(value, str):
+        with suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be a number, got {value!r}")
+    if whole:
+        if not float(value).is_integer():
+            raise ValueError(f"{field} must be a whole number for type int, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _int_field(name: str) -> bool:
+    """Whether train.<name> holds integers only (a float sample would fail validation)."""
+    ann = TrainConfig.model_fields[name].annotation
+    types = set(get_args(ann)) if get_origin(ann) in (Union, type(int | None)) else {ann}
+    return int in types and float not in types
+
+
+def _space_entry(name: str, spec: Any) -> dict[str, Any]:
+    """One `tune.search_space` entry, checked and with its numbers as numbers."""
+    field = f"tune.search_space.{name}"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{field} must be a mapping like {{type: float, low: 0.1, high: 1}}")
+    kind = spec.get("type")
+    if kind not in _SPACE_KEYS:
+        raise ValueError(f"{field}.type must be float, int or categorical, got {kind!r}")
+    unknown = set(spec) - _SPACE_KEYS[kind]
+    if unknown:
+        raise ValueError(f"{field}: unknown key(s) {sorted(unknown)} for type {kind}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"{field}.choices must be a non-empty list, got {choices!r}")
+        for choice in choices:
+            if choice is not None and not isinstance(choice, (str, int, float, bool)):
+                raise ValueError(f"{field}.choices: {choice!r} is not a single value")
+        return dict(spec)
+    if "low" not in spec or "high" not in spec:
+        raise ValueError(f"{field} needs low and high")
+    whole = kind == "int"
+    if not whole and _int_field(name):
+        raise ValueError(f"{field}.type is float but train.{name} takes whole numbers; use int")
+    out: dict[str, Any] = {"type": kind}
+    low = out["low"] = _number(f"{field}.low", spec["low"], whole)
+    high = out["high"] = _number(f"{field}.high", spec["high"], whole)
+    if low > high:
+        raise ValueError(f"{field}: low ({low:g}) is above high ({high:g})")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ValueError(f"{field}.log must be true or false, got {log!r}")
+    out["log"] = log
+    if log and low <= 0:
+        raise ValueError(f"{field}.low must be above 0 on a log scale, got {low:g}")
+    if spec.get("step") is not None:
+        step = out["step"] = _number(f"{field}.step", spec["step"], whole)
+        if step <= 0:
+            raise ValueError(f"{field}.step must be above 0, got {step:g}")
+        if log and (not whole or step != 1):  # Optuna samples a log scale without steps
+            raise ValueError(f"{field}: step and log cannot be combined")
+    return out
 
 
 # ---------------------------------------------------------------------- evaluate
@@ -420,9 +503,32 @@ class StorageConfig(_Strict):
 # ---------------------------------------------------------------------------- kfp
 
 
+# The forms KFP accepts (`PipelineTask.set_cpu_limit` / `set_memory_limit`), checked when the
+# profile loads: KFP itself raises a bare "Invalid cpu string" at compile time, naming no field.
+_CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
+_MEMORY = re.compile(r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?")
+
+
+def _quantity(value: Any, pattern: re.Pattern[str], examples: str) -> str:
+    # YAML reads `cpu: 2` as an int and `cpu: 0.5` as a float; both are fine quantities.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (like {examples})")
+    return value
+
+
+CpuQuantity = Annotated[str, BeforeValidator(lambda v: _quantity(v, _CPU, '"500m", "2" or "0.5"'))]
+MemoryQuantity = Annotated[
+    str, BeforeValidator(lambda v: _quantity(v, _MEMORY, '"512Mi", "8G" or "8Gi"'))
+]
+
+
 class TaskResources(_Strict):
-    cpu: str = "2"
-    memory: str = "8G"
+    cpu: CpuQuantity = Field("2", description='CPU request and limit: "500m", "2", "0.5"')
+    memory: MemoryQuantity = Field(
+        "8G", description='memory request and limit: "512Mi", "8G", "8Gi"'
+    )
     accelerator_type: str | None = None
     accelerator_count: int = Field(0, ge=0)
     retries: int = Field(0, ge=0)
@@ -449,7 +555,12 @@ class KfpConfig(_Strict):
 
 class Profile(_Strict):
     name: str = "local"
-    state_dir: str = Field(".flywheel", description="stores and artifacts; relative to the cwd")
+    state_dir: str = Field(
+        DEFAULT_STATE_DIR,
+        description="stores and artifacts; a relative path is under the working directory. "
+        "The default .flywheel means: $FLYWHEEL_STATE_DIR, else a .flywheel found upward "
+        "from the working directory (as git finds .git), else ./.flywheel",
+    )
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -470,6 +581,27 @@ class Profile(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tune_bounds(self) -> Profile:
+        # Every bound and choice must make a valid training profile: the best value found
+        # trains the full run, and a pipeline meets a bad bound only after the data stage.
+        base = self.train.model_dump()
+        for name, spec in self.tune.search_space.items():
+            values = (
+                spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+            )
+            for value in values:
+                try:
+                    TrainConfig.model_validate({**base, name: value})
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"]) or name
+                    msg = err["msg"].removeprefix("Value error, ")
+                    raise ValueError(
+                        f"tune.search_space.{name}: {value!r} is not a valid train.{where} ({msg})"
+                    ) from None
+        return self
+
     def to_param(self) -> dict[str, Any]:
         """The profile as the pipeline's one dict parameter.
 
@@ -486,14 +618,56 @@ class Profile(_Strict):
             )
         return data
 
+    def state_root(self) -> Path:
+        """The state directory, resolved now (see `resolve_state_dir`); not created."""
+        return resolve_state_dir(self.state_dir)[0]
+
     def state_path(self, *parts: str) -> Path:
-        """A path under the state directory (created); never inside the package."""
-        root = Path(self.state_dir).expanduser()
-        if not root.is_absolute():
-            root = Path.cwd() / root
+        """A path under the state directory (created); never inside the package.
+
+        Creating the state directory itself prints `state: <path> (new)` on stderr: a
+        command run from an unexpected directory would otherwise start an empty registry
+        there without a word, and a later `monitor` would find no champion.
+        """
+        root, origin = resolve_state_dir(self.state_dir)
         path = root.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
+        new = not root.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"{origin} {root}: cannot create {path} ({exc.strerror or exc})"
+            ) from None
+        if new:
+            print(f"state: {root} (new)", file=sys.stderr, flush=True)
         return path
+
+
+def resolve_state_dir(state_dir: str = DEFAULT_STATE_DIR) -> tuple[Path, str]:
+    """(absolute state directory, what chose it, for messages).
+
+    A state_dir other than the default is used as given (relative to the working
+    directory): the profile names its stores, as on a cluster. For the default `.flywheel`:
+    $FLYWHEEL_STATE_DIR, else the nearest `.flywheel/` in the working directory or above it
+    (as git finds `.git`, so a command run from a subdirectory finds the project's
+    registry), else `./.flywheel`. The environment is read here, at run time, never when a
+    pipeline compiles: the compiled profile keeps its `state_dir` as written.
+    """
+    if state_dir != DEFAULT_STATE_DIR:
+        return _absolute(state_dir), "state_dir"
+    env = os.environ.get(STATE_ENV)
+    if env:
+        return _absolute(env), f"${STATE_ENV}"
+    cwd = Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        if (folder / DEFAULT_STATE_DIR).is_dir():
+            return folder / DEFAULT_STATE_DIR, "state_dir"
+    return cwd / DEFAULT_STATE_DIR, "state_dir"
+
+
+def _absolute(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path.cwd() / p
 
 
 # ------------------------------------------------------------------------ loading
@@ -544,7 +718,9 @@ def _format_error(source: str, exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"{field}: {msg}")
+        # A validator's message names its own dotted fields; do not prefix the section again.
+        named = not err["loc"] or msg.startswith(f"{field}.")
+        lines.append(msg if named else f"{field}: {msg}")
     return f"{source}: " + "; ".join(lines)
 
 
@@ -560,14 +736,28 @@ def load_profile(
 ) -> Profile:
     """Read a profile YAML, apply dotted overrides, validate. Errors name file and field."""
     file = config_file(str(path)) if path else DEFAULT_PROFILE
+    if file.is_dir():
+        raise ConfigError(f"{file}: is a directory, not a profile file")
     if not file.is_file():
         raise ConfigError(f"{file}: profile not found")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not a text file (a profile is UTF-8 YAML)") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the profile ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML ({exc})") from None
+        # PyYAML's message spans lines (problem, then a caret under the text); one line here.
+        raise ConfigError(f"{file}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        # An empty file is far likelier a wrong or truncated path than a wish for defaults.
+        raise ConfigError(f"{file}: the profile is empty (omit --profile for the defaults)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{file}: a profile must be a mapping")
+        raise ConfigError(
+            f"{file}: a profile must be a mapping of sections, got a {type(data).__name__}"
+        )
     source = str(file) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     return validate_profile(apply_overrides(data, list(overrides or [])), source)
 

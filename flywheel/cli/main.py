@@ -12,6 +12,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from flywheel.cli.common import err_console
 from flywheel.errors import FlywheelError
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     except FlywheelError as exc:
         if _state["verbose"]:
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message quoting the user's "[a, b]" must not be read as rich markup
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
@@ -95,12 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         if name == "Abort":
             sys.exit(1)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            err_console.print(f"[red]error:[/red] {exc.format_message()}", highlight=False)
+            err_console.print(f"[red]error:[/red] {escape(exc.format_message())}", highlight=False)
             sys.exit(exc.exit_code)
         if _state["verbose"]:
             raise
         err_console.print(
-            f"[red]error:[/red] {name}: {exc} (run with --verbose for the traceback)",
+            f"[red]error:[/red] {name}: {escape(str(exc))} (run with --verbose for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

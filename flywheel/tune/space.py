@@ -8,7 +8,6 @@ error names the profile field (`tune.search_space.<name>...`).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from flywheel.config import Profile, validate_profile
@@ -74,7 +73,8 @@ def trial_profile(profile: Profile, params: dict[str, Any], field: str = "params
     - a checkpoint (and so a report to the scheduler) and an MLflow flush at every ASHA
       rung spacing, so a trial stopped at a rung has its losses on record.
     - max_failures 0: a trial that dies is a failed trial, not one to restart.
-    - state_dir absolute: Ray Tune runs each trial in its own working directory.
+    - state_dir absolute, as resolved now: Ray Tune runs each trial in its own working
+      directory, where neither the upward search nor a relative path would find it.
     """
     t = profile.tune
     data = profile.model_dump()
@@ -93,7 +93,7 @@ def trial_profile(profile: Profile, params: dict[str, Any], field: str = "params
         global_batch_size=None,
     )
     train["scaling"]["num_workers"] = 1
-    data["state_dir"] = str(Path(profile.state_dir).expanduser().absolute())
+    data["state_dir"] = str(profile.state_root())
     return validate_profile(data, f"tune trial with {field} {params}")
 
 

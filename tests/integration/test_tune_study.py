@@ -170,3 +170,31 @@ def test_best_params_reach_the_training_run(study, dataset, workdir):
     assert params["train.lr"] == str(r.best_params["lr"])
     assert params["train.micro_batch_size"] == "4" and params["train.max_steps"] == "6"
     assert result.steps == 6 and result.final_loss < result.first_loss
+
+
+def test_a_study_on_postgresql_continues_across_runs_and_never_shows_the_password(
+    workdir, dataset, monkeypatch
+):
+    """tune.storage on a real PostgreSQL server (Debian's package, started here), as a cluster
+    profile names it: the URL carries no password; libpq reads $PGPASSWORD, which a
+    Kubernetes Secret fills in a pod."""
+    import optuna
+    from fixtures_services import postgres_server
+
+    from flywheel.tune import tune
+
+    space = "tune.search_space={lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}}"
+    with postgres_server() as pg:
+        monkeypatch.setenv("PGPASSWORD", pg.password)
+        args = [*TINY, space, f"tune.storage={pg.url()}", "tune.study_name=pg", "tune.pruner=none"]
+        first = tune(load_profile(None, [*args, "tune.n_trials=2"]), dataset, workdir / "pg1")
+        again = tune(load_profile(None, [*args, "tune.n_trials=1"]), dataset, workdir / "pg2")
+        stored = optuna.load_study(study_name="pg", storage=pg.url())
+        assert [t.state.name for t in stored.trials] == ["COMPLETE"] * 3
+        assert first.study_trials == 2 and again.first_trial == 2 and again.study_trials == 3
+        assert again.best_value == min(t.value for t in stored.trials)
+        assert pg.password not in again.storage and again.storage.startswith("postgresql")
+        # Without the secret the database refuses, and the stage says which field and server.
+        monkeypatch.setenv("PGPASSWORD", "wrong")
+        with pytest.raises(FlywheelError, match=r"tune\.storage"):
+            tune(load_profile(None, [*args, "tune.n_trials=1"]), dataset, workdir / "pg3")
