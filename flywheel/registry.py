@@ -62,6 +62,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_PREFIX = "flywheel.history."
 LOCK_SUFFIX = "--alias-lock"
+LATEST = "latest"
 MODEL_ARTIFACT = "model"
 CARD_ARTIFACT = "model_card.md"
 # Lineage tag keys on each version, as the pipeline writes them (`lineage_tags` builds
@@ -269,6 +270,10 @@ class Registry:
             f"attempt(s) ({_short(last)}); check registry.tracking_uri / MLFLOW_TRACKING_URI"
         )
 
+    def ping(self) -> None:
+        """One bounded request to the tracking server (RegistryError when it does not answer)."""
+        self._call("reach the tracking server", self._client.search_experiments, max_results=1)
+
     def _registered(self, create: bool = False) -> Any:
         try:
             return self._call(
@@ -290,7 +295,13 @@ class Registry:
         return self._call(f"read model {self.name}", self._client.get_registered_model, self.name)
 
     def _version(self, version_or_alias: str) -> ModelVersionInfo:
-        ref = str(version_or_alias)
+        ref = str(version_or_alias).strip()
+        if ref.lower() == LATEST:
+            # MLflow reserves "latest" (no alias may take the name): the newest version.
+            versions = self.versions()
+            if not versions:
+                raise NotFoundError(f"{self.name} has no versions at {self.uri}")
+            return versions[-1]
         if not ref.isdigit():
             # Resolved through the registered model's alias map: MLflow answers a missing
             # alias with INVALID_PARAMETER_VALUE, indistinguishable from a real refusal.
@@ -513,8 +524,10 @@ class Registry:
             current = rm.aliases.get(CHAMPION)
             current = str(current) if current is not None else None
             history = _history(rm.tags)
-            to = choose(current, history)
-            target = self._version(to)
+            target = self._version(choose(current, history))
+            # The number, never the word: "champion" or "latest" resolved here is what the
+            # tags, the history and the alias move record (MLflow refuses a word there).
+            to = target.version
             if target.tags.get(TAG_REGISTERED_BY) != "flywheel":
                 raise RegistryError(
                     f"{self.name} version {to} has no flywheel lineage tags; refusing to make "
@@ -890,10 +903,13 @@ def model_card(
 
 
 def parse_model_uri(uri: str) -> tuple[str, str]:
-    """``models:/name@alias`` or ``models:/name/3`` -> (name, alias or version)."""
-    m = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", uri.strip())
+    """``models:/name@alias``, ``models:/name/3`` or ``models:/name/latest`` -> (name, ref)."""
+    m = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+|latest))", uri.strip())
     if not m:
-        raise RegistryError(f"'{uri}': expected models:/<name>@<alias> or models:/<name>/<version>")
+        raise RegistryError(
+            f"'{uri}': expected models:/<name>@<alias>, models:/<name>/<version> "
+            "or models:/<name>/latest"
+        )
     return m.group(1), m.group(2) or m.group(3)
 
 
