@@ -41,6 +41,9 @@ def state_dir(tmp_path, monkeypatch):
     """Run in a fresh working directory so `.flywheel/` lands in tmp, never in the repo."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Pinned: the default state_dir would otherwise also find a stray .flywheel above tmp
+    # (say /tmp/.flywheel), as it finds a project's from a subdirectory.
+    monkeypatch.setenv("FLYWHEEL_STATE_DIR", str(tmp_path / ".flywheel"))
     return tmp_path / ".flywheel"
 
 

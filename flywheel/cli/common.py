@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flywheel.config import Profile, load_profile
+from flywheel.errors import FlywheelError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -36,3 +38,41 @@ def table(title: str, rows: list[tuple[str, object]] | dict[str, object]) -> Tab
     for key, value in items:
         t.add_row(str(key), f"{value:,}" if isinstance(value, int) else str(value))
     return t
+
+
+def check_output(path: Path | None, flag: str, *, file: bool = False, empty: bool = False) -> None:
+    """Refuse, before any work, an output path the command could not write or would clobber.
+
+    Nothing is created here: a command that fails later leaves no empty folder behind.
+    `file`: the output is a file (an existing directory there is an error); else a directory.
+    `empty`: an existing directory must be empty (a command never overwrites what it did not
+    write). The error names the flag and the path: `--out x/y: ...`.
+    """
+    if path is None:
+        return
+    if path.exists():
+        if file and path.is_dir():
+            raise FlywheelError(f"{flag} {path}: is a directory; name a file")
+        if not file and not path.is_dir():
+            raise FlywheelError(f"{flag} {path}: exists and is not a directory")
+        if empty and any(path.iterdir()):
+            raise FlywheelError(f"{flag} {path}: not empty; name a new directory")
+        target = path if path.is_dir() else path.parent
+    else:
+        target = path.absolute().parent
+        while not target.exists():
+            target = target.parent
+        if not target.is_dir():
+            raise FlywheelError(f"{flag} {path}: cannot create it ({target} is not a directory)")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise FlywheelError(f"{flag} {path}: cannot write in {target} (permission denied)")
+
+
+def check_input_dir(path: Path | None, flag: str) -> None:
+    """A directory the command reads must exist: a usage error (exit 2) naming the flag.
+    Checked after the profile, so a bad profile is reported first, and before any store is
+    created, so a typo leaves nothing behind."""
+    if path is None or path.is_dir():
+        return
+    what = "is not a directory" if path.exists() else "does not exist"
+    raise typer.BadParameter(f"'{path}' {what}", param_hint=flag)

@@ -11,7 +11,14 @@ from typing import Annotated
 import typer
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from, table
+from flywheel.cli.common import (
+    OverridesArg,
+    ProfileOpt,
+    check_output,
+    console,
+    profile_from,
+    table,
+)
 
 data_app = typer.Typer(
     help="The data stage: sources -> Ray Data blocks -> parquet + manifest.", no_args_is_help=True
@@ -58,6 +65,7 @@ def prepare_cmd(
     from flywheel.data import prepare
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
+    check_output(out, "--out")  # one line naming the flag, before Ray starts
     _quiet_ray_data()
     target = out or prof.state_path("datasets") / f".incoming-{os.getpid()}"
     with Progress(

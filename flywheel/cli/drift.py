@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from, table
+from flywheel.cli.common import (
+    OverridesArg,
+    ProfileOpt,
+    check_input_dir,
+    check_output,
+    console,
+    profile_from,
+    table,
+)
 
 drift_app = typer.Typer(
     help="Drift between production text and the champion's training data.", no_args_is_help=True
@@ -55,6 +63,8 @@ def check(
     source = window if window is not None else prof.drift.window
     if not source:
         raise ConfigError("no window: pass --window PATH or set drift.window in the profile")
+    check_input_dir(tokenizer, "--tokenizer")
+    check_output(out, "--out")
     result = check_drift(prof, source, reference, tokenizer_dir=tokenizer, out_dir=out)
     console.print(table("drift", {**result.metrics(), "report": str(result.report_html)}))
     console.print(result.reason, highlight=False)

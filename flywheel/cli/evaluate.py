@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from, table
+from flywheel.cli.common import (
+    OverridesArg,
+    ProfileOpt,
+    check_input_dir,
+    check_output,
+    console,
+    profile_from,
+    table,
+)
 
 
 def evaluate(
@@ -23,8 +31,16 @@ def evaluate(
 ) -> None:
     """Perplexity and next-token accuracy (with bootstrap intervals) on held-out documents."""
     from flywheel.evaluate import evaluate as run
+    from flywheel.evaluate.core import resolve_model
 
     prof = profile_from(profile, overrides)
+    check_input_dir(data, "--data")
+    check_output(out, "--out", file=True)
+    # Both models are found before either is scored: a typo in --against must not cost
+    # the first evaluation (a registry URI is downloaded once and cached).
+    for name in (model, against):
+        if name is not None:
+            resolve_model(prof, name)
     report = run(prof, model, data)
     rows: dict[str, object] = dict(report.metrics())
     console.print(table(f"evaluation: {model}", rows))

@@ -10,7 +10,15 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from, table
+from flywheel.cli.common import (
+    OverridesArg,
+    ProfileOpt,
+    check_input_dir,
+    check_output,
+    console,
+    profile_from,
+    table,
+)
 
 
 def train_cmd(
@@ -19,7 +27,9 @@ def train_cmd(
     profile: ProfileOpt = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="model directory (default: <state_dir>/models/<run>)"),
+        typer.Option(
+            "--out", "-o", help="a new model directory (default: <state_dir>/models/<run>)"
+        ),
     ] = None,
     init_from: Annotated[
         Path | None,
@@ -30,9 +40,14 @@ def train_cmd(
     from flywheel.train import train
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
+    check_input_dir(data, "--data")
+    check_input_dir(init_from, "--init-from")
+    # A directory with files in it is refused: the export would overwrite them.
+    check_output(out, "--out", empty=True)
     # Ray Data and Ray Train log each execution at INFO; the bar below replaces them.
     logging.getLogger("ray").setLevel(logging.ERROR)
-    target = out or prof.state_path("models") / time.strftime("model-%Y%m%d-%H%M%S")
+    # Not created here: training creates it at the end, after the inputs are checked.
+    target = out or prof.state_root() / "models" / time.strftime("model-%Y%m%d-%H%M%S")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

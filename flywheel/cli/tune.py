@@ -10,7 +10,15 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from, table
+from flywheel.cli.common import (
+    OverridesArg,
+    ProfileOpt,
+    check_input_dir,
+    check_output,
+    console,
+    profile_from,
+    table,
+)
 
 
 def tune_cmd(
@@ -34,11 +42,14 @@ def tune_cmd(
     from flywheel.tune import tune
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
+    check_input_dir(data, "--data")
+    check_output(out, "--out")  # best_params.json and tuning.html are replaced, nothing else
     logging.getLogger("ray").setLevel(logging.ERROR)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    target = out or prof.state_path("tune") / time.strftime("tune-%Y%m%d-%H%M%S")
+    # Not created here: tuning creates it when it writes, after the inputs are checked.
+    target = out or prof.state_root() / "tune" / time.strftime("tune-%Y%m%d-%H%M%S")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -93,6 +93,9 @@ def trial_profile(profile: Profile, params: dict[str, Any], field: str = "params
         global_batch_size=None,
     )
     train["scaling"]["num_workers"] = 1
+    # A trial searches nothing, and its train section is trial-sized: the study's bounds
+    # (checked against the full run when the profile loaded) do not apply to it.
+    data["tune"]["search_space"] = {}
     data["state_dir"] = str(profile.state_root())
     return validate_profile(data, f"tune trial with {field} {params}")
 

@@ -261,7 +261,7 @@ def test_an_unreachable_storage_fails_with_the_field_and_no_password(state_dir, 
     [
         (["tune.nope=1"], 2, "tune.nope: unknown field"),
         (["tune.search_space={lr: {type: float, low: 1.0, high: 0.1}}"], 2, "tune.search_space.lr"),
-        ([], 1, "/nonexistent-dataset"),
+        ([], 2, "'/nonexistent-dataset' does not exist"),
     ],
 )
 def test_cli_errors_are_one_line_before_any_work(args, code, message, state_dir):
