@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         if name == "Abort":
             sys.exit(1)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            err_console.print(f"[red]error:[/red] {escape(exc.format_message())}", highlight=False)
+            err_console.print(
+                f"[red]error:[/red] {escape(exc.format_message())}",
+                highlight=False,
+                soft_wrap=True,
+            )
             sys.exit(exc.exit_code)
         if _state["verbose"]:
             raise
