@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -170,12 +171,38 @@ class SplitConfig(_Strict):
         return self
 
 
+# A Hugging Face Hub repo id ('gpt2', 'org/name'), by the hub's own rule (huggingface_hub's
+# validate_repo_id): word characters, '-' and '.', not at either end, no '--' or '..'.
+_HUB_ID = re.compile(r"(\b[\w\-.]+\b/)?\b[\w\-.]{1,96}\b")
+
+
+def _existing_path_or_hub_id(value: str | None) -> str | None:
+    """A path must exist where the profile loads; anything else must read as a hub id.
+
+    Checked when the profile loads, so a typo fails in a second naming the field instead of
+    after the data stage has read, deduplicated and split the corpus. Hub ids are left to
+    the stage (`flywheel.data.hub`): a network probe does not belong in validation.
+    """
+    if value is None or "://" in value or Path(value).expanduser().exists():
+        return value
+    is_hub_id = bool(_HUB_ID.fullmatch(value)) and "--" not in value and ".." not in value
+    if value.startswith(("/", "./", "../", "~")) or value in (".", "..") or not is_hub_id:
+        where = "" if Path(value).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+        raise ValueError(f"path not found: {value}{where}; name an existing directory or a hub id")
+    return value
+
+
 class TokenizerConfig(_Strict):
     base: str | None = Field(
         None, description="path or hub id of a tokenizer; None trains byte-level BPE"
     )
     vocab_size: int = Field(4096, ge=260)
     min_frequency: int = Field(2, ge=1)
+
+    @field_validator("base")
+    @classmethod
+    def _base_exists(cls, value: str | None) -> str | None:
+        return _existing_path_or_hub_id(value)
 
 
 class DataConfig(_Strict):
@@ -203,6 +230,11 @@ class ModelConfig(_Strict):
     n_embd: int = Field(64, ge=8)
     context: int = Field(128, ge=8, description="maximum positions")
     warm_start: bool = Field(True, description="start from the registry champion when one exists")
+
+    @field_validator("base")
+    @classmethod
+    def _base_exists(cls, value: str | None) -> str | None:
+        return _existing_path_or_hub_id(value)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -524,6 +556,158 @@ MemoryQuantity = Annotated[
 ]
 
 
+# The task names of both pipelines: the keys of `kfp.resources` (besides 'default') and what
+# `tasks:` lists in `kfp.kubernetes` may name. pipelines/*.py configure every task by one of these.
+TASKS = (
+    "plan",
+    "prepare-data",
+    "tune",
+    "skip-tune",
+    "train",
+    "evaluate",
+    "evaluate-champion",
+    "gate",
+    "promote",
+    "summary",
+    "drift-check",
+    "no-retrain",
+)
+# Tasks whose effect is outside their outputs. A cached replay returns the old outputs and
+# skips the effect, so `caching: true` on them is refused when the profile loads.
+SIDE_EFFECT_TASKS = {
+    "plan": "records the run's start, which the monitor reads to see a retrain in flight",
+    "evaluate-champion": "evaluates whichever model is champion now, not the one of a past run",
+    "gate": "registers the candidate as a model version",
+    "promote": "moves the champion alias",
+    "summary": "writes the run summary",
+    "drift-check": "reads the registry and the cooldown as they are now",
+    "no-retrain": "records why this monitor run started no retrain",
+}
+# A task without its own entry takes the first of these that exists, then 'default'.
+_RESOURCE_FALLBACK = {"evaluate-champion": "evaluate"}
+
+# Kubernetes names: Secrets, PVCs and service accounts are DNS-1123 subdomains.
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+_ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+
+def _k8s_name(value: Any, what: str) -> str:
+    if not value:
+        raise ValueError(f"{what} is empty: name the Kubernetes object")
+    if not isinstance(value, str) or len(value) > 253 or not _K8S_NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not a Kubernetes name (lower-case, digits, '-', '.')")
+    return value
+
+
+def _known_tasks(tasks: list[str], what: str) -> None:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"{what}: unknown task(s) {unknown}; tasks are {', '.join(TASKS)}")
+
+
+class SecretEnv(_Strict):
+    """One Kubernetes Secret whose keys become environment variables of task containers.
+    Only the Secret's name and key names are in the profile (and so in the compiled YAML);
+    the values stay in the cluster."""
+
+    name: Annotated[str, BeforeValidator(lambda v: _k8s_name(v, "Secret name"))] = Field(
+        description="the Secret's name in the run's namespace"
+    )
+    env: dict[str, str] = Field(
+        description="Secret key -> environment variable, e.g. {password: PGPASSWORD}"
+    )
+    tasks: list[str] = Field(
+        default_factory=list, description="tasks that get it; empty: every task"
+    )
+    optional: bool = Field(False, description="start the pod even if the Secret is missing")
+
+    @model_validator(mode="after")
+    def _names(self) -> SecretEnv:
+        if not self.env:
+            raise ValueError(f"Secret {self.name!r}: env maps no key to a variable")
+        for key, var in self.env.items():
+            if not _SECRET_KEY.fullmatch(key):
+                raise ValueError(f"Secret {self.name!r}: {key!r} is not a Secret key")
+            if not _ENV_VAR.fullmatch(var or ""):
+                raise ValueError(f"Secret {self.name!r}: {var!r} is not an environment variable")
+        _known_tasks(self.tasks, f"Secret {self.name!r}")
+        return self
+
+
+class PvcMount(_Strict):
+    """An existing PersistentVolumeClaim mounted into task containers."""
+
+    name: Annotated[str, BeforeValidator(lambda v: _k8s_name(v, "PVC name"))] = Field(
+        description="the claim's name in the run's namespace"
+    )
+    mount_path: str = Field(description="absolute path inside the container")
+    sub_path: str = Field("", description="a directory of the volume instead of its root")
+    tasks: list[str] = Field(
+        default_factory=list, description="tasks that mount it; empty: every task"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PvcMount:
+        if not self.mount_path.startswith("/"):
+            raise ValueError(f"PVC {self.name!r}: mount_path must be absolute")
+        _known_tasks(self.tasks, f"PVC {self.name!r}")
+        return self
+
+
+class KubernetesConfig(_Strict):
+    """What every pod of a run gets on Kubernetes (kfp-kubernetes platform spec). Ignored by
+    `flywheel run`: kfp.local runs no pods."""
+
+    service_account: str | None = Field(
+        None, description="the runs' Kubernetes service account; None: the namespace's default"
+    )
+    secrets: list[SecretEnv] = Field(
+        default_factory=list, description="Secrets exposed as environment variables"
+    )
+    pvcs: list[PvcMount] = Field(default_factory=list, description="existing claims to mount")
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets for pulling kfp.image from a private registry"
+    )
+    scratch_path: str = Field(
+        "/scratch",
+        description="where a task's ephemeral_storage volume is mounted; TMPDIR points there",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> KubernetesConfig:
+        if self.service_account is not None:
+            _k8s_name(self.service_account, "service_account")
+        for name in self.image_pull_secrets:
+            _k8s_name(name, "image pull Secret name")
+        if not self.scratch_path.startswith("/"):
+            raise ValueError("kfp.kubernetes.scratch_path must be absolute")
+        return self
+
+    def env_from_secrets(self, task: str) -> set[str]:
+        """Environment variables a task gets from Secrets."""
+        return {v for s in self.secrets if not s.tasks or task in s.tasks for v in s.env.values()}
+
+
+class Toleration(_Strict):
+    """A Kubernetes toleration, so a task can land on a tainted node pool (GPU nodes)."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0, description="NoExecute only")
+
+    @model_validator(mode="after")
+    def _check(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("toleration_seconds applies to effect NoExecute only")
+        return self
+
+
 class TaskResources(_Strict):
     cpu: CpuQuantity = Field("2", description='CPU request and limit: "500m", "2", "0.5"')
     memory: MemoryQuantity = Field(
@@ -532,7 +716,35 @@ class TaskResources(_Strict):
     accelerator_type: str | None = None
     accelerator_count: int = Field(0, ge=0)
     retries: int = Field(0, ge=0)
-    caching: bool = False
+    caching: bool = Field(
+        False,
+        description="reuse a past run's outputs; refused on tasks with side effects "
+        "(SIDE_EFFECT_TASKS)",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels the pod must match, e.g. a GPU pool"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="taints the pod tolerates (GPU pools are tainted)"
+    )
+    shm_size: MemoryQuantity | None = Field(
+        None,
+        description="a memory-backed emptyDir at /dev/shm of this size (NCCL and DataLoader "
+        "workers outgrow the container default of 64M); counts against the pod's memory",
+    )
+    ephemeral_storage: MemoryQuantity | None = Field(
+        None,
+        description="a scratch emptyDir on the node's disk, limited to this size, at "
+        "kfp.kubernetes.scratch_path (TMPDIR); KFP 2.17 cannot request ephemeral-storage, so "
+        "the scheduler does not reserve it: pick nodes with disk through node_selector",
+    )
+
+    @model_validator(mode="after")
+    def _labels(self) -> TaskResources:
+        for key, value in self.node_selector.items():
+            if not key or not _LABEL_VALUE.fullmatch(str(value)) or len(str(value)) > 63:
+                raise ValueError(f"node_selector {key!r}: {value!r} is not a label value")
+        return self
 
 
 class KfpConfig(_Strict):
@@ -542,12 +754,45 @@ class KfpConfig(_Strict):
     experiment: str = "flywheel"
     token_env: str = Field("KF_PIPELINES_TOKEN", description="env var holding a bearer token")
     token_file: str | None = None
-    resources: dict[str, TaskResources] = Field(
-        default_factory=dict, description="task name -> resources; 'default' applies to the rest"
+    ui_url: str | None = Field(
+        None,
+        description="the Kubeflow Pipelines UI, for the run links `flywheel submit` prints; "
+        "None: derived from the host (<host>/pipeline -> <host>/_/pipeline)",
     )
+    resources: dict[str, TaskResources] = Field(
+        default_factory=dict,
+        description="task name (TASKS) -> resources; 'default' applies to the rest; "
+        "evaluate-champion falls back to evaluate",
+    )
+    kubernetes: KubernetesConfig = KubernetesConfig()
+
+    @model_validator(mode="after")
+    def _tasks(self) -> KfpConfig:
+        for name, res in self.resources.items():
+            if name != "default" and name not in TASKS:
+                raise ValueError(
+                    f"kfp.resources.{name}: unknown task; tasks are default, {', '.join(TASKS)}"
+                )
+            if res.caching and name in SIDE_EFFECT_TASKS:
+                raise ValueError(
+                    f"kfp.resources.{name}.caching: {name} {SIDE_EFFECT_TASKS[name]}; a cached "
+                    "replay would skip that: set it to false"
+                )
+        if self.ui_url and not self.ui_url.startswith(("http://", "https://")):
+            raise ValueError(f"kfp.ui_url {self.ui_url!r}: expected an http(s):// URL")
+        return self
 
     def for_task(self, name: str) -> TaskResources:
-        return self.resources.get(name) or self.resources.get("default") or TaskResources()
+        """The task's own entry, else its fallback's, else 'default'. A task with side effects
+        never inherits `caching: true` from another entry."""
+        own = self.resources.get(name)
+        if own is not None:
+            return own
+        chain = (_RESOURCE_FALLBACK.get(name), "default")
+        res = next((self.resources[k] for k in chain if k in self.resources), TaskResources())
+        if res.caching and name in SIDE_EFFECT_TASKS:
+            res = res.model_copy(update={"caching": False})
+        return res
 
 
 # ----------------------------------------------------------------------- profile

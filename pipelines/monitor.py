@@ -28,7 +28,8 @@ def build(profile: Profile):
         name=PIPELINE_NAME, description="Drift check with Evidently; retrain when production moved."
     )
     def monitor(profile: dict = default_profile, window: str = ""):
-        run_id = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+        # Unique per run; the nested retrain resolves it to this same id (see pipelines/retrain.py).
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         drift = configure(
             c.drift_check(profile=profile, window=window, run_id=run_id),
             "drift-check",

@@ -5,20 +5,30 @@
     all inside an exit handler whose summary task runs even when a step fails.
 
 Built from a profile at compile time (`build(profile)`): the profile names the image and
-the per-task resources, retries and caching; the profile itself travels as the one dict
-parameter, validated again inside every component.
+the per-task resources, retries, caching and Kubernetes settings; the profile itself travels
+as the one dict parameter, validated again inside every component.
+
+Every task gets `run_id`, the key of the run ledger (`flywheel.ledger`), from
+`dsl.PIPELINE_JOB_ID_PLACEHOLDER`: the run's UUID on Kubeflow (a random id under kfp.local),
+unique per run. The job *name* placeholder is the run's display name on a cluster and
+repeats. When the monitor nests this pipeline, its tasks resolve the same placeholder to
+the monitor run's id (one run, one id; KFP resolves only the bare placeholder, so no suffix
+can be added): the nested retrain's ledger entries share the monitor's id, and their stage
+names (plan ... summary) are disjoint from the monitor's (drift-check, no-retrain).
 """
 
 from kfp import dsl
 
 import components
 from flywheel.config import KfpConfig, Profile
+from flywheel.kfp import platform
 
 PIPELINE_NAME = "flywheel-retrain"
 
 
 def configure(task: dsl.PipelineTask, name: str, display: str, kfp: KfpConfig) -> dsl.PipelineTask:
-    """Display name, resources, retries and caching for one task, from the profile."""
+    """Display name, resources, retries, caching and Kubernetes settings for one task, from
+    the profile. `name` is the task's key in `kfp.resources` (one of `flywheel.config.TASKS`)."""
     res = kfp.for_task(name)
     task.set_display_name(display)
     # Request what the task is given as its limit: a training pod that is scheduled on a node
@@ -30,7 +40,7 @@ def configure(task: dsl.PipelineTask, name: str, display: str, kfp: KfpConfig) -
     if res.retries:
         task.set_retry(num_retries=res.retries)
     task.set_caching_options(enable_caching=res.caching)
-    return task
+    return platform.apply(task, name, kfp)
 
 
 def build(profile: Profile):
@@ -83,7 +93,7 @@ def build(profile: Profile):
         # the gate compares against is the one in production now, not at registration.
         champion = configure(
             c.evaluate_champion(profile=profile, dataset=prep.outputs["dataset"], run_id=run_id),
-            "evaluate",
+            "evaluate-champion",
             "Evaluate champion",
             kfp,
         ).after(trained)
@@ -124,7 +134,7 @@ def build(profile: Profile):
         trigger_reason: str = "manual",
         data_location: str = "",
     ):
-        run_id = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         summary = configure(
             c.summary(profile=profile, run_id=run_id), "summary", "Run summary", kfp
         )

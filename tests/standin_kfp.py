@@ -285,9 +285,18 @@ class KfpStandIn:
     def _op_HealthzService_GetHealthz(self, p, q, b):
         return {"multi_user": self.multi_user, "pipeline_store": "database"}
 
+    @staticmethod
+    def _spec(data: bytes) -> Any:
+        """The package as the server stores it: a pipeline spec, followed by a platform spec
+        (kfp-kubernetes settings) when the YAML has a second document."""
+        docs = list(yaml.safe_load_all(data))
+        if len(docs) > 1:
+            return {"pipeline_spec": docs[0], "platform_spec": docs[1]}
+        return docs[0] if docs else None
+
     def _check_package(self, data: bytes) -> None:
         try:
-            doc = yaml.safe_load(data)
+            doc = self._spec(data)
         except yaml.YAMLError as exc:
             raise HttpError(400, f"uploaded file is not YAML: {exc}") from None
         spec = doc.get("pipeline_spec", doc) if isinstance(doc, dict) else None
@@ -338,7 +347,7 @@ class KfpStandIn:
             "display_name": name,
             "description": description,
             "created_at": self._now(),
-            "pipeline_spec": yaml.safe_load(data),
+            "pipeline_spec": self._spec(data),
         }
         self.versions[vid] = version
         self.packages[vid] = data

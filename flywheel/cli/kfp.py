@@ -47,10 +47,26 @@ def _print_sent(session) -> None:
     console.print(f"dry run: {len(session.sent)} request(s) shown, nothing was sent")
 
 
+def refuse_pod_state(profile, source: Path | None, data_location: str | None) -> None:
+    """Exit 2, before compiling or connecting, if the run's state would live inside a pod."""
+    from flywheel.config import DEFAULT_PROFILE
+    from flywheel.errors import ConfigError
+    from flywheel.kfp.guard import pod_state_problems
+
+    problems = pod_state_problems(profile, data_location)
+    if problems:
+        raise ConfigError(
+            f"{source or DEFAULT_PROFILE}: not ready for Kubeflow (each task is its own pod): "
+            + "; ".join(problems)
+        )
+
+
 def _package(pipeline: str, profile, package: Path | None) -> Path:
     from flywheel.kfp.client import compiled_package
 
-    return compiled_package(pipeline, profile, package, profile.state_path("compiled"))
+    # The state directory only when compiling here: a given --package needs none.
+    out_dir = profile.state_path("compiled") if package is None else Path()
+    return compiled_package(pipeline, profile, package, out_dir)
 
 
 def submit_cmd(
@@ -75,6 +91,7 @@ def submit_cmd(
     from flywheel.kfp.client import submit
 
     prof = profile_from(profile, overrides)
+    refuse_pod_state(prof, profile, data_location)
     pkg = _package(pipeline, prof, package)
     session = _session(prof, host, namespace, dry_run)
     run = submit(
@@ -91,7 +108,13 @@ def submit_cmd(
         return
     ref = run.pipeline
     verb = "uploaded" if ref.uploaded else "reused"
-    err_console.print(f"pipeline {ref.pipeline_name}: version {ref.version_name} {verb}")
+    err_console.print(
+        f"pipeline {ref.pipeline_name}: {verb} version '{ref.version_name}' "
+        f"(sha256:{ref.digest[:12]})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    # The run's page in the Kubeflow UI (kfp.ui_url, or derived from the host).
     console.print(run.url, highlight=False, soft_wrap=True)
     if wait:
         state = session.wait(
@@ -138,6 +161,7 @@ def schedule_create(
 
     to_kfp_cron(cron)  # a bad expression fails before compiling or connecting
     prof = profile_from(profile, overrides)
+    refuse_pod_state(prof, profile, data_location)
     pkg = _package(pipeline, prof, package)
     session = _session(prof, host, namespace, dry_run)
     rec = schedule(

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from
+from flywheel.cli.common import OverridesArg, ProfileOpt, console, err_console, profile_from
 from flywheel.config import Profile
 from flywheel.errors import FlywheelError
 
@@ -143,7 +143,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write KFP IR YAML for every pipeline (and load each back to prove it parses)."""
         from flywheel.kfp.compile import compile_all
+        from flywheel.kfp.guard import pod_state_problems
 
         p = profile_from(profile, overrides)
+        for problem in pod_state_problems(p):  # submit would refuse these (exit 2)
+            err_console.print(
+                f"[yellow]warning:[/yellow] {problem}", highlight=False, soft_wrap=True
+            )
         for path in compile_all(p, out):
             console.print(f"[green]compiled[/green] {path}")

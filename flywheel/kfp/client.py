@@ -15,6 +15,9 @@ A thin layer over the real `kfp.Client`, adding what a repeatable submit needs:
 - **Readable failures.** HTTP errors and unreachable hosts become one `FlywheelError`
   line (status + the server's own message); kfp's healthz retry loop (5 tries, 5 s
   apart) is cut to one attempt so a dead host fails in milliseconds.
+- **The page a person opens.** On a full Kubeflow deployment the API is served at
+  ``<host>/pipeline`` and the UI at ``<host>/_/pipeline``; run links use ``kfp.ui_url``
+  or that derivation (`ui_base`).
 - **Dry runs.** `dry_run=True` swaps kfp's REST transport for a recorder: the very
   requests `kfp.Client` would send are listed and nothing leaves the machine. The
   recorder cannot ask the server what exists, so a dry run shows the full plan
@@ -64,6 +67,19 @@ class KfpTarget:
 
     def run_url(self, run_id: str) -> str:
         return f"{(self.ui_host or self.host).rstrip('/')}/#/runs/details/{run_id}"
+
+
+def ui_base(host: str, ui_url: str | None = None) -> str:
+    """The Kubeflow Pipelines UI for an API host: `ui_url` when set; else, for a full
+    Kubeflow deployment whose API lives at <host>/pipeline, <host>/_/pipeline (the central
+    dashboard's frame around the pipelines UI); else the host itself (standalone KFP serves
+    API and UI at one address)."""
+    if ui_url:
+        return ui_url.rstrip("/")
+    host = host.rstrip("/")
+    if host.endswith("/pipeline"):
+        return host.removesuffix("/pipeline") + "/_/pipeline"
+    return host
 
 
 @dataclass(frozen=True)
@@ -143,7 +159,12 @@ def resolve_target(
             raise ConfigError(f"kfp.token_file '{path}' is empty")
     elif cfg.token_env and os.environ.get(cfg.token_env):
         token = os.environ[cfg.token_env].strip()
-    return KfpTarget(host=url.rstrip("/"), namespace=namespace or cfg.namespace, token=token)
+    return KfpTarget(
+        host=url.rstrip("/"),
+        namespace=namespace or cfg.namespace,
+        token=token,
+        ui_host=ui_base(url, cfg.ui_url),
+    )
 
 
 def package_digest(package: Path) -> str:
@@ -155,14 +176,21 @@ def version_name_for(pipeline_name: str, digest: str) -> str:
 
 
 def declared_parameters(package: Path) -> dict[str, dict[str, Any]]:
-    """The root input parameters of a compiled pipeline (IR YAML)."""
+    """The root input parameters of a compiled pipeline (IR YAML). A pipeline with
+    Kubernetes settings has a second YAML document, the platform spec, after the first."""
     try:
-        doc = yaml.safe_load(Path(package).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise FlywheelError(f"{package}: not a readable pipeline YAML ({exc})") from None
+        docs = list(yaml.safe_load_all(Path(package).read_bytes().decode("utf-8")))
+        doc = docs[0] if docs else None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{package}: not a pipeline YAML (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ConfigError(f"{package}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        why = " ".join(str(exc).split())
+        raise ConfigError(f"{package}: not a readable pipeline YAML ({why})") from None
     spec = doc.get("pipeline_spec", doc) if isinstance(doc, dict) else None
     if not isinstance(spec, dict) or "root" not in spec:
-        raise FlywheelError(f"{package}: not a compiled pipeline (no 'root' in the IR YAML)")
+        raise ConfigError(f"{package}: not a compiled pipeline (no 'root' in the IR YAML)")
     return spec["root"].get("inputDefinitions", {}).get("parameters", {}) or {}
 
 
@@ -190,7 +218,8 @@ def compiled_package(pipeline: str, profile: Profile, package: Path | None, out_
     """An already-compiled YAML (`package`) or a fresh compile of the named pipeline."""
     if package is not None:
         if not Path(package).is_file():
-            raise FlywheelError(f"--package {package}: file not found")
+            raise ConfigError(f"--package {package}: file not found")
+        declared_parameters(package)  # not a compiled pipeline: fail before connecting
         return Path(package)
     try:
         from flywheel.kfp.compile import compile_pipeline
@@ -445,7 +474,8 @@ class KfpSession:
                     namespace=self.target.namespace,
                 )
             pipeline_id = pipeline.pipeline_id
-            # The upload created the first version from the same bytes and description.
+            # The upload created the first version from the same bytes and description; the
+            # server names it (after the pipeline), so it is found by the digest it carries.
             found = None if self.dry_run else self._find_version(pipeline_id, version_name, digest)
             version_id = found.pipeline_version_id if found else "<version-id>"
             if found is None and not self.dry_run:
@@ -454,15 +484,16 @@ class KfpSession:
                 pipeline_id,
                 version_id,
                 pipeline_name,
-                found.name if found else version_name,
+                _version_label(found, version_name),
                 digest,
                 True,
             )
         found = self._find_version(pipeline_id, version_name, digest)
         if found is not None:
-            log.info("pipeline %s: version %s already uploaded", pipeline_name, found.name)
+            label = _version_label(found, version_name)
+            log.info("pipeline %s: version %s already uploaded", pipeline_name, label)
             return PipelineRef(
-                pipeline_id, found.pipeline_version_id, pipeline_name, found.name, digest, False
+                pipeline_id, found.pipeline_version_id, pipeline_name, label, digest, False
             )
         with self._call(f"uploading version '{version_name}'"):
             version = self.client.upload_pipeline_version(
@@ -479,7 +510,12 @@ class KfpSession:
 
     # -------------------------------------------------------------------- runs
     def create_run(
-        self, ref: PipelineRef, experiment_id: str, run_name: str, parameters: dict[str, Any]
+        self,
+        ref: PipelineRef,
+        experiment_id: str,
+        run_name: str,
+        parameters: dict[str, Any],
+        service_account: str | None = None,
     ) -> SubmittedRun:
         with self._call("creating a run"):
             run = self.client.run_pipeline(
@@ -488,6 +524,7 @@ class KfpSession:
                 params=parameters,
                 pipeline_id=ref.pipeline_id,
                 version_id=ref.version_id,
+                service_account=service_account,
             )
         return SubmittedRun(
             run.run_id, self.target.run_url(run.run_id), experiment_id, ref, parameters
@@ -539,6 +576,7 @@ class KfpSession:
         *,
         max_concurrency: int = 1,
         no_catchup: bool = True,
+        service_account: str | None = None,
     ) -> RecurringRunInfo:
         if not self.dry_run:
             clash = [r for r in self.list_recurring_runs() if r.name == name]
@@ -558,6 +596,7 @@ class KfpSession:
                 params=parameters,
                 pipeline_id=ref.pipeline_id,
                 version_id=ref.version_id,
+                service_account=service_account,
             )
         return _info(rec)
 
@@ -613,6 +652,14 @@ class KfpSession:
         return rid
 
 
+def _version_label(version: Any, fallback: str) -> str:
+    """A version's name as the server shows it. Servers before KFP 2.14 return no `name`,
+    only `display_name`; a dry run has no version at all."""
+    if version is None:
+        return fallback
+    return version.display_name or version.name or version.pipeline_version_id
+
+
 def _info(rec: Any) -> RecurringRunInfo:
     trigger = rec.trigger
     cron = trigger.cron_schedule.cron if trigger and trigger.cron_schedule else None
@@ -650,7 +697,10 @@ def submit(
     ref = session.ensure_pipeline_version(pipeline_name, package)
     experiment_id = session.ensure_experiment(experiment or profile.kfp.experiment)
     name = run_name or f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return session.create_run(ref, experiment_id, name, params)
+    # The pods run as this account (RBAC for Secrets, PVCs, the Ray cluster); None: the
+    # namespace's default pipeline runner.
+    account = profile.kfp.kubernetes.service_account
+    return session.create_run(ref, experiment_id, name, params, service_account=account)
 
 
 def schedule(
@@ -684,4 +734,5 @@ def schedule(
         params,
         max_concurrency=max_concurrency,
         no_catchup=not catchup,
+        service_account=profile.kfp.kubernetes.service_account,
     )

@@ -31,6 +31,11 @@ PIPELINE_END = re.compile(
 
 Event = Callable[[str, str, float], None]  # (task, "start" | SUCCESS | FAILURE, seconds)
 
+# The run id the tasks resolved dsl.PIPELINE_JOB_ID_PLACEHOLDER to (kfp.local draws a random
+# one per run), read from the executor input the first task logs: the run ledger is keyed
+# by it, and kfp.local does not return it.
+RUN_ID = re.compile(r'"run_id": "([^"]+)"')
+
 
 @dataclass
 class LocalRun:
@@ -59,6 +64,7 @@ class _TaskStream(io.TextIOBase):
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
         self.pipeline_status: tuple[str, str | None] | None = None
+        self.run_id: str | None = None
 
     def writable(self) -> bool:
         return True
@@ -76,6 +82,8 @@ class _TaskStream(io.TextIOBase):
 
     def _line(self, line: str) -> None:
         if line.startswith(" "):  # a task's own (indented) output
+            if self.run_id is None and (m := RUN_ID.search(line)):
+                self.run_id = m.group(1)
             return
         if m := START.search(line):
             self.started[m.group(1)] = time.monotonic()
@@ -136,7 +144,7 @@ def run_local(
     status, failed = stream.pipeline_status or ("FAILURE", None)
     return LocalRun(
         pipeline=name,
-        run_id=run_dir.name,
+        run_id=stream.run_id or run_dir.name,
         run_dir=run_dir,
         succeeded=status == "SUCCESS",
         failed_task=failed,

@@ -187,3 +187,62 @@ def test_monitor_nests_retrain_under_the_drift_condition(monitor_spec):
     # the nested retrain keeps its own exit handler
     comp = monitor_spec["components"]["comp-flywheel-retrain"]["dag"]["tasks"]
     assert comp["summary"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+
+
+def _run_ids(spec: dict) -> set[str]:
+    """The constant every task's run_id input resolves from, over all DAGs."""
+    dags = [spec["root"], *(c for c in spec["components"].values() if "dag" in c)]
+    return {
+        t["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"]
+        for d in dags
+        for t in d["dag"]["tasks"].values()
+        if "run_id" in t.get("inputs", {}).get("parameters", {})
+    }
+
+
+def test_run_ids_come_from_the_job_id_placeholder(retrain_spec, monitor_spec):
+    """The job id is unique per run; the job *name* is the display name on a cluster and
+    repeats, so ledger entries of two runs would mix."""
+    from kfp import dsl
+
+    assert _run_ids(retrain_spec) == {dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+    # the monitor and its nested retrain: one run, one id (see pipelines/retrain.py)
+    assert _run_ids(monitor_spec) == {dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+    with_run_id = {
+        name
+        for name, t in _all_tasks(monitor_spec).items()
+        if "run_id" in t.get("inputs", {}).get("parameters", {})
+    }
+    assert {"drift-check", "no-retrain", "plan", "train", "gate", "summary"} <= with_run_id
+
+
+def test_ledger_stages_of_monitor_and_nested_retrain_are_disjoint():
+    """Sharing the monitor's run id is safe only while no stage name repeats: the summary
+    reads one entry per stage, and the monitor counts a run with `plan` and no `summary`
+    as a retrain in flight."""
+    import re
+    from pathlib import Path
+
+    import flywheel.stages as stages
+
+    source = Path(stages.__file__).read_text()
+    monitor = {"drift-check", "no-retrain"}
+    recorded = set(re.findall(r'ledger\.record\(\s*p,\s*run_id,\s*"([\w-]+)"', source))
+    recorded |= {"evaluate-champion", "evaluate-challenger"}  # named through a variable
+    assert monitor <= recorded and {"plan", "summary"} <= recorded
+    assert not ({"plan", "summary"} & monitor)
+
+
+def test_evaluate_champion_has_its_own_resource_key(tmp_path):
+    p = load_profile(
+        None,
+        [
+            "kfp.resources.evaluate={cpu: '3', memory: 6G}",
+            "kfp.resources.evaluate-champion={cpu: '5', memory: 10G}",
+        ],
+    )
+    executors = yaml.safe_load(compile_pipeline("retrain", p, tmp_path).read_text())[
+        "deploymentSpec"
+    ]["executors"]
+    assert executors["exec-evaluate"]["container"]["resources"]["resourceCpuLimit"] == "3"
+    assert executors["exec-evaluate-champion"]["container"]["resources"]["resourceCpuLimit"] == "5"

@@ -24,6 +24,12 @@ from flywheel.kfp.client import (
 )
 
 TOKEN = "tok-3c7e1d9f-secret"
+# What `flywheel submit` needs beyond the default profile (the guard refuses pod-local state).
+READY = [
+    "registry.tracking_uri=http://mlflow.example:5000",
+    "tune.storage=postgresql+psycopg2://optuna@pg.example:5432/optuna",
+    "storage.root=s3://bucket/flywheel",
+]
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +316,7 @@ def test_cli_submit_prints_the_run_url(kfp, package, state_dir, capsys, monkeypa
             [
                 "submit",
                 "retrain",
+                *READY,
                 "--host",
                 kfp.url,
                 "--package",
@@ -332,7 +339,9 @@ def test_cli_submit_prints_the_run_url(kfp, package, state_dir, capsys, monkeypa
 def test_cli_server_error_exits_1_with_one_line(kfp, package, state_dir, capsys, monkeypatch):
     monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
     kfp.fail("POST", r"/experiments$", 500, "database is locked")
-    code, _, err = _cli(["submit", "retrain", "--host", kfp.url, "--package", str(package)], capsys)
+    code, _, err = _cli(
+        ["submit", "retrain", *READY, "--host", kfp.url, "--package", str(package)], capsys
+    )
     assert code == 1
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "HTTP 500" in lines[0] and "database is locked" in lines[0]
@@ -342,9 +351,8 @@ def test_cli_server_error_exits_1_with_one_line(kfp, package, state_dir, capsys,
 def test_cli_schedule_roundtrip_and_dry_run(kfp, package, state_dir, capsys, monkeypatch):
     monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
     common = ["--host", kfp.url]
-    main(
-        ["schedule", "create", "monitor", "--cron", "0 3 * * *", "--package", str(package), *common]
-    )
+    create = ["schedule", "create", "monitor", *READY, "--cron", "0 3 * * *"]
+    main([*create, "--package", str(package), *common])
     assert "'0 0 3 * * *'" in capsys.readouterr().out
     main(["schedule", "list", *common])
     assert "flywheel-monitor" in capsys.readouterr().out
@@ -369,3 +377,134 @@ def test_run_parameters_offer_only_what_the_pipeline_declares(profile):
         {"profile": {}, "trigger_reason": {}, "data_location": {}}, profile, "drift: 0.9", None
     )
     assert set(retrain) == {"profile", "trigger_reason"}  # no location given: the default stands
+
+
+# ---------------------------------------------------- issue 11: the cluster path
+
+
+def _run_cli(args, capsys):
+    """(exit code, stdout, stderr) of one CLI call, whether it exits or returns."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "host, ui_url, expected",
+    [
+        # a full Kubeflow deployment: API at <host>/pipeline, UI inside the central dashboard
+        ("https://kf.example.com/pipeline", None, "https://kf.example.com/_/pipeline"),
+        ("https://kf.example.com/pipeline/", None, "https://kf.example.com/_/pipeline"),
+        # standalone KFP serves API and UI at one address
+        ("http://127.0.0.1:8888", None, "http://127.0.0.1:8888"),
+        (
+            "https://kf.example.com/pipeline",
+            "https://ui.example.com/kfp/",
+            "https://ui.example.com/kfp",
+        ),
+    ],
+)
+def test_the_run_link_is_the_page_a_person_opens(host, ui_url, expected):
+    from flywheel.kfp.client import ui_base
+
+    assert ui_base(host, ui_url) == expected
+    target = resolve_target(KfpConfig(host=host, ui_url=ui_url))
+    assert target.run_url("r-1") == f"{expected}/#/runs/details/r-1"
+
+
+def test_runs_and_recurring_runs_carry_the_profiles_service_account(kfp, session, package):
+    p = load_profile(None, ["kfp.kubernetes.service_account=flywheel-runner"])
+    run = submit(session, p, "retrain", package)
+    assert kfp.runs[run.run_id]["service_account"] == "flywheel-runner"
+    rec = schedule(session, p, "monitor", package, "0 3 * * *")
+    assert kfp.recurring[rec.recurring_run_id]["service_account"] == "flywheel-runner"
+    # unset: the field is left out and the namespace's default runner account applies
+    run = submit(session, load_profile(None), "retrain", package)
+    assert "service_account" not in kfp.runs[run.run_id]
+
+
+def test_first_submit_names_the_uploaded_version_also_on_servers_without_version_names(
+    contracts_dir, package, state_dir, capsys, monkeypatch
+):
+    """Servers before KFP 2.14 return a version's display_name but no `name`: the CLI used to
+    print `version None uploaded`."""
+    original = KfpStandIn._add_version
+
+    def old_server(self, *args, **kwargs):
+        version = original(self, *args, **kwargs)
+        version.pop("name")
+        return version
+
+    monkeypatch.setattr(KfpStandIn, "_add_version", old_server)
+    with KfpStandIn(contracts_dir) as kfp:
+        code, out, err = _run_cli(
+            ["submit", "retrain", *READY, "--host", kfp.url, "--package", str(package)], capsys
+        )
+        assert code == 0, err
+        assert "None" not in err
+        assert "uploaded version 'flywheel-retrain' (sha256:" in err
+        assert f"{kfp.url}/#/runs/details/" in out
+        code, _out, err = _run_cli(
+            ["submit", "retrain", *READY, "--host", kfp.url, "--package", str(package)], capsys
+        )
+        assert code == 0 and "reused version 'flywheel-retrain'" in err
+        assert len(kfp.calls("POST", r"/pipelines/upload")) == 1
+        assert kfp.violations == []
+
+
+def test_an_unchanged_pipeline_submitted_again_from_a_new_process_uploads_nothing(
+    contracts_dir, tmp_path
+):
+    """Each `flywheel submit` compiles afresh in its own process (and hash seed): the same
+    profile must give the same bytes, so the second submit reuses the version."""
+    import os
+    import subprocess
+
+    from flywheel.config import CONFIG_DIR
+
+    cluster = CONFIG_DIR / "cluster.yaml"
+    with KfpStandIn(contracts_dir) as kfp:
+        outputs = []
+        for seed in ("1", "2"):
+            env = {**os.environ, "PYTHONHASHSEED": seed}
+            env.pop("KF_PIPELINES_TOKEN", None)
+            proc = subprocess.run(
+                [sys.executable, "-m", "flywheel.cli.main", "submit", "retrain",
+                 "--profile", str(cluster), "--host", kfp.url],
+                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            outputs.append(proc.stderr)
+        assert "uploaded version" in outputs[0]
+        assert "reused version" in outputs[1], outputs[1]
+        assert len(kfp.calls("POST", r"/pipelines/upload")) == 1
+        assert len(kfp.versions) == 1 and len(kfp.runs) == 2
+        assert {r["service_account"] for r in kfp.runs.values()} == {"flywheel-runner"}
+        assert kfp.violations == []
+
+
+def test_package_that_is_not_a_pipeline_yaml_is_one_line_exit_2(tmp_path, state_dir, capsys):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    not_yaml = tmp_path / "notes.yaml"
+    not_yaml.write_text("a: [unclosed\n")
+    not_pipeline = tmp_path / "other.yaml"
+    not_pipeline.write_text("name: just a mapping\n")
+    for path, why in [
+        (binary, "not UTF-8 text"),
+        (not_yaml, "not a readable pipeline YAML"),
+        (not_pipeline, "not a compiled pipeline"),
+        (tmp_path / "absent.yaml", "file not found"),
+    ]:
+        # the host is never contacted: the package is read before connecting
+        code, _, err = _run_cli(
+            ["submit", "retrain", *READY, "--host", "http://127.0.0.1:9", "--package", str(path)],
+            capsys,
+        )
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert why in lines[0] and "Traceback" not in err and "UnicodeDecodeError" not in err
