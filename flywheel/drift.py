@@ -44,6 +44,7 @@ from pydantic import BaseModel
 
 from flywheel.config import DriftConfig, Profile
 from flywheel.errors import DataError
+from flywheel.storage import is_uri, staged
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,18 @@ def _read_records(file: Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def load_window(window: str | Path, cfg: DriftConfig) -> pd.DataFrame:
-    """The latest `cfg.max_rows` records of a window: columns text (and timestamp if present)."""
+def load_window(
+    window: str | Path, cfg: DriftConfig, endpoint_url: str | None = None
+) -> pd.DataFrame:
+    """The latest `cfg.max_rows` records of a window: columns text (and timestamp if present).
+
+    An s3:// or gs:// window (a pod has no other way to see production records) is copied to
+    a temporary directory first and read there; messages name the URI. endpoint_url: the
+    profile's storage.endpoint_url for s3://.
+    """
+    if is_uri(str(window)):
+        with staged(str(window), "window", endpoint_url) as local:
+            return load_window(local, cfg)
     path = Path(window)
     records = [r for f in _window_files(path) for r in _read_records(f)]
     if not records:
@@ -324,7 +335,7 @@ def check_drift(
 ) -> DriftResult:
     """Measure drift of `window` against `reference`; write an HTML report and drift.json."""
     cfg = profile.drift
-    cur_raw = load_window(window, cfg)
+    cur_raw = load_window(window, cfg, profile.storage.endpoint_url)
     ref_raw = load_reference(reference, cfg)
     oov = OovCounter.from_dir(tokenizer_dir, cfg.oov_min_tokens) if tokenizer_dir else None
     # Imported after the input checks: bad input fails in milliseconds, not after

@@ -10,9 +10,11 @@ testable as a plain function.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +33,62 @@ def load(profile: dict[str, Any] | Profile) -> Profile:
 
 
 def with_data_location(profile: Profile, data_location: str) -> Profile:
-    """The `data_location` run knob: a path or dataset name replacing the profile's source.
+    """The `data_location` run knob: a path, URI or dataset name replacing the profile's source.
 
     A directory or file means `files`; anything else is handed to `datasets` (`hf`), which
-    accepts a save_to_disk path or a hub name. Empty keeps the profile's source.
+    accepts a save_to_disk path or a hub name. An s3:// or gs:// URI is looked at in its
+    store (this is the step's first contact with it, so an unreadable store fails here,
+    naming data_location): a save_to_disk layout means `hf`, other objects `files`; `prepare`
+    copies them in. Empty keeps the profile's source.
     """
+    from flywheel import storage
+
     if not data_location:
         return profile
     data = profile.model_dump()
-    kind = "files" if Path(data_location).exists() and not _is_hf_dir(data_location) else "hf"
+    if storage.is_remote(data_location):
+        url = profile.storage.endpoint_url
+        storage.check_readable(data_location, "data_location", url)
+        hf = any(storage.has_entry(data_location, n, "data_location", url) for n in _HF_MARKERS)
+        kind = "hf" if hf else "files"
+    else:
+        if storage.is_uri(data_location):  # file:///abs/path -> /abs/path
+            data_location = storage.parse(data_location, "data_location").path
+        exists = Path(data_location).exists()
+        kind = "files" if exists and not _is_hf_dir(data_location) else "hf"
     data["data"]["source"].update(kind=kind, path=data_location)
     return validate_profile(data, f"{PROFILE_PARAM} with data_location={data_location!r}")
 
 
+# What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in a directory.
+_HF_MARKERS = ("dataset_info.json", "dataset_dict.json")
+
+
 def _is_hf_dir(path: str) -> bool:
-    p = Path(path)
-    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+    return any((Path(path) / name).exists() for name in _HF_MARKERS)
+
+
+@contextlib.contextmanager
+def _staged_source(profile: Profile, out_dir: Path) -> Iterator[Profile]:
+    """The profile with an s3:// or gs:// `data.source.path` copied to a local temporary
+    directory (removed afterwards), so the data stage's readers stay local-file readers.
+    The manifest keeps the URI, not the temporary path."""
+    from flywheel import storage
+    from flywheel.artifacts import MANIFEST
+
+    uri = profile.data.source.path
+    if not storage.is_uri(uri):
+        yield profile
+        return
+    with storage.staged(uri, "data.source.path", profile.storage.endpoint_url) as local:
+        data = profile.model_dump()
+        data["data"]["source"]["path"] = local
+        yield validate_profile(data, PROFILE_PARAM)
+    manifest = Path(out_dir) / MANIFEST
+    if manifest.is_file():
+        info = json.loads(manifest.read_text())
+        info.get("config", {}).get("source", {})["path"] = uri
+        manifest.write_text(json.dumps(info, indent=2))
 
 
 def with_params(profile: Profile, params: dict[str, Any] | None) -> Profile:
@@ -93,7 +135,8 @@ def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: 
 
     p = with_champion_tokenizer(with_data_location(load(profile), data_location))
     t0 = time.perf_counter()
-    stats = prepare_data(p, Path(out_dir))
+    with _staged_source(p, Path(out_dir)) as local:
+        stats = prepare_data(local, Path(out_dir))
     seconds = {"stage_seconds": time.perf_counter() - t0}
     ledger.record(
         p,
@@ -161,6 +204,7 @@ def train(
         Path(out_dir),
         init_from=str(init_from) if init_from else None,
         tags=tags,
+        run_key=run_id,  # a retried train step continues from its checkpoints
     )
     if result.mlflow_run_id:
         _log_reference_sample(p, result.mlflow_run_id, Path(dataset_dir))

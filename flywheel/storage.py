@@ -265,7 +265,7 @@ def check_readable(
     fs = filesystem(loc, endpoint_url)
     info = _info(fs, loc, field, endpoint_url)
     if must_exist and info.type == pafs.FileType.NotFound:
-        raise StorageError(f"{field}: {loc.display()}: no such file or prefix on {loc.service}")
+        raise StorageError(f"{field}: {loc.display()}: no such object or prefix on {loc.service}")
     if loc.remote and not must_exist:
         # Listing proves the credentials, which a HEAD on a public bucket would not.
         try:
@@ -292,18 +292,28 @@ def stage_in(value: str, dest: Path, field: str, endpoint_url: str | None = None
     try:
         if info.type == pafs.FileType.File:
             target = dest / Path(loc.path).name
-            pafs.copy_files(
-                loc.path, str(target), source_filesystem=fs, destination_filesystem=_local()
-            )
+            _copy_tree(fs, loc.path, target)
             return target
         if info.type == pafs.FileType.Directory:
-            pafs.copy_files(
-                loc.path, str(dest), source_filesystem=fs, destination_filesystem=_local()
-            )
+            _copy_tree(fs, loc.path, dest)
             return dest
     except Exception as exc:
         raise _fail(exc, loc, field, endpoint_url) from None
     raise StorageError(f"{field}: {loc.display()}: no such object or prefix on {loc.service}")
+
+
+def has_entry(value: str, name: str, field: str, endpoint_url: str | None = None) -> bool:
+    """Whether `name` exists directly under the directory or prefix `value`."""
+    import pyarrow.fs as pafs
+
+    loc = parse(value, field)
+    if not loc.remote:
+        return (Path(loc.path) / name).exists()
+    fs = filesystem(loc, endpoint_url)
+    try:
+        return fs.get_file_info(loc.child(name).path).type != pafs.FileType.NotFound
+    except Exception as exc:
+        raise _fail(exc, loc, field, endpoint_url) from None
 
 
 def upload_dir(
@@ -335,12 +345,36 @@ def download(fs: pyarrow.fs.FileSystem, path: str, dest: Path, names: tuple[str,
     dest.mkdir(parents=True, exist_ok=True)
     for name in names or ("",):
         src = f"{path.rstrip('/')}/{name}" if name else path
-        info = fs.get_file_info(src)
-        if info.type == pafs.FileType.NotFound:
-            continue
-        target = dest / name if name else dest
-        pafs.copy_files(src, str(target), source_filesystem=fs, destination_filesystem=_local())
+        if fs.get_file_info(src).type != pafs.FileType.NotFound:
+            _copy_tree(fs, src, dest / name if name else dest)
     return dest
+
+
+COPY_CHUNK = 8 * 1024**2
+
+
+def _copy_tree(fs: pyarrow.fs.FileSystem, src: str, dest: Path) -> None:
+    """Copy one object, or every object under a prefix, to local disk. By hand rather than
+    pyarrow.fs.copy_files, which expects the local directories of a prefix to exist (an
+    object store has no directories to list)."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(src).type == pafs.FileType.File:
+        files = [(src, dest)]
+    else:
+        selector = pafs.FileSelector(src, recursive=True)
+        root = src.rstrip("/") + "/"
+        files = [
+            (i.path, dest / i.path.removeprefix(root))
+            for i in fs.get_file_info(selector)
+            if i.type == pafs.FileType.File
+        ]
+        dest.mkdir(parents=True, exist_ok=True)
+    for source, target in files:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(source) as fin, open(target, "wb") as fout:
+            while chunk := fin.read(COPY_CHUNK):
+                fout.write(chunk)
 
 
 def _local() -> pyarrow.fs.FileSystem:
@@ -355,8 +389,8 @@ def staged(value: str, field: str, endpoint_url: str | None = None) -> Iterator[
     copy that is removed afterwards. A FlywheelError raised inside the block that names the
     temporary copy is re-raised naming the URI instead."""
     loc = parse(value, field)
-    if not loc.remote:
-        yield loc.path
+    if not loc.remote:  # a plain path as given (messages keep naming it), file:// as its path
+        yield loc.path if is_uri(value) else value
         return
     tmp = Path(tempfile.mkdtemp(prefix="flywheel-stage-"))
     try:
@@ -385,6 +419,7 @@ class RayStorage:
     path: str
     filesystem: pyarrow.fs.FileSystem | None
     location: Location
+    endpoint_url: str | None = None
 
     def run_uri(self, name: str) -> str:
         return self.location.child(name).display()
@@ -430,4 +465,5 @@ def ray_storage(profile: Profile, *, check: bool = False) -> RayStorage:
     if not loc.remote:
         Path(loc.path).mkdir(parents=True, exist_ok=True)
         return RayStorage(loc.path, None, loc)
-    return RayStorage(loc.path, filesystem(loc, profile.storage.endpoint_url), loc)
+    url = profile.storage.endpoint_url
+    return RayStorage(loc.path, filesystem(loc, url), loc, url)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -20,9 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flywheel import artifacts
+from flywheel import artifacts, storage
 from flywheel.config import Profile
-from flywheel.errors import ConfigError, FlywheelError
+from flywheel.errors import ConfigError, FlywheelError, StorageError
 from flywheel.train.loop import HF_DIR, STATE_FILE, train_loop_per_worker
 from flywheel.train.plan import TrainPlan, make_plan
 from flywheel.train.report import TrainResult, loop_throughput, loss_curve_html
@@ -56,6 +58,65 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
         raise ConfigError(f"train.resume_from: no checkpoint ({STATE_FILE}) in {root}")
     step, best = max(found)
     return best, step
+
+
+def ray_run_name(run_key: str | None) -> str:
+    """The Ray run's directory name: fixed per pipeline run (so a retried step finds its
+    checkpoints), unique otherwise. Only characters every object store and path accept."""
+    if run_key:
+        return "train-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_key).strip("-.")[:120]
+    return f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def stored_step(store: storage.RayStorage, run_name: str) -> int | None:
+    """The step of the latest checkpoint a previous attempt left under `run_name`, or None.
+
+    Ray Train restores the checkpoint itself (same name, same storage); this reads the
+    step only to report it and to time this attempt's own steps apart from earlier ones.
+    """
+    import pyarrow.fs as pafs
+
+    fs = store.filesystem or pafs.LocalFileSystem()
+    run = store.location.child(run_name).path
+    steps = []
+    try:
+        for info in fs.get_file_info(pafs.FileSelector(run, allow_not_found=True)):
+            if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+                continue
+            state = f"{info.path}/{STATE_FILE}"
+            if fs.get_file_info(state).type == pafs.FileType.File:
+                with fs.open_input_stream(state) as fh:
+                    steps.append(int(json.loads(fh.read().decode())["step"]))
+    except Exception as exc:
+        raise StorageError(
+            storage.explain(exc, store.location, "storage.root", store.endpoint_url)
+        ) from None
+    return max(steps) if steps else None
+
+
+def _checkpoint_uri(checkpoint: Any) -> str:
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return str(checkpoint.path)
+    scheme = "gs" if checkpoint.filesystem.type_name == "gcs" else checkpoint.filesystem.type_name
+    return f"{scheme}://{checkpoint.path}"
+
+
+@contextmanager
+def _local_checkpoint(checkpoint: Any) -> Iterator[Path]:
+    """The final checkpoint's state and exported weights on local disk: the directory itself
+    when the storage is local, else a temporary copy of just those two entries (the DeepSpeed
+    shards, the bulk of a checkpoint, stay in object storage)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
+        yield storage.download(
+            checkpoint.filesystem, checkpoint.path, Path(tmp), names=(STATE_FILE, HF_DIR)
+        )
 
 
 # --------------------------------------------------------------------- tracking
@@ -210,10 +271,15 @@ def _fit(
     config: dict[str, Any],
     run_name: str,
     *,
+    store: storage.RayStorage,
     callbacks: list[Any] | None = None,
 ):
     """Run Ray Train. callbacks: Ray Train `UserCallback`s for the run (tuning passes Tune's
-    `TuneReportCallback` so each trial's reports reach its scheduler)."""
+    `TuneReportCallback` so each trial's reports reach its scheduler).
+
+    Checkpoints go to `store` (storage.root/ray or <state_dir>/ray). A run of the same name
+    already there is continued: Ray Train restores its checkpoint list from that directory,
+    and `ray.train.get_checkpoint()` in the loop returns the latest one."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -239,7 +305,8 @@ def _fit(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(profile.state_path("ray")),
+            storage_path=store.path,
+            storage_filesystem=store.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=profile.train.max_failures),
             callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
@@ -254,7 +321,7 @@ def _fit(
         raise FlywheelError(
             f"training failed (train.max_failures={profile.train.max_failures} restarts used): "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; checkpoints are in "
-            f"{Path(profile.state_path('ray')) / run_name}"
+            f"{store.run_uri(run_name)}"
         ) from exc
 
 
@@ -291,6 +358,7 @@ def train(
     tags: dict[str, str] | None = None,
     progress: Progress | None = None,
     fault: dict[str, Any] | None = None,
+    run_key: str | None = None,
 ) -> TrainResult:
     """Train (or continue training) a causal LM on a prepared dataset; write a Model artifact.
 
@@ -299,6 +367,10 @@ def train(
     progress: called as progress(event, data) with events "plan", "start", "step", "done".
     fault: test hook, {"step": k, "rank": r, "marker": path}: worker r SIGKILLs itself
     before step k, once (the marker file remembers), to exercise recovery.
+    run_key: names the Ray run (the pipeline passes its run id). A retried step of the same
+    pipeline run finds its predecessor's checkpoints in the checkpoint storage under that
+    name and continues from the latest, instead of training again from step 0. None: a
+    fresh name, a fresh run.
     """
     from flywheel.runtime import ray_session
 
@@ -306,6 +378,9 @@ def train(
     emit = progress or (lambda _event, _data: None)
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     plan = make_plan(profile, dataset_dir, init_from)
+    # Before MLflow and Ray: a missing bucket or bad credentials fail here, in one line.
+    store = storage.ray_storage(profile, check=True)
+    run_name = ray_run_name(run_key)
     resume, resume_step = (None, 0)
     if profile.train.resume_from:
         resume, resume_step = find_checkpoint(profile.train.resume_from)
@@ -322,6 +397,11 @@ def train(
             plan.model_source.path,
             dataset_dir / artifacts.TOKENIZER_DIR,
         )
+    stored = stored_step(store, run_name) if run_key else None
+    if stored is not None:
+        # Ray restores this run's own checkpoint, which wins over train.resume_from.
+        resume_step = stored
+        log.info("continuing %s from its step-%d checkpoint", store.run_uri(run_name), stored)
     planned = time.time()
     emit(
         "plan",
@@ -336,7 +416,6 @@ def train(
             "resume_step": resume_step,
         },
     )
-    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     with _mlflow_run(profile, plan, dict(tags or {})) as (uri, run_id), ray_session(profile.ray):
         emit("start", {"run_name": run_name, "mlflow_run_id": run_id})
         with _progress_relay(progress) as queue:
@@ -348,34 +427,39 @@ def train(
                 fault=fault,
                 resume_from=resume,
             )
-            result = _fit(profile, plan, config, run_name)
-        ckpt = Path(result.checkpoint.path)
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        history = state["history"]
-        # Throughput of this run's own steps; a resumed run's earlier steps were timed before.
-        tokens_per_s, loop_s = loop_throughput(history[resume_step:], plan.tokens_per_step)
-        startup = state.get("startup", {})
-        summary = {
-            # Seconds from the end of planning to rank 0 entering the loop (Ray, MLflow,
-            # worker processes), then the worker's own start-up phases.
-            "startup": {"ray_and_workers_s": startup.pop("worker_entered_at", planned) - planned}
-            | startup,
-            "first_loss": history[0]["loss"],
-            "final_loss": history[-1]["loss"],
-            "steps": state["step"],
-            "tokens": state["tokens"],
-            "tokens_per_s": tokens_per_s,
-            "loop_s": loop_s,
-            # Attempts seen in this run's steps; a resumed run's first attempt is not a restart.
-            "restarts": len({r["attempt"] for r in history if r["step"] > resume_step}) - 1,
-            "resumed_from_step": resume_step,
-            "global_batch": plan.global_batch,
-            "world_size": plan.world_size,
-            "data_hash": plan.dataset.content_hash,
-            "mlflow_run_id": run_id,
-            "checkpoint": str(ckpt),
-        }
-        _export(ckpt, dataset_dir, out_dir, summary, profile)
+            result = _fit(profile, plan, config, run_name, store=store)
+        checkpoint_uri = _checkpoint_uri(result.checkpoint)
+        with _local_checkpoint(result.checkpoint) as ckpt:
+            state = json.loads((ckpt / STATE_FILE).read_text())
+            history = state["history"]
+            # Throughput of this run's own steps; a resumed run's earlier steps were timed before.
+            tokens_per_s, loop_s = loop_throughput(history[resume_step:], plan.tokens_per_step)
+            startup = state.get("startup", {})
+            summary = {
+                # Seconds from the end of planning to rank 0 entering the loop (Ray, MLflow,
+                # worker processes), then the worker's own start-up phases.
+                "startup": {
+                    "ray_and_workers_s": startup.pop("worker_entered_at", planned) - planned
+                }
+                | startup,
+                "first_loss": history[0]["loss"],
+                "final_loss": history[-1]["loss"],
+                "steps": state["step"],
+                "tokens": state["tokens"],
+                "tokens_per_s": tokens_per_s,
+                "loop_s": loop_s,
+                # Attempts seen in this run's steps; a resumed run's first attempt is not a restart.
+                "restarts": max(
+                    0, len({r["attempt"] for r in history if r["step"] > resume_step}) - 1
+                ),
+                "resumed_from_step": resume_step,
+                "global_batch": plan.global_batch,
+                "world_size": plan.world_size,
+                "data_hash": plan.dataset.content_hash,
+                "mlflow_run_id": run_id,
+                "checkpoint": checkpoint_uri,
+            }
+            _export(ckpt, dataset_dir, out_dir, summary, profile)
         curve = out_dir / LOSS_CURVE
         subtitle = (
             f"{plan.model_source.kind} model, {plan.world_size} workers x micro {plan.micro_batch} "
@@ -400,7 +484,7 @@ def train(
             loop_s=loop_s,
             restarts=summary["restarts"],
             resumed_from_step=resume_step,
-            checkpoint=str(ckpt),
+            checkpoint=checkpoint_uri,
             mlflow_run_id=run_id,
             wall_s=time.perf_counter() - t0,
         )

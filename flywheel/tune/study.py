@@ -223,6 +223,7 @@ def tune(
 
     from flywheel import tracking
     from flywheel.runtime import ray_session
+    from flywheel.storage import ray_storage
     from flywheel.train.plan import make_plan
     from flywheel.tune.space import trial_profile
 
@@ -234,6 +235,8 @@ def tune(
     # The data and model checks of the training stage, once, before any trial: a dataset
     # too small for the smallest batch fails here with the training stage's message.
     make_plan(trial_profile(profile, {}), dataset_dir)
+    # Trial checkpoints: storage.root/ray or <state_dir>/ray; an unreachable store fails here.
+    store = ray_storage(profile, check=True)
 
     url = storage_url(profile)
     try:
@@ -338,7 +341,8 @@ def tune(
                 ),
                 run_config=rtune.RunConfig(
                     name=prefix,
-                    storage_path=str(profile.state_path("ray")),
+                    storage_path=store.path,
+                    storage_filesystem=store.filesystem,
                     verbose=0,
                     callbacks=[_progress_callback(emit)],
                 ),
@@ -409,10 +413,7 @@ def tune(
         raise
     finally:
         # Ray Train run directories of stopped trials (finished ones clean up after themselves).
-        import shutil
-
-        for leftover in profile.state_path("ray").glob(f"{prefix}-trial*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        store.remove_runs(f"{prefix}-trial")
     client.set_terminated(parent_id, "FINISHED")
     emit("done", result.metrics())
     return result

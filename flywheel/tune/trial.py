@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import uuid
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -94,6 +92,7 @@ def run_trial(job: dict[str, Any], config: dict[str, Any]) -> None:
 
     from flywheel import artifacts
     from flywheel.config import Profile
+    from flywheel.storage import ray_storage
     from flywheel.train.plan import make_plan
     from flywheel.train.run import _materialize, loop_config
     from flywheel.tune.space import trial_profile
@@ -142,6 +141,7 @@ def run_trial(job: dict[str, Any], config: dict[str, Any]) -> None:
 
         callbacks: list[Any] = [TuneReportCallback()]
         name = f"{job['run_prefix']}-trial{number}-{uuid.uuid4().hex[:6]}"
+        store = ray_storage(profile)
         trainer = _trainer_class()(
             train_loop_per_worker,
             train_loop_config=loop_config(
@@ -153,7 +153,8 @@ def run_trial(job: dict[str, Any], config: dict[str, Any]) -> None:
             ),
             run_config=ray.train.RunConfig(
                 name=name,
-                storage_path=str(profile.state_path("ray")),
+                storage_path=store.path,
+                storage_filesystem=store.filesystem,
                 failure_config=ray.train.FailureConfig(max_failures=0),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
                 callbacks=callbacks,
@@ -164,7 +165,7 @@ def run_trial(job: dict[str, Any], config: dict[str, Any]) -> None:
         trainer.fit()
         client.set_terminated(run_id, "FINISHED")  # final_loss: the driver, from the study
         # Trial checkpoints (weights, optimizer state) are not needed once the loss is known.
-        shutil.rmtree(Path(profile.state_path("ray")) / name, ignore_errors=True)
+        store.remove_run(name)
     except BaseException as exc:
         if box.get("stopped"):  # the scheduler stopped this trial: pruned, not failed
             client.set_terminated(run_id, "KILLED")
