@@ -54,7 +54,7 @@ def check(
     """Compare a production window with the reference and write an HTML report.
 
     Exit codes: 0 no drift, 3 drift, 1 bad input or data (empty window, missing text
-    field, too few rows), 2 bad profile or override.
+    field, too few rows), 2 bad profile, override or flag (a missing --tokenizer).
     """
     from flywheel.drift import check_drift
     from flywheel.errors import ConfigError
