@@ -826,6 +826,14 @@ class Profile(_Strict):
             )
         return self
 
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir_named(cls, value: str) -> str:
+        # An empty path is the working directory itself: stores would spill into it.
+        if not value.strip():
+            raise ValueError("empty; name a directory, or leave it out for .flywheel")
+        return value
+
     @model_validator(mode="after")
     def _tune_bounds(self) -> Profile:
         # Every bound and choice must make a valid training profile: the best value found

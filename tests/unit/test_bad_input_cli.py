@@ -158,6 +158,15 @@ def test_an_unusable_state_dir_is_one_line_naming_the_field(project, cli, monkey
     assert _tree(project) == ["notes.txt"] and (project / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("value", ["", "'  '"])
+def test_an_empty_state_dir_is_refused_not_the_working_directory(project, cli, value):
+    """Before: stores (mlflow/, optuna/) spilled straight into the working directory."""
+    code, out, err = cli("models", "list", f"state_dir={value}")
+    assert code == 2 and out == "" and len(err) == 1
+    assert "state_dir: empty; name a directory, or leave it out for .flywheel" in err[0]
+    assert _tree(project) == []
+
+
 # --------------------------------------------------- case 7: outputs and inputs
 
 
