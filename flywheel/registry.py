@@ -309,9 +309,12 @@ class Registry:
             if version is None:
                 raise NotFoundError(f"{self.name} has no alias '{ref}' at {self.uri}")
             ref = str(version)
-        mv = self._call(
-            f"read {self.name} version {ref}", self._client.get_model_version, self.name, ref
-        )
+        try:
+            mv = self._call(
+                f"read {self.name} version {ref}", self._client.get_model_version, self.name, ref
+            )
+        except NotFoundError:
+            raise NotFoundError(f"{self.name} has no version {ref} at {self.uri}") from None
         return _info(mv)
 
     def _experiment_id(self) -> str:

@@ -353,6 +353,13 @@ def test_an_unknown_alias_is_one_line_and_moves_nothing(registry, cli):
     assert registry.champion().version == "1" and len(registry.history()) == 1
 
 
+def test_an_unknown_version_is_one_line_and_moves_nothing(registry, cli):
+    code, out, err = cli("models", "rollback", "--to", "99", "--reason", "x")
+    assert code == 1 and out == ""
+    assert err == [f"error: {registry.name} has no version 99 at {registry.uri}"]
+    assert registry.champion().version == "1" and len(registry.history()) == 1
+
+
 def test_latest_in_a_registry_uri():
     from flywheel.registry import parse_model_uri
 
