@@ -89,6 +89,12 @@ class RayConfig(_Strict):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all)")
     object_store_memory_mb: int | None = Field(None, ge=64)
+    resource_wait_s: float = Field(
+        120,
+        ge=0,
+        description="mode address/kuberay: how long a stage waits for an autoscaling cluster "
+        "to grow to what it asks (workers x resources) before failing; 0 fails at once",
+    )
     kuberay: KubeRayConfig = KubeRayConfig()
 
     @model_validator(mode="after")

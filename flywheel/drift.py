@@ -328,14 +328,19 @@ def _verdicts(snapshot: dict[str, Any]) -> dict[str, FeatureDrift]:
 
 def check_drift(
     profile: Profile,
-    window: str | Path,
+    window: str | Path | pd.DataFrame,
     reference: Path,
     tokenizer_dir: Path | None = None,
     out_dir: Path | None = None,
 ) -> DriftResult:
-    """Measure drift of `window` against `reference`; write an HTML report and drift.json."""
+    """Measure drift of `window` (a path, or the frame `load_window` returned) against
+    `reference`; write an HTML report and drift.json."""
     cfg = profile.drift
-    cur_raw = load_window(window, cfg, profile.storage.endpoint_url)
+    cur_raw = (
+        window
+        if isinstance(window, pd.DataFrame)
+        else load_window(window, cfg, profile.storage.endpoint_url)
+    )
     ref_raw = load_reference(reference, cfg)
     oov = OovCounter.from_dir(tokenizer_dir, cfg.oov_min_tokens) if tokenizer_dir else None
     # Imported after the input checks: bad input fails in milliseconds, not after

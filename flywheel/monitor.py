@@ -109,7 +109,12 @@ def champion_reference(profile: Profile, dest: Path) -> tuple[Path, Path]:
     registry = Registry(profile)
     champ = registry.champion()
     if champ is None:
-        raise DataError("no champion in the registry: nothing to compare production data with")
+        # Name the store: a command run from another directory finds another (empty) one.
+        raise DataError(
+            f"no champion of {profile.registry.model_name} in the registry at "
+            f"{tracking_uri(profile)}: nothing to compare production data with "
+            "(train one with `flywheel run`)"
+        )
     run_id = champ.tags.get("training_run_id")
     if not run_id:
         raise DataError(f"champion version {champ.version} has no training_run_id lineage tag")

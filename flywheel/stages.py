@@ -387,10 +387,11 @@ def drift_check(profile: dict[str, Any], window: str, out_dir: Path, run_id: str
     """Compare the production window with the champion's reference; decide whether to retrain.
 
     Returns (drift_result, decision). Bad input (empty window, too few rows) raises a
-    DataError: the monitor run fails loudly and no retrain starts.
+    DataError, checked before the champion is looked up: the monitor run fails loudly, with
+    the window's own reason, and no retrain starts.
     """
     from flywheel import monitor
-    from flywheel.drift import check_drift
+    from flywheel.drift import check_drift, load_window
 
     p = load(profile)
     window = window or p.drift.window or ""
@@ -400,8 +401,11 @@ def drift_check(profile: dict[str, Any], window: str, out_dir: Path, run_id: str
         raise ConfigError("no production window: pass --window or set drift.window in the profile")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    # The window first: a bad window is the user's to fix and must not hide behind the
+    # registry's state ("no champion").
+    current = load_window(window, p.drift, p.storage.endpoint_url)
     reference, tokenizer_dir = monitor.champion_reference(p, out_dir / "reference")
-    result = check_drift(p, window, reference, tokenizer_dir=tokenizer_dir, out_dir=out_dir)
+    result = check_drift(p, current, reference, tokenizer_dir=tokenizer_dir, out_dir=out_dir)
     now = monitor.now()
     decision = monitor.decide_retrain(
         drifted=result.drifted,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,34 @@ OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="dotted overrides, e.g. train.max_steps=500 data.source.kind=files"),
 ]
+
+
+# Libraries that talk on the terminal by themselves. MLflow and Ray attach their own stderr
+# handlers at INFO when imported (so a level set on their loggers before the import is
+# reset): MLflow reads MLFLOW_LOGGING_LEVEL at import, and Ray's level is given to ray.init
+# (flywheel.runtime.ray_logging_level follows the root level set here). The others
+# propagate to our handler: urllib3 warns about each retry before the error we report,
+# alembic logs MLflow's schema migrations on first use.
+NOISY_LOGGERS = ("mlflow", "alembic", "urllib3", "ray", "filelock", "git", "kfp_server_api")
+
+
+class LibraryNoise(logging.Filter):
+    """Drops records below ERROR from NOISY_LOGGERS. A filter on our handler, not only a
+    logger level: some clients set their loggers' levels when they start (kfp_server_api
+    sets urllib3's to WARNING), undoing ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.split(".", 1)[0] not in NOISY_LOGGERS
+
+
+def quiet_libraries(verbose: bool, handler: logging.Handler) -> None:
+    """Only Flywheel's own lines on the terminal unless --verbose."""
+    if verbose:
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    handler.addFilter(LibraryNoise())
 
 
 def profile_from(profile: Path | None, overrides: list[str] | None) -> Profile:

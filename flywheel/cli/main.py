@@ -14,7 +14,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from flywheel.cli.common import err_console
+from flywheel.cli.common import err_console, quiet_libraries
 from flywheel.errors import FlywheelError
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ def _root(
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True
     )
+    quiet_libraries(verbose, handler)
 
 
 class _StderrHandler(logging.StreamHandler):

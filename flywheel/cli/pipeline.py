@@ -12,7 +12,7 @@ from rich.table import Table
 
 from flywheel.cli.common import OverridesArg, ProfileOpt, console, err_console, profile_from
 from flywheel.config import Profile
-from flywheel.errors import FlywheelError
+from flywheel.errors import ConfigError, FlywheelError
 
 
 def _progress_printer():
@@ -89,8 +89,54 @@ def run_and_report(name: str, profile: Profile, arguments: dict) -> dict:
             t.add_row("monitor decision", drift["tags"].get("decision", ""))
     console.print(t)
     if not run.succeeded:
-        raise FlywheelError(f"pipeline {name} failed in task {run.failed_task}; see {run.log_file}")
+        raise pipeline_error(name, run.failed_task, run.error, run.log_file)
     return facts
+
+
+def pipeline_error(
+    name: str, failed_task: str | None, error: str | None, log_file: Path | None
+) -> FlywheelError:
+    """One line: which task failed and its own error (from its traceback), then the log.
+
+    A task that failed on a bad profile (ConfigError) exits 2, as the same error would
+    outside a pipeline.
+    """
+    where = f" in task {failed_task}" if failed_task else ""
+    why = f": {error}" if error else ""
+    message = f"pipeline {name} failed{where}{why}; see {log_file}"
+    if error and error.startswith(f"{ConfigError.__name__}:"):
+        return ConfigError(message)
+    return FlywheelError(message)
+
+
+def check_window(profile: Profile, window: str) -> str:
+    """The monitor's window, checked before the pipeline starts (a usage error, exit 2).
+
+    Only existence, and only for a local path: what is inside is the drift check's to judge,
+    and a URI (s3://, gs://) is read by the task where it runs.
+    """
+    source = "--window" if window else "drift.window"
+    window = window or profile.drift.window or ""
+    if not window:
+        raise ConfigError("no production window: pass --window or set drift.window in the profile")
+    if "://" not in window and not Path(window).expanduser().exists():
+        raise ConfigError(f"{source} {window}: no such file or directory")
+    return window
+
+
+def check_resources(profile: Profile) -> None:
+    """The retraining DAG's Ray requests against this machine, before any task runs.
+
+    kfp.local runs each task here, so a local Ray in a task has exactly what
+    `expected_resources` predicts; train and tune check again themselves (and on a cluster).
+    """
+    from flywheel.runtime import check_before_start
+    from flywheel.train.plan import train_resources, tune_resources
+
+    needs = [train_resources(profile)]
+    if profile.tune.enabled:
+        needs.append(tune_resources(profile))
+    check_before_start(profile.ray, needs)
 
 
 def register(app: typer.Typer) -> None:
@@ -110,6 +156,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the retraining DAG on this machine (kfp.local, local Ray, MLflow + Optuna on SQLite)."""
         p = profile_from(profile, overrides)
+        check_resources(p)
         run_and_report(
             "retrain", p, {"trigger_reason": trigger_reason, "data_location": data_location}
         )
@@ -131,7 +178,7 @@ def register(app: typer.Typer) -> None:
         3 drift detected and the retrain ran, 1 error (bad window, unreachable registry, failed step).
         """
         p = profile_from(profile, overrides)
-        facts = run_and_report("monitor", p, {"window": window or p.drift.window or ""})
+        facts = run_and_report("monitor", p, {"window": check_window(p, window)})
         if facts.get("retrain"):
             raise typer.Exit(3)
 

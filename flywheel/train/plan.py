@@ -1,4 +1,5 @@
-"""Everything decided before a worker starts: batch arithmetic, DeepSpeed config, data checks.
+"""Everything decided before a worker starts: batch arithmetic, DeepSpeed config, data checks,
+and the resources a stage asks of Ray (`train_resources`, `tune_resources`, `check_resources`).
 
 Pure functions over the profile, the DeepSpeed JSON and the dataset's metadata (parquet
 footers, manifest, tokenizer config; no tensors). `make_plan` either returns a `TrainPlan`
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +21,7 @@ from pydantic import BaseModel
 from flywheel import artifacts
 from flywheel.config import Profile, repo_path
 from flywheel.errors import ConfigError, DataError
+from flywheel.runtime import RayResources
 
 # The profile owns these DeepSpeed keys; the JSON may omit them, repeat the same value, or
 # say "auto" (the Hugging Face convention), but never disagree.
@@ -296,6 +299,115 @@ def tokenizer_matches(model_dir: str | Path, dataset_dir: str | Path) -> bool | 
         return None
     vocab = [json.loads(f.read_text()).get("model", {}).get("vocab") for f in (a, b)]
     return vocab[0] == vocab[1]
+
+
+# -------------------------------------------------------------------- resources
+
+# Ray Train v2 runs its controller as a 0-CPU actor (and a tuning trial's driver asks only for
+# memory, flywheel.tune.study), so a stage needs its workers' resources and nothing more.
+TRAINER_CPUS = 0.0
+
+
+@dataclass(frozen=True)
+class ResourceAsk:
+    """What one stage asks of Ray at once: `count` equal bundles (+ the trainer's own CPUs),
+    with the profile fields that decide each number, for messages."""
+
+    count: int
+    cpus_each: float
+    gpus_each: float
+    cpu_fields: str  # e.g. "train.scaling.num_workers=4 x cpus_per_worker=1"
+    gpu_fields: str = ""
+    cpus_extra: float = TRAINER_CPUS
+
+    @property
+    def cpus(self) -> float:
+        return self.count * self.cpus_each + self.cpus_extra
+
+    @property
+    def gpus(self) -> float:
+        return self.count * self.gpus_each
+
+    def bundles(self) -> list[dict[str, float]]:
+        one = {"CPU": self.cpus_each} | ({"GPU": self.gpus_each} if self.gpus_each else {})
+        return [dict(one) for _ in range(self.count)]
+
+    def problems(self, available: RayResources) -> list[str]:
+        return check_resources(self, available)
+
+
+def _n(x: float, unit: str) -> str:
+    return f"{x:g} {unit}" + ("" if x == 1 else "s")
+
+
+def _note(note: str) -> str:
+    return f" ({note})" if note else ""
+
+
+def check_resources(asked: ResourceAsk, available: RayResources) -> list[str]:
+    """Why `asked` cannot run on `available`, one sentence per reason naming the fields; [] if it fits.
+
+    Pure. Totals first (the usual mistake: more workers than CPUs), then one bundle against
+    the largest node (a worker cannot span nodes).
+    """
+    out: list[str] = []
+    where = available.where
+    if asked.cpus > available.cpus:
+        out.append(
+            f"{asked.cpu_fields} needs {_n(asked.cpus, 'CPU')}; {where} has "
+            f"{available.cpus:g}{_note(available.cpu_note)}"
+        )
+    elif asked.count and asked.cpus_each > available.node_cpus:
+        out.append(
+            f"{asked.cpu_fields}: one worker needs {_n(asked.cpus_each, 'CPU')}; the largest "
+            f"node of {where} has {available.node_cpus:g}"
+        )
+    if asked.gpus > available.gpus:
+        out.append(
+            f"{asked.gpu_fields} needs {_n(asked.gpus, 'GPU')}; {where} has "
+            f"{available.gpus:g}{_note(available.gpu_note)}"
+        )
+    elif asked.gpus_each > available.node_gpus:
+        out.append(
+            f"{asked.gpu_fields}: one worker needs {_n(asked.gpus_each, 'GPU')}; the largest "
+            f"node of {where} has {available.node_gpus:g}"
+        )
+    return out
+
+
+def train_resources(profile: Profile) -> ResourceAsk:
+    """The training stage: `num_workers` workers of `cpus_per_worker` (+ GPUs with use_gpu)."""
+    s = profile.train.scaling
+    gpus = s.gpus_per_worker if s.use_gpu else 0.0
+    return ResourceAsk(
+        count=s.num_workers,
+        cpus_each=s.cpus_per_worker,
+        gpus_each=gpus,
+        cpu_fields=f"train.scaling.num_workers={s.num_workers} x cpus_per_worker={s.cpus_per_worker:g}",
+        gpu_fields=(
+            f"train.scaling.use_gpu=true with num_workers={s.num_workers} x "
+            f"gpus_per_worker={s.gpus_per_worker:g}"
+        ),
+    )
+
+
+def tune_resources(profile: Profile) -> ResourceAsk:
+    """The tuning stage: `tune.parallel` trials at once, each one worker of the training shape
+    (flywheel.tune.space.trial_profile trains a trial on a single worker)."""
+    s, parallel = profile.train.scaling, profile.tune.parallel
+    gpus = s.gpus_per_worker if s.use_gpu else 0.0
+    return ResourceAsk(
+        count=parallel,
+        cpus_each=s.cpus_per_worker,
+        gpus_each=gpus,
+        cpu_fields=(
+            f"tune.parallel={parallel} trials x train.scaling.cpus_per_worker={s.cpus_per_worker:g}"
+        ),
+        gpu_fields=(
+            f"tune.parallel={parallel} trials x train.scaling.gpus_per_worker="
+            f"{s.gpus_per_worker:g} (use_gpu=true)"
+        ),
+    )
 
 
 # ---------------------------------------------------------------------- the plan

@@ -26,7 +26,7 @@ from flywheel import artifacts, storage
 from flywheel.config import Profile
 from flywheel.errors import ConfigError, FlywheelError, StorageError
 from flywheel.train.loop import HF_DIR, STATE_FILE, train_loop_per_worker
-from flywheel.train.plan import TrainPlan, make_plan
+from flywheel.train.plan import TrainPlan, make_plan, train_resources
 from flywheel.train.report import TrainResult, loop_throughput, loss_curve_html
 
 log = logging.getLogger(__name__)
@@ -372,12 +372,17 @@ def train(
     name and continues from the latest, instead of training again from step 0. None: a
     fresh name, a fresh run.
     """
-    from flywheel.runtime import ray_session
+    from flywheel.runtime import check_before_start, ray_session
 
     t0 = time.perf_counter()
     emit = progress or (lambda _event, _data: None)
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     plan = make_plan(profile, dataset_dir, init_from)
+    # What the workers will ask of Ray: a request Ray cannot place would wait forever (Ray
+    # Train retries the start every minute), so it fails here, naming the fields; for a
+    # local Ray before it starts, for a cluster in ray_session below.
+    need = [train_resources(profile)]
+    check_before_start(profile.ray, need)
     # Before MLflow and Ray: a missing bucket or bad credentials fail here, in one line.
     store = storage.ray_storage(profile, check=True)
     run_name = ray_run_name(run_key)
@@ -416,7 +421,11 @@ def train(
             "resume_step": resume_step,
         },
     )
-    with _mlflow_run(profile, plan, dict(tags or {})) as (uri, run_id), ray_session(profile.ray):
+    # Ray first: a cluster short of `need` fails (or waits, bounded) before an MLflow run exists.
+    with (
+        ray_session(profile.ray, need),
+        _mlflow_run(profile, plan, dict(tags or {})) as (uri, run_id),
+    ):
         emit("start", {"run_name": run_name, "mlflow_run_id": run_id})
         with _progress_relay(progress) as queue:
             config = loop_config(

@@ -222,9 +222,9 @@ def tune(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from flywheel import tracking
-    from flywheel.runtime import ray_session
+    from flywheel.runtime import check_before_start, ray_session
     from flywheel.storage import ray_storage
-    from flywheel.train.plan import make_plan
+    from flywheel.train.plan import make_plan, tune_resources
     from flywheel.tune.space import trial_profile
 
     t0 = time.perf_counter()
@@ -235,6 +235,10 @@ def tune(
     # The data and model checks of the training stage, once, before any trial: a dataset
     # too small for the smallest batch fails here with the training stage's message.
     make_plan(trial_profile(profile, {}), dataset_dir)
+    # tune.parallel trials at once must fit what Ray has (a local Ray: known before it starts,
+    # and before the study or an MLflow run is created).
+    need = [tune_resources(profile)]
+    check_before_start(profile.ray, need)
     # Trial checkpoints: storage.root/ray or <state_dir>/ray; an unreachable store fails here.
     store = ray_storage(profile, check=True)
 
@@ -306,7 +310,7 @@ def tune(
         "tags": dict(tags or {}),
     }
     try:
-        with ray_session(profile.ray):
+        with ray_session(profile.ray, need):
             searcher = _searcher_class()(
                 space,
                 metric=METRIC,
