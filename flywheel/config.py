@@ -725,7 +725,9 @@ class TaskResources(_Strict):
     caching: bool = Field(
         False,
         description="reuse a past run's outputs; refused on tasks with side effects "
-        "(SIDE_EFFECT_TASKS)",
+        "(SIDE_EFFECT_TASKS). On Kubeflow a task's cache key includes its inputs as resolved, "
+        "and run_id is unique per run: a task that takes run_id (all but skip-tune) finds no "
+        "past outputs to reuse",
     )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="node labels the pod must match, e.g. a GPU pool"
