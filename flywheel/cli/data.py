@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -43,10 +41,13 @@ def _summary(info: dict) -> str:
 
 def _quiet_ray_data() -> None:
     # Ray Data logs each execution plan at INFO and draws its own tqdm bars; the rich
-    # display below replaces both. Errors still surface.
+    # display below replaces both. Its ERROR lines repeat a failed block's traceback: the
+    # stage turns that failure into one line naming the block and the row, so they are
+    # only shown with --verbose (which lowers the root logger to DEBUG).
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    logging.getLogger("ray.data").setLevel(logging.ERROR if verbose else logging.CRITICAL)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -63,11 +64,16 @@ def prepare_cmd(
 ) -> None:
     """Prepare a dataset: read, clean, dedup, split, tokenize, pack; print the counts."""
     from flywheel.data import prepare
+    from flywheel.data.stage import check_output as check_dataset_output
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
     check_output(out, "--out")  # one line naming the flag, before Ray starts
+    if out is not None:  # overlap with the source, files the stage did not write (exit 2)
+        check_dataset_output(prof.data, out, label="--out")
     _quiet_ray_data()
-    target = out or prof.state_path("datasets") / f".incoming-{os.getpid()}"
+    # Without --out the dataset lands in the store under its content hash; either way the
+    # stage builds it in a working directory beside the target and removes that on failure.
+    target = out if out is not None else prof.state_path("datasets")
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -85,14 +91,7 @@ def prepare_cmd(
                 summary = _summary(info)
                 bar.update(tasks[step], completed=1, description=f"{label} [dim]{summary}[/dim]")
 
-        stats = prepare(prof, target, progress=progress)
-    if out is None:
-        final = target.parent / stats.content_hash[:12]
-        # The same hash means the same inputs and config: the old copy is replaced by an
-        # identical one, which keeps the directory name a promise about its content.
-        shutil.rmtree(final, ignore_errors=True)
-        target.rename(final)
-        stats.out_dir = str(final)
+        stats = prepare(prof, target, progress=progress, store=out is None, label="--out")
     console.print(table(f"dataset {stats.content_hash[:12]}", stats.rows()))
     console.print(f"wrote [bold]{stats.out_dir}[/bold]")
 

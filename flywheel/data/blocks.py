@@ -141,6 +141,8 @@ class ExactDedup(S.Block):
     Smallest id (not first seen) keeps the choice independent of Ray's ordering.
     """
 
+    row_wise = False
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         todo = batch[S.pending(batch)].sort_values(["key", "id"])
         first = todo.groupby("key")["id"].transform("first")
@@ -227,6 +229,8 @@ class BandCandidates(S.Block):
     the work stays linear. Union-find later joins what the star misses transitively.
     """
 
+    row_wise = False
+
     def __init__(self, max_all_pairs: int = 16):
         self.max_all_pairs = max_all_pairs
 
@@ -255,6 +259,8 @@ class AttachSignature(S.Block):
     a join of pairs and signatures done with two Ray groupbys instead of a dictionary.
     """
 
+    row_wise = False
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         is_sig = batch["other"] == ""
         sigs = batch.loc[is_sig, ["key", "minhash"]].drop_duplicates("key")
@@ -265,6 +271,8 @@ class AttachSignature(S.Block):
 
 class VerifyPairs(S.Block):
     """Per group: estimated Jaccard of each candidate pair; keep pairs >= threshold."""
+
+    row_wise = False
 
     def __init__(self, threshold: float):
         self.threshold = threshold

@@ -8,7 +8,12 @@ through later blocks untouched until `keep_only` takes them out.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import pandas as pd
+
+from flywheel.errors import DataError
 
 # Columns of a document row as it leaves a source.
 DOC_COLUMNS = ("id", "source", "timestamp", "text", "block", "reason", "detail", "digest")
@@ -29,8 +34,79 @@ NOT_AN_OBJECT = "not_an_object"
 MISSING_TEXT = "missing_text"
 NON_STRING_TEXT = "non_string_text"
 UNREADABLE_FILE = "unreadable_file"
+UNREADABLE_RECORD = "unreadable_record"
 UNSUPPORTED_FILE = "unsupported_file_type"
 UNPARSABLE_MODULE = "unparsable_module"
+# Valid JSON ("\\ud800") can hold a lone surrogate, which no UTF-8 file, Arrow column or
+# tokenizer can store: one such string poisons a whole Ray block, so the row goes here.
+INVALID_UNICODE = "invalid_unicode"
+
+
+class BlockFailure(DataError):
+    """A block raised on a batch. The message names the block and the row that fails alone.
+
+    Raised inside Ray workers: Ray delivers it to the driver as text inside its own
+    exception, which `block_failure_message` reads back.
+    """
+
+
+_FAILURE = re.compile(r"BlockFailure: (.+)")
+_DETAIL_CHARS = 300
+
+
+def block_failure_message(exc: BaseException) -> str | None:
+    """The one-line BlockFailure message carried by `exc` (Ray's wrapper or the error itself)."""
+    if isinstance(exc, BlockFailure):
+        return str(exc)
+    found = _FAILURE.findall(str(exc))
+    return found[-1].strip() if found else None
+
+
+def _where(row: pd.Series) -> str:
+    if "id" in row and "source" in row:
+        return f"row {row['id']!r} from {row['source']}"
+    if "unit" in row:
+        return f"unit {row['unit']!r}"
+    if "key" in row:
+        return f"the document with content key {row['key']}"
+    return "a row"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text[:_DETAIL_CHARS]}"
+
+
+def _guarded(call):
+    """Wrap a block's `__call__`: an exception becomes a BlockFailure naming block and row.
+
+    A row-wise block is run again row by row on an untouched copy of the batch to find the
+    first row that fails alone (blocks mark rows in place, so the batch itself may be half
+    done); a keyed block names the group. Costs one batch copy per call (object columns copy
+    references, not strings).
+    """
+
+    @functools.wraps(call)
+    def guarded(self, batch):
+        pristine = batch.copy()
+        try:
+            return call(self, batch)
+        except BlockFailure:
+            raise
+        except Exception as exc:
+            name = type(self).__name__
+            where, cause = f"a batch of {len(pristine)} rows", exc
+            if not self.row_wise and len(pristine):
+                where = f"a group of {len(pristine)} rows (first: {_where(pristine.iloc[0])})"
+            for i in range(len(pristine) if self.row_wise else 0):
+                try:
+                    call(self, pristine.iloc[[i]].copy())
+                except Exception as row_exc:
+                    where, cause = _where(pristine.iloc[i]), row_exc
+                    break
+            raise BlockFailure(f"data block {name} failed on {where}: {_one_line(cause)}") from exc
+
+    return guarded
 
 
 class Block:
@@ -40,6 +116,14 @@ class Block:
     """
 
     __name__ = property(lambda self: type(self).__name__)  # type: ignore[assignment]
+    # Each output row comes from one input row, so a failing batch can be retried row by
+    # row to name the culprit. Keyed blocks (map_groups) set False.
+    row_wise = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:
+            cls.__call__ = _guarded(cls.__dict__["__call__"])  # type: ignore[method-assign]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         raise NotImplementedError

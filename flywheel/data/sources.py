@@ -12,8 +12,10 @@ a person would open to fix bad input (a file path, a module, a dataset name).
 from __future__ import annotations
 
 import ast
+import codecs
 import hashlib
 import json
+import os
 import sysconfig
 from datetime import date, datetime
 from pathlib import Path
@@ -78,8 +80,42 @@ def digest(*parts: object) -> str:
     return h.hexdigest()[:32]
 
 
+def printable(name: str) -> str:
+    """`name` as text UTF-8 can hold: a file name's undecodable bytes (which Python keeps as
+    surrogate escapes) as \\xNN, lone surrogates from JSON escapes as \\uXXXX."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for ch in name:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unencodable(value: str) -> str | None:
+    """Why `value` cannot be stored as UTF-8 (a lone surrogate), or None when it can."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return f"lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start}"
+
+
+def _missing(value: Any) -> bool:
+    # None, NaN, NaT and pandas' NA all mean "no value"; containers are values.
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
 def _timestamp(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and value != value):
+    if _missing(value):
         return None
     if isinstance(value, (datetime, date, pd.Timestamp)):
         return value.isoformat()
@@ -87,6 +123,11 @@ def _timestamp(value: Any) -> str | None:
 
 
 def doc_row(id_: str, source: str, text: str, timestamp: str | None = None) -> dict:
+    """A document; a reject (invalid_unicode) if a field cannot be stored as UTF-8."""
+    for field, value in (("text", text), ("id", id_), ("source", source), ("timestamp", timestamp)):
+        problem = unencodable(value) if value is not None else None
+        if problem:
+            return reject_row(id_, source, S.INVALID_UNICODE, f"{field}: {problem}")
     return {
         "id": id_,
         "source": source,
@@ -100,7 +141,8 @@ def doc_row(id_: str, source: str, text: str, timestamp: str | None = None) -> d
 
 
 def reject_row(id_: str, source: str, reason: str, detail: str = "") -> dict:
-    detail = detail[:_DETAIL_CHARS]
+    detail = printable(detail[:_DETAIL_CHARS])
+    id_, source = printable(id_), printable(source)
     return {
         "id": id_,
         "source": source,
@@ -117,17 +159,31 @@ def record_row(record: Any, id_: str, source: str, cfg: SourceConfig) -> dict:
     """One record (a JSON object, a parquet or `datasets` row) -> a doc row or a reject."""
     if not isinstance(record, dict):
         return reject_row(id_, source, S.NOT_AN_OBJECT, f"got {type(record).__name__}")
-    if cfg.id_field and record.get(cfg.id_field) is not None:
+    if cfg.id_field and not _missing(record.get(cfg.id_field)):
         id_ = str(record[cfg.id_field])
     text = record.get(cfg.text_field)
-    if text is None:
+    if _missing(text):
         return reject_row(id_, source, S.MISSING_TEXT, f"no '{cfg.text_field}' value")
     if not isinstance(text, str):
         return reject_row(
             id_, source, S.NON_STRING_TEXT, f"'{cfg.text_field}' is {type(text).__name__}"
         )
     ts = _timestamp(record.get(cfg.timestamp_field)) if cfg.timestamp_field else None
+    # Named by the record's own field names, so the reject says what to fix in the file.
+    fields = ((cfg.text_field, text), (cfg.id_field, id_), (cfg.timestamp_field, ts))
+    for field, value in fields:
+        problem = unencodable(value) if field and value is not None else None
+        if problem:
+            return reject_row(id_, source, S.INVALID_UNICODE, f"'{field}': {problem}")
     return doc_row(id_, source, text, ts)
+
+
+def guarded_record_row(record: Any, id_: str, source: str, cfg: SourceConfig) -> dict:
+    """`record_row`, with anything unforeseen in one record rejecting that record only."""
+    try:
+        return record_row(record, id_, source, cfg)
+    except Exception as exc:
+        return reject_row(id_, source, S.UNREADABLE_RECORD, f"{type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------------ pydocs
@@ -180,55 +236,94 @@ def _decode(data: bytes, what: str) -> tuple[str | None, str]:
         return None, f"{what}: {exc.reason} at byte {exc.start}"
 
 
+def _utf16(data: bytes) -> bool:
+    # Windows editors save "Unicode" text as UTF-16 with a byte-order mark; it is text.
+    return data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+
+
 def read_text_file(root: Path, relpath: str) -> list[dict]:
+    name = printable(relpath)
     data = (root / relpath).read_bytes()
     if not data.strip():
-        return [reject_row(relpath, relpath, S.EMPTY_FILE, f"{len(data)} bytes")]
-    text, error = _decode(data, "file")
+        return [reject_row(name, name, S.EMPTY_FILE, f"{len(data)} bytes")]
+    text, error = _decode_utf16(data) if _utf16(data) else _decode(data, "file")
     if text is None:
-        return [reject_row(relpath, relpath, S.UNDECODABLE, error)]
-    return [doc_row(relpath, relpath, text.removeprefix("\ufeff"))]
+        return [reject_row(name, name, S.UNDECODABLE, error)]
+    return [doc_row(name, name, text.removeprefix("\ufeff"))]
+
+
+def _decode_utf16(data: bytes) -> tuple[str | None, str]:
+    try:
+        return data.decode("utf-16"), ""
+    except UnicodeDecodeError as exc:
+        return None, f"file (UTF-16 by its byte-order mark): {exc.reason} at byte {exc.start}"
+
+
+def _jsonl_lines(data: bytes) -> list[tuple[int, str | None, str]]:
+    """(line number, text or None, decode error) per non-blank line.
+
+    UTF-8 lines are decoded one by one, so one bad line rejects that line only; a UTF-8
+    byte-order mark before the first record and CRLF line ends are not part of any record.
+    """
+    if _utf16(data):
+        text, error = _decode_utf16(data)
+        if text is None:
+            return [(1, None, error)]
+        return [
+            (n, line.removeprefix("\ufeff"), "")
+            for n, line in enumerate(text.split("\n"), start=1)
+            if line.strip()
+        ]
+    data = data.removeprefix(codecs.BOM_UTF8)
+    out = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.strip():  # blank lines separate nothing in JSONL; they are not records
+            line, error = _decode(raw, f"line {lineno}")
+            out.append((lineno, line, error))
+    return out
 
 
 def read_jsonl_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
+    name = printable(relpath)
     data = (root / relpath).read_bytes()
     if not data.strip():
-        return [reject_row(relpath, relpath, S.EMPTY_FILE, f"{len(data)} bytes")]
+        return [reject_row(name, name, S.EMPTY_FILE, f"{len(data)} bytes")]
     rows = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue  # blank lines separate nothing in JSONL; they are not records
-        id_ = f"{relpath}:{lineno}"
-        line, error = _decode(raw, f"line {lineno}")
+    for lineno, line, error in _jsonl_lines(data):
+        id_ = f"{name}:{lineno}"
         if line is None:
-            rows.append(reject_row(id_, relpath, S.UNDECODABLE, error))
+            rows.append(reject_row(id_, name, S.UNDECODABLE, error))
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            rows.append(reject_row(id_, relpath, S.MALFORMED_JSON, f"line {lineno}: {exc}"))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            # RecursionError: a line of ~100k nested brackets is valid JSON Python cannot parse.
+            detail = exc if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            rows.append(reject_row(id_, name, S.MALFORMED_JSON, f"line {lineno}: {detail}"))
             continue
-        rows.append(record_row(record, id_, relpath, cfg))
+        rows.append(guarded_record_row(record, id_, name, cfg))
     return rows
 
 
 def read_parquet_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
     import pyarrow.parquet as pq
 
+    name = printable(relpath)
     try:
         table = pq.read_table(root / relpath)
+        records = table.to_pylist()  # invalid UTF-8 in a string column fails here
     except Exception as exc:  # pyarrow raises several types for a corrupt file
-        return [reject_row(relpath, relpath, S.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}")]
-    if table.num_rows == 0:
-        return [reject_row(relpath, relpath, S.EMPTY_FILE, "0 rows")]
+        return [reject_row(name, name, S.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}")]
+    if not records:
+        return [reject_row(name, name, S.EMPTY_FILE, "0 rows")]
     return [
-        record_row(record, f"{relpath}:{i}", relpath, cfg)
-        for i, record in enumerate(table.to_pylist())
+        guarded_record_row(record, f"{name}:{i}", name, cfg) for i, record in enumerate(records)
     ]
 
 
 def read_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
     suffix = Path(relpath).suffix.lower()
+    name = printable(relpath)
     try:
         if suffix in TEXT_SUFFIXES:
             return read_text_file(root, relpath)
@@ -237,11 +332,9 @@ def read_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
         if suffix == ".parquet":
             return read_parquet_file(root, relpath, cfg)
     except OSError as exc:
-        return [reject_row(relpath, relpath, S.UNREADABLE_FILE, str(exc))]
+        return [reject_row(name, name, S.UNREADABLE_FILE, str(exc))]
     supported = ", ".join(TEXT_SUFFIXES + RECORD_SUFFIXES)
-    return [
-        reject_row(relpath, relpath, S.UNSUPPORTED_FILE, f"'{suffix}' is not one of {supported}")
-    ]
+    return [reject_row(name, name, S.UNSUPPORTED_FILE, f"'{suffix}' is not one of {supported}")]
 
 
 # ------------------------------------------------------------------------ blocks
@@ -254,16 +347,27 @@ class ReadUnits(S.Block):
         self.cfg = cfg
         self.root = stdlib_root() if cfg.kind == "pydocs" else files_root(cfg)
 
-    def read(self, unit: str) -> list[dict]:
-        if self.cfg.kind == "pydocs":
-            if unit == TOPICS_UNIT:
-                return read_topics()
-            return read_module_docstrings(self.root, unit)
-        return read_file(self.root, unit, self.cfg)
+    def read(self, unit: str | bytes) -> list[dict]:
+        # Units travel as bytes (`unit_rows`): a file name that is not UTF-8 cannot be an
+        # Arrow string, and its bytes are what opens the file.
+        unit = os.fsdecode(unit)
+        try:
+            if self.cfg.kind == "pydocs":
+                if unit == TOPICS_UNIT:
+                    return read_topics()
+                return read_module_docstrings(self.root, unit)
+            return read_file(self.root, unit, self.cfg)
+        except Exception as exc:  # a reader bug or an input it does not foresee: one unit's rows
+            return [reject_row(unit, unit, S.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}")]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = [row for unit in batch["unit"] for row in self.read(unit)]
         return S.doc_frame(rows)
+
+
+def unit_rows(units: list[str]) -> list[dict]:
+    """Items for `ray.data.from_items`: one row per unit, the name as bytes (see ReadUnits)."""
+    return [{"unit": os.fsencode(u)} for u in units]
 
 
 class RecordsToDocs(S.Block):
@@ -281,7 +385,7 @@ class RecordsToDocs(S.Block):
             for record in records:
                 record.pop(self.cfg.text_field, None)
         rows = [
-            record_row(_plain(rec), f"{self.source}:{i}", self.source, self.cfg)
+            guarded_record_row(_plain(rec), f"{self.source}:{i}", self.source, self.cfg)
             for i, rec in zip(rows_idx, records, strict=True)
         ]
         return S.doc_frame(rows)

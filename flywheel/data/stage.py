@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,10 +31,11 @@ import pyarrow.parquet as pq
 from flywheel import artifacts as A
 from flywheel.config import DataConfig, Profile
 from flywheel.data import blocks as B
+from flywheel.data import output, sources, tokenizer
 from flywheel.data import schema as S
-from flywheel.data import sources, tokenizer
+from flywheel.data.output import DROPPED
 from flywheel.data.stats import DataStats
-from flywheel.errors import DataError
+from flywheel.errors import DataError, FlywheelError
 from flywheel.runtime import ensure_ray
 
 Progress = Callable[[str, dict], None]
@@ -43,9 +43,6 @@ Progress = Callable[[str, dict], None]
 # Bump when a block's logic changes what it outputs: it is part of the content hash, so
 # a dataset prepared by older code is never mistaken for one prepared by this code.
 PIPELINE_VERSION = 1
-# Dropped documents (filters, dedup) with block, reason and detail: not part of the
-# artifact contract of `flywheel.artifacts`, an audit trail next to rejects.jsonl.
-DROPPED = "dropped.jsonl"
 BLOCKS_PER_SHARD = 8192  # 8192 x 128 tokens x 4 bytes = 4 MiB before compression
 UNITS_PER_BATCH = 8
 META_COLUMNS = ["id", "source", "block", "reason", "detail"]
@@ -76,14 +73,6 @@ def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _clear(out_dir: Path) -> None:
-    """Remove what an earlier run wrote here (stale shards must not mix with new ones)."""
-    for name in (*A.SPLITS, A.TEXT_DIR, A.TOKENIZER_DIR):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in (A.MANIFEST, A.REJECTS, DROPPED):
-        (out_dir / name).unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------------ steps
 
 
@@ -104,7 +93,7 @@ def read_documents(cfg: DataConfig, units: list[str] | None = None):
         )
     units = units if units is not None else sources.list_units(src)
     ds = ray.data.from_items(
-        [{"unit": u} for u in units], override_num_blocks=max(1, min(len(units), 8 * _cpus()))
+        sources.unit_rows(units), override_num_blocks=max(1, min(len(units), 8 * _cpus()))
     ).map_batches(sources.ReadUnits(src), batch_format="pandas", batch_size=UNITS_PER_BATCH)
     if src.max_docs:
         ds = ds.limit(src.max_docs)
@@ -226,7 +215,9 @@ def _write_rejects(
             f.write(json.dumps(row._asdict(), ensure_ascii=False) + "\n")
 
 
-def check_rejects(rejects: pd.DataFrame, rows_read: int, max_share: float, where: Path) -> None:
+def check_rejects(
+    rejects: pd.DataFrame, rows_read: int, max_share: float, where: Path | None = None
+) -> None:
     """Fail when too many rows are bad input, naming the source with the most rejects."""
     if not rows_read or len(rejects) / rows_read <= max_share:
         return
@@ -238,7 +229,8 @@ def check_rejects(rejects: pd.DataFrame, rows_read: int, max_share: float, where
     raise DataError(
         f"{len(rejects):,} of {rows_read:,} rows rejected ({len(rejects) / rows_read:.0%} > "
         f"data.max_reject_share {max_share:.0%}); worst source: {worst} "
-        f"({by_source.iloc[0]:,} rejected, mostly {reasons.index[0]}); see {where}"
+        f"({by_source.iloc[0]:,} rejected, mostly {reasons.index[0]})"
+        + (f"; see {where}" if where else "")
     )
 
 
@@ -281,196 +273,308 @@ def write_blocks(blocks: np.ndarray, split_dir: Path) -> list[str]:
 # ------------------------------------------------------------------------ stage
 
 
-def prepare(profile: Profile, out_dir: Path, progress: Progress | None = None) -> DataStats:
+def source_paths(cfg: DataConfig) -> list[Path]:
+    """Local paths the stage reads (an output may not overlap them)."""
+    src = cfg.source
+    if src.kind == "pydocs":
+        return [sources.stdlib_root()]
+    if src.path and Path(src.path).exists():
+        return [Path(src.path)]
+    return []  # a hub dataset name: nothing local to protect
+
+
+def check_output(cfg: DataConfig, out_dir: Path, store: bool = False, label: str | None = None):
+    """Refuse, before any work, an output that overlaps the source or holds what this stage
+    did not write (OutputDirError, exit 2). `store`: `out_dir` holds datasets by hash."""
+    out_dir = Path(out_dir)
+    if store:
+        for source in source_paths(cfg):
+            why = output.overlap(out_dir, source)
+            if why:
+                raise output.OutputDirError(
+                    f"dataset store {out_dir} {why} (data.source.path={source})"
+                )
+        return
+    output.check_target(out_dir, source_paths(cfg), label)
+
+
+def prepare(
+    profile: Profile,
+    out_dir: Path,
+    progress: Progress | None = None,
+    *,
+    store: bool = False,
+    label: str | None = None,
+) -> DataStats:
     """Run the data stage; write the Dataset layout of `flywheel.artifacts` into `out_dir`.
+
+    With `store`, `out_dir` is a dataset store and the dataset lands in
+    `out_dir/<content hash[:12]>` (the same hash means the same inputs and config, so an
+    earlier copy there is replaced by an identical one). `label` names `out_dir` in errors.
+
+    Nothing outside the stage's own output is deleted or overwritten (`flywheel.data.output`):
+    the dataset is built in a fresh directory beside the target and moved into place at the
+    end; the target may be absent, empty, or an earlier output of this stage.
 
     `progress(step, info)` is called with `info["status"]` "start" and then "done" (with
     `seconds` and the step's counts) for each step: ray, read, dedup, near_dedup, split,
     tokenizer, tokenize, write.
 
     Raises DataError for unusable input (too many rejects, nothing left, too few tokens
-    for a split); the rejects file is written before that, so nothing is lost.
+    for a split); every row rejected or dropped so far is written first, with its reason,
+    and the error says where.
     """
     cfg = profile.data
-    # A missing or empty corpus directory fails here, before Ray starts or anything is written.
-    units = None if cfg.source.kind == "hf" else sources.list_units(cfg.source)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear(out_dir)
-    report: Progress = progress or (lambda step, info: None)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
+    # A missing or empty corpus, an output that would touch the source or a stranger's
+    # files, or a base tokenizer that cannot load: all fail here, before Ray starts.
+    units = None if cfg.source.kind == "hf" else sources.list_units(cfg.source)
+    check_output(cfg, out_dir, store, label)
+    base = tokenizer.load_base(cfg.tokenizer.base) if cfg.tokenizer.base else None
+    if store:
+        work = output.Workspace(out_dir, "dataset", store=True)
+    else:
+        work = output.Workspace(out_dir.parent, out_dir.name, final=out_dir)
+    run = _Run(profile, work.path, progress or (lambda step, info: None))
 
-    @contextlib.contextmanager
-    def step(name: str) -> Iterator[dict]:
-        info: dict = {}
-        report(name, {"status": "start"})
-        t0 = time.perf_counter()
-        yield info
-        timings[name] = round(time.perf_counter() - t0, 3)
-        report(name, {"status": "done", "seconds": timings[name], **info})
+    def final() -> Path | None:
+        if not store:
+            return out_dir
+        return out_dir / run.content_hash[:12] if run.content_hash else None
 
-    with step("ray"):
-        ensure_ray(profile.ray)
-
-    with _data_context():
-        # -- read, normalize, quality, content key
-        with step("read") as info:
-            cleaned = clean(read_documents(cfg, units), cfg).materialize()
-            meta = _meta(cleaned, [*META_COLUMNS, "digest"])
-            rows_read = len(meta)
-            rejects = meta[meta["block"] == S.READ]
-            content_hash = _content_hash(cfg, meta["digest"])
-            _write_rejects(out_dir / A.REJECTS, rejects)
-            info.update(rows=rows_read, rejected=len(rejects))
-        check_rejects(rejects, rows_read, cfg.max_reject_share, out_dir / A.REJECTS)
-        judged = [meta[(meta["reason"] != "") & (meta["block"] != S.READ)]]
-        if not (meta["reason"] == "").any():
-            raise DataError(
-                f"data.source: no document survived reading and filtering ({rows_read:,} rows read); "
-                "check data.filters and the source"
-            )
-
-        # -- exact + near dedup
-        with step("dedup") as info:
-            deduped = exact_dedup(cleaned, cfg)
-            if cfg.dedup.near:
-                deduped = deduped.map_batches(
-                    B.MinHashSignature(cfg.dedup), batch_format="pandas", batch_size=cfg.batch_size
-                )
-            deduped = deduped.materialize()
-            exact = _meta(deduped.map_batches(S.dropped_only, batch_format="pandas"), META_COLUMNS)
-            judged.append(exact)
-            info.update(exact_duplicates=len(exact))
-        drops: dict[str, str] = {}
-        if cfg.dedup.near:
-            with step("near_dedup") as info:
-                edges = near_duplicate_edges(deduped, cfg)
-                drops = B.duplicate_components(edges)
-                info.update(candidate_edges=len(edges), near_duplicates=len(drops))
-
-        # -- split
-        with step("split") as info:
-            final = (
-                deduped.map_batches(S.keep_only, batch_format="pandas")
-                .map_batches(B.ApplyDrops(drops), batch_format="pandas", batch_size=cfg.batch_size)
-                .map_batches(
-                    B.AssignSplit(cfg.split), batch_format="pandas", batch_size=cfg.batch_size
-                )
-            )
-            if "minhash" in deduped.columns():
-                final = final.drop_columns(["minhash"])
-            final = final.materialize()
-            fmeta = _meta(final, [*META_COLUMNS, "key", "split", "split_point"])
-            near = fmeta[fmeta["reason"] != ""]
-            kept = fmeta[fmeta["reason"] == ""]
-            key_to_id = dict(zip(kept["key"], kept["id"], strict=True))
-            near = near.assign(detail=near["detail"].map(lambda d: _name_kept(d, key_to_id)))
-            judged.append(near)
-            docs = kept["split"].value_counts().reindex(list(A.SPLITS), fill_value=0)
-            info.update(docs={s: int(docs[s]) for s in A.SPLITS})
-
-        # -- tokenizer
-        with step("tokenizer") as info:
-            tok_dir = out_dir / A.TOKENIZER_DIR
-            if cfg.tokenizer.base:
-                tok = tokenizer.load_base(cfg.tokenizer.base)
-            else:
-                if docs["train"] == 0:
-                    raise DataError(
-                        "data.split: the train split is empty; nothing to train a tokenizer on"
-                    )
-                train_texts = (
-                    final.map_batches(_train_texts, batch_format="pandas")
-                    .select_columns(["text"])
-                    .iter_batches(batch_size=1024, batch_format="pandas")
-                )
-                tok = tokenizer.train_bpe(
-                    (t for batch in train_texts for t in batch["text"]),
-                    cfg.tokenizer,
-                    length=int(docs["train"]),
-                )
-            tok_info = tokenizer.save(tok, tok_dir)
-            info.update(vocab_size=tok_info["vocab_size"])
-
-        # -- tokenize + pack + write
-        with step("tokenize") as info:
-            tokens = (
-                final.map_batches(S.keep_only, batch_format="pandas")
-                .select_columns(["key", "split", "text"])
-                .map_batches(
-                    B.Tokenize(tok.backend_tokenizer.to_str()),
-                    batch_format="pandas",
-                    batch_size=cfg.batch_size,
-                )
-                .to_pandas()
-            )
-            info.update(tokens=int(tokens["n_tokens"].sum()))
-
-    with step("write") as info:
-        pack = B.Pack(cfg.block_size, tok_info["eos_token_id"])
-        splits: dict[str, dict] = {}
-        for split in A.SPLITS:
-            part = tokens[tokens["split"] == split].sort_values("key")
-            blocks, tail = pack.blocks(part)
-            if len(blocks) == 0 and _share(cfg, split) > 0:
-                raise DataError(
-                    f"data: the {split} split has {int(part['n_tokens'].sum()):,} tokens, fewer than one "
-                    f"block of data.block_size={cfg.block_size}; add documents or lower the block size"
-                )
-            files = write_blocks(blocks, out_dir / split)
-            splits[split] = {
-                "docs": len(part),
-                "tokens": int(blocks.size),
-                "blocks": len(blocks),
-                "tail_tokens": int(tail),
-                "files": files,
-            }
-        text_rows = _texts_for(final, kept, cfg.reference_sample_docs)
-        (out_dir / A.TEXT_DIR).mkdir(exist_ok=True)
-        test_docs = text_rows[text_rows["split"] == "test"]
-        ref_docs = text_rows[text_rows["ref"]]
-        pq.write_table(_text_table(test_docs), out_dir / A.TEST_TEXT, compression="zstd")
-        pq.write_table(_text_table(ref_docs), out_dir / A.REFERENCE_TEXT, compression="zstd")
-
-        judged_all = pd.concat(judged, ignore_index=True)
-        _write_rejects(out_dir / DROPPED, judged_all, ("id", "source", "block", "reason", "detail"))
-        rejected = rejects["reason"].value_counts().sort_index()
-        by_source = rejects["source"].value_counts().sort_index()
-        dropped_by_reason = {
-            f"{block}:{reason}": int(n)
-            for block in S.PIPELINE_BLOCKS
-            for reason, n in judged_all[judged_all["block"] == block]["reason"]
-            .value_counts()
-            .sort_index()
-            .items()
-        }
-        dropped = judged_all["block"].value_counts()
-        stats = DataStats(
-            content_hash=content_hash,
-            out_dir=str(out_dir),
-            docs_read=rows_read,
-            docs_kept=len(kept),
-            rejected={str(k): int(v) for k, v in rejected.items()},
-            rejected_by_source={str(k): int(v) for k, v in by_source.items()},
-            dropped={b: int(dropped.get(b, 0)) for b in S.PIPELINE_BLOCKS if b != S.READ},
-            dropped_by_reason=dropped_by_reason,
-            docs={s: v["docs"] for s, v in splits.items()},
-            tokens={s: v["tokens"] for s, v in splits.items()},
-            blocks={s: v["blocks"] for s, v in splits.items()},
-            tail_tokens={s: v["tail_tokens"] for s, v in splits.items()},
-            block_size=cfg.block_size,
-            vocab_size=tok_info["vocab_size"],
-            tokenizer_trained=not cfg.tokenizer.base,
-        )
-        manifest = _manifest(cfg, stats, splits, tok_info, len(test_docs), len(ref_docs))
-        # Written last: a directory with a manifest is a complete dataset.
-        (out_dir / A.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        info.update(blocks=stats.blocks)
-
-    stats.seconds = round(time.perf_counter() - t_start, 3)
-    stats.timings = timings
+    try:
+        stats = run(units, base)
+    except BaseException as exc:
+        # A block that raised inside Ray arrives as Ray's exception with ours as text.
+        message = None if isinstance(exc, FlywheelError) else S.block_failure_message(exc)
+        error: BaseException = DataError(message) if message else exc
+        run.write_dropped()
+        kept = work.fail(final(), str(error))
+        if kept is not None and isinstance(error, DataError):
+            reports = ", ".join(str(kept / r) for r in output.REPORTS if (kept / r).exists())
+            error.args = (f"{error}; every rejected and dropped row, with its reason: {reports}",)
+        if error is exc:
+            raise
+        raise error from None
+    target = final()
+    assert target is not None
+    work.publish(target)
+    stats.out_dir = str(target)
     return stats
+
+
+class _Run:
+    """One run of the stage in its working directory; keeps what it judged for a failure."""
+
+    def __init__(self, profile: Profile, work: Path, report: Progress):
+        self.profile = profile
+        self.cfg = profile.data
+        self.work = work
+        self.report = report
+        self.judged: list[pd.DataFrame] = []
+        self.content_hash: str | None = None
+        self.dropped_written = False
+
+    def write_dropped(self) -> None:
+        """dropped.jsonl from what was judged so far (a failed run keeps it too)."""
+        if self.dropped_written or not self.judged:
+            return
+        judged_all = pd.concat(self.judged, ignore_index=True)
+        columns = ("id", "source", "block", "reason", "detail")
+        _write_rejects(self.work / DROPPED, judged_all, columns)
+        self.dropped_written = True
+
+    def __call__(self, units: list[str] | None, base) -> DataStats:
+        """The steps, writing into the working directory (`out_dir` below)."""
+        profile, cfg, out_dir, report = self.profile, self.cfg, self.work, self.report
+        judged = self.judged
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+
+        @contextlib.contextmanager
+        def step(name: str) -> Iterator[dict]:
+            info: dict = {}
+            report(name, {"status": "start"})
+            t0 = time.perf_counter()
+            yield info
+            timings[name] = round(time.perf_counter() - t0, 3)
+            report(name, {"status": "done", "seconds": timings[name], **info})
+
+        with step("ray"):
+            ensure_ray(profile.ray)
+
+        with _data_context():
+            # -- read, normalize, quality, content key
+            with step("read") as info:
+                cleaned = clean(read_documents(cfg, units), cfg).materialize()
+                meta = _meta(cleaned, [*META_COLUMNS, "digest"])
+                rows_read = len(meta)
+                rejects = meta[meta["block"] == S.READ]
+                content_hash = self.content_hash = _content_hash(cfg, meta["digest"])
+                _write_rejects(out_dir / A.REJECTS, rejects)
+                info.update(rows=rows_read, rejected=len(rejects))
+            judged.append(meta[(meta["reason"] != "") & (meta["block"] != S.READ)])
+            check_rejects(rejects, rows_read, cfg.max_reject_share)
+            if not (meta["reason"] == "").any():
+                raise DataError(
+                    f"data.source: no document survived reading and filtering ({rows_read:,} "
+                    f"rows read; {_reason_counts(meta)}); check data.filters and the source"
+                )
+
+            # -- exact + near dedup
+            with step("dedup") as info:
+                deduped = exact_dedup(cleaned, cfg)
+                if cfg.dedup.near:
+                    deduped = deduped.map_batches(
+                        B.MinHashSignature(cfg.dedup),
+                        batch_format="pandas",
+                        batch_size=cfg.batch_size,
+                    )
+                deduped = deduped.materialize()
+                exact = _meta(
+                    deduped.map_batches(S.dropped_only, batch_format="pandas"), META_COLUMNS
+                )
+                judged.append(exact)
+                info.update(exact_duplicates=len(exact))
+            drops: dict[str, str] = {}
+            if cfg.dedup.near:
+                with step("near_dedup") as info:
+                    edges = near_duplicate_edges(deduped, cfg)
+                    drops = B.duplicate_components(edges)
+                    info.update(candidate_edges=len(edges), near_duplicates=len(drops))
+
+            # -- split
+            with step("split") as info:
+                final = (
+                    deduped.map_batches(S.keep_only, batch_format="pandas")
+                    .map_batches(
+                        B.ApplyDrops(drops), batch_format="pandas", batch_size=cfg.batch_size
+                    )
+                    .map_batches(
+                        B.AssignSplit(cfg.split), batch_format="pandas", batch_size=cfg.batch_size
+                    )
+                )
+                if "minhash" in deduped.columns():
+                    final = final.drop_columns(["minhash"])
+                final = final.materialize()
+                fmeta = _meta(final, [*META_COLUMNS, "key", "split", "split_point"])
+                near = fmeta[fmeta["reason"] != ""]
+                kept = fmeta[fmeta["reason"] == ""]
+                key_to_id = dict(zip(kept["key"], kept["id"], strict=True))
+                near = near.assign(detail=near["detail"].map(lambda d: _name_kept(d, key_to_id)))
+                judged.append(near)
+                docs = kept["split"].value_counts().reindex(list(A.SPLITS), fill_value=0)
+                info.update(docs={s: int(docs[s]) for s in A.SPLITS})
+
+            # -- tokenizer
+            with step("tokenizer") as info:
+                tok_dir = out_dir / A.TOKENIZER_DIR
+                if base is not None:
+                    tok = base
+                else:
+                    if docs["train"] == 0:
+                        raise DataError(
+                            "data.split: the train split is empty; nothing to train a tokenizer on"
+                        )
+                    train_texts = (
+                        final.map_batches(_train_texts, batch_format="pandas")
+                        .select_columns(["text"])
+                        .iter_batches(batch_size=1024, batch_format="pandas")
+                    )
+                    tok = tokenizer.train_bpe(
+                        (t for batch in train_texts for t in batch["text"]),
+                        cfg.tokenizer,
+                        length=int(docs["train"]),
+                    )
+                tok_info = tokenizer.save(tok, tok_dir)
+                info.update(vocab_size=tok_info["vocab_size"])
+
+            # -- tokenize + pack + write
+            with step("tokenize") as info:
+                tokens = (
+                    final.map_batches(S.keep_only, batch_format="pandas")
+                    .select_columns(["key", "split", "text"])
+                    .map_batches(
+                        B.Tokenize(tok.backend_tokenizer.to_str()),
+                        batch_format="pandas",
+                        batch_size=cfg.batch_size,
+                    )
+                    .to_pandas()
+                )
+                info.update(tokens=int(tokens["n_tokens"].sum()))
+
+        with step("write") as info:
+            pack = B.Pack(cfg.block_size, tok_info["eos_token_id"])
+            splits: dict[str, dict] = {}
+            for split in A.SPLITS:
+                part = tokens[tokens["split"] == split].sort_values("key")
+                blocks, tail = pack.blocks(part)
+                if len(blocks) == 0 and _share(cfg, split) > 0:
+                    raise DataError(
+                        f"data: the {split} split has {int(part['n_tokens'].sum()):,} tokens, fewer than one "
+                        f"block of data.block_size={cfg.block_size}; add documents or lower the block size"
+                    )
+                files = write_blocks(blocks, out_dir / split)
+                splits[split] = {
+                    "docs": len(part),
+                    "tokens": int(blocks.size),
+                    "blocks": len(blocks),
+                    "tail_tokens": int(tail),
+                    "files": files,
+                }
+            text_rows = _texts_for(final, kept, cfg.reference_sample_docs)
+            (out_dir / A.TEXT_DIR).mkdir(exist_ok=True)
+            test_docs = text_rows[text_rows["split"] == "test"]
+            ref_docs = text_rows[text_rows["ref"]]
+            pq.write_table(_text_table(test_docs), out_dir / A.TEST_TEXT, compression="zstd")
+            pq.write_table(_text_table(ref_docs), out_dir / A.REFERENCE_TEXT, compression="zstd")
+
+            judged_all = pd.concat(judged, ignore_index=True)
+            self.write_dropped()
+            rejected = rejects["reason"].value_counts().sort_index()
+            by_source = rejects["source"].value_counts().sort_index()
+            dropped_by_reason = {
+                f"{block}:{reason}": int(n)
+                for block in S.PIPELINE_BLOCKS
+                for reason, n in judged_all[judged_all["block"] == block]["reason"]
+                .value_counts()
+                .sort_index()
+                .items()
+            }
+            dropped = judged_all["block"].value_counts()
+            stats = DataStats(
+                content_hash=content_hash,
+                out_dir=str(out_dir),
+                docs_read=rows_read,
+                docs_kept=len(kept),
+                rejected={str(k): int(v) for k, v in rejected.items()},
+                rejected_by_source={str(k): int(v) for k, v in by_source.items()},
+                dropped={b: int(dropped.get(b, 0)) for b in S.PIPELINE_BLOCKS if b != S.READ},
+                dropped_by_reason=dropped_by_reason,
+                docs={s: v["docs"] for s, v in splits.items()},
+                tokens={s: v["tokens"] for s, v in splits.items()},
+                blocks={s: v["blocks"] for s, v in splits.items()},
+                tail_tokens={s: v["tail_tokens"] for s, v in splits.items()},
+                block_size=cfg.block_size,
+                vocab_size=tok_info["vocab_size"],
+                tokenizer_trained=not cfg.tokenizer.base,
+            )
+            manifest = _manifest(cfg, stats, splits, tok_info, len(test_docs), len(ref_docs))
+            # Written last: a directory with a manifest is a complete dataset.
+            (out_dir / A.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            info.update(blocks=stats.blocks)
+
+        stats.seconds = round(time.perf_counter() - t_start, 3)
+        stats.timings = timings
+        return stats
+
+
+def _reason_counts(meta: pd.DataFrame) -> str:
+    """'quality too_short 38, read malformed_json 2': why rows went, most first."""
+    judged = meta[meta["reason"] != ""]
+    counts = (judged["block"] + " " + judged["reason"]).value_counts().sort_index()
+    counts = counts.sort_values(ascending=False, kind="stable")
+    return ", ".join(f"{what} {n:,}" for what, n in counts.items()) or "nothing judged"
 
 
 def _share(cfg: DataConfig, split: str) -> float:

@@ -43,18 +43,30 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = N
     )
 
 
-def load_base(name: str):
-    """A tokenizer by local path or hub id; it must define EOS (pad defaults to EOS)."""
+def load_base(name: str, field: str = "data.tokenizer.base"):
+    """A tokenizer by local path or hub id; it must define EOS (pad defaults to EOS).
+
+    A hub id is looked up with one bounded request first (`flywheel.data.hub`), so no
+    network fails in seconds, in one line, instead of after ~25 s of retry warnings.
+    """
     from transformers import AutoTokenizer
 
+    from flywheel.data import hub
+
+    local = Path(name).expanduser()
+    where = local if local.exists() else name
+    can = hub.access(name, files=("tokenizer_config.json", "tokenizer.json"))
+    if can.problem:
+        raise DataError(f"{field}: cannot load tokenizer '{name}': {can.problem}")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=can.local_only)
     except Exception as exc:  # OSError, ValueError, network errors: all mean "cannot load"
-        raise DataError(f"data.tokenizer.base: cannot load tokenizer '{name}': {exc}") from None
+        text = " ".join(str(exc).split())
+        raise DataError(f"{field}: cannot load tokenizer '{name}': {text}") from None
     if not getattr(tok, "is_fast", False):
-        raise DataError(f"data.tokenizer.base: '{name}' has no fast (Rust) tokenizer")
+        raise DataError(f"{field}: '{name}' has no fast (Rust) tokenizer")
     if tok.eos_token_id is None:
-        raise DataError(f"data.tokenizer.base: '{name}' defines no eos_token; packing needs one")
+        raise DataError(f"{field}: '{name}' defines no eos_token; packing needs one")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -267,8 +267,14 @@ def _check_model(profile: Profile, source: ModelSource, data: DatasetInfo) -> No
     from transformers import AutoConfig
 
     field = "init_from" if source.kind == "init_from" else "model.base"
+    from flywheel.data import hub
+
+    # A hub id without a network: one bounded request and one line, not ~25 s of retries.
+    can = hub.access(str(source.path))
+    if can.problem:
+        raise ConfigError(f"{field}: cannot load a model config from {source.path}: {can.problem}")
     try:
-        cfg = AutoConfig.from_pretrained(str(source.path))
+        cfg = AutoConfig.from_pretrained(str(source.path), local_files_only=can.local_only)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"{field}: cannot load a model config from {source.path} ({exc})"

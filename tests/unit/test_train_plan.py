@@ -259,11 +259,15 @@ def test_init_from_checks_vocab_and_positions(state_dir, dataset, tmp_path):
     assert P.make_plan(p, dataset, init_from=str(ok)).model_source.kind == "init_from"
 
 
-def test_base_model_that_cannot_load_names_the_field(state_dir, dataset):
-    p = load_profile(None, ["data.block_size=32", "model.context=32", "model.base=/nowhere/model"])
-    with pytest.raises(
-        ConfigError, match=r"model.base: cannot load a model config from /nowhere/model"
-    ):
+def test_base_model_that_cannot_load_names_the_field(state_dir, dataset, tmp_path):
+    # A missing path is refused when the profile loads (issue 10, case 6) ...
+    with pytest.raises(ConfigError, match=r"model.base: path not found: /nowhere/model"):
+        load_profile(None, ["model.base=/nowhere/model"])
+    # ... a directory that holds no model, when the plan reads it.
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    p = load_profile(None, ["data.block_size=32", "model.context=32", f"model.base={empty}"])
+    with pytest.raises(ConfigError, match=r"model.base: cannot load a model config from .*empty"):
         P.make_plan(p, dataset)
 
 
