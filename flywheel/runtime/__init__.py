@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 from flywheel.config import RayConfig
@@ -272,7 +272,7 @@ def cluster_resources(cfg: RayConfig) -> RayResources:
     )
 
 
-def _fail(problems: list[str], cls: type[FlywheelError] = ConfigError, tail: str = "") -> None:
+def _fail(problems: list[str], cls: type[FlywheelError] = ConfigError, tail: str = "") -> NoReturn:
     raise cls(". ".join(problems) + tail)
 
 
