@@ -25,6 +25,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -364,6 +365,23 @@ def _int_field(name: str) -> bool:
     return int in types and float not in types
 
 
+def _train_values(name: str, values: list[Any]) -> None:
+    """Each bound or choice must be a value train.<name> accepts on its own (type, range,
+    allowed words). How it combines with the rest of train (warmup_steps <= max_steps) is
+    checked when tuning starts (`flywheel.tune.space.check_space`): `flywheel train` with a
+    short max_steps must not fail over a search it does not run."""
+    field = TrainConfig.model_fields[name]
+    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, field])
+    for value in values:
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"]
+            raise ValueError(
+                f"tune.search_space.{name}: {value!r} is not a valid train.{name} ({msg})"
+            ) from None
+
+
 def _space_entry(name: str, spec: Any) -> dict[str, Any]:
     """One `tune.search_space` entry, checked and with its numbers as numbers."""
     field = f"tune.search_space.{name}"
@@ -382,6 +400,7 @@ def _space_entry(name: str, spec: Any) -> dict[str, Any]:
         for choice in choices:
             if choice is not None and not isinstance(choice, (str, int, float, bool)):
                 raise ValueError(f"{field}.choices: {choice!r} is not a single value")
+        _train_values(name, choices)
         return dict(spec)
     if "low" not in spec or "high" not in spec:
         raise ValueError(f"{field} needs low and high")
@@ -399,6 +418,7 @@ def _space_entry(name: str, spec: Any) -> dict[str, Any]:
     out["log"] = log
     if log and low <= 0:
         raise ValueError(f"{field}.low must be above 0 on a log scale, got {low:g}")
+    _train_values(name, [low, high])
     if spec.get("step") is not None:
         step = out["step"] = _number(f"{field}.step", spec["step"], whole)
         if step <= 0:
@@ -841,27 +861,6 @@ class Profile(_Strict):
         if not value.strip():
             raise ValueError("empty; name a directory, or leave it out for .flywheel")
         return value
-
-    @model_validator(mode="after")
-    def _tune_bounds(self) -> Profile:
-        # Every bound and choice must make a valid training profile: the best value found
-        # trains the full run, and a pipeline meets a bad bound only after the data stage.
-        base = self.train.model_dump()
-        for name, spec in self.tune.search_space.items():
-            values = (
-                spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
-            )
-            for value in values:
-                try:
-                    TrainConfig.model_validate({**base, name: value})
-                except ValidationError as exc:
-                    err = exc.errors()[0]
-                    where = ".".join(str(p) for p in err["loc"]) or name
-                    msg = err["msg"].removeprefix("Value error, ")
-                    raise ValueError(
-                        f"tune.search_space.{name}: {value!r} is not a valid train.{where} ({msg})"
-                    ) from None
-        return self
 
     def to_param(self) -> dict[str, Any]:
         """The profile as the pipeline's one dict parameter.

@@ -102,13 +102,22 @@ def trial_profile(profile: Profile, params: dict[str, Any], field: str = "params
 
 def check_space(profile: Profile) -> dict[str, Any]:
     """Distributions for the profile's space, after checking that every bound and choice
-    makes a valid training profile, so a bad space fails before any trial starts."""
+    makes a valid training profile, so a bad space fails before any trial starts.
+
+    Two profiles per value: a trial's (short, one worker) and the full run's, which trains
+    with the best value found (a warmup_steps bound above train.max_steps would pass every
+    trial, warmup clamped, and fail the training after the study). Each value alone was
+    checked against its train field when the profile loaded.
+    """
     dists = distributions(profile.tune.search_space)
     for name, spec in profile.tune.search_space.items():
         values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
         for value in values:
+            full = profile.model_dump()
+            full["train"][name] = plain(value)
             try:
                 trial_profile(profile, {name: value}, f"tune.search_space.{name}")
+                validate_profile(full, "the full training run")
             except ConfigError as exc:
                 raise ConfigError(f"tune.search_space.{name} = {value!r}: {exc}") from None
     return dists

@@ -92,17 +92,17 @@ def _load_error(override: str) -> str:
             "tune.search_space.lr.type must be float, int or categorical, got 'uniform'",
         ),
         ("{lr: {type: float, low: 0.001}}", "tune.search_space.lr needs low and high"),
-        # Shape is fine, but a bound would make a training profile that cannot run: the best
-        # value trains the full run, so it is checked against train.* as the profile loads.
+        # Shape is fine, but a bound is no value its train field takes: the best value trains
+        # the full run, so each is checked against its train.* field as the profile loads.
         (
             "{lr: {type: float, low: -1.0, high: 0.01}}",
             "tune.search_space.lr: -1.0 is not a valid train.lr (Input should be greater "
             "than or equal to 0)",
         ),
         (
-            "{warmup_steps: {type: int, low: 0, high: 1000}}",
-            "tune.search_space.warmup_steps: 1000 is not a valid train.warmup_steps "
-            "(train.warmup_steps must not exceed train.max_steps)",
+            "{zero_stage: {type: int, low: 0, high: 4}}",
+            "tune.search_space.zero_stage: 4 is not a valid train.zero_stage (Input should be "
+            "less than or equal to 3)",
         ),
         (
             "{lr_schedule: {type: categorical, choices: [cosine, cubic]}}",
@@ -132,6 +132,38 @@ def test_a_good_search_space_loads_with_its_numbers_as_numbers():
     assert space["warmup_steps"] == {"type": "int", "low": 0, "high": 4, "log": False, "step": 2}
     assert isinstance(space["warmup_steps"]["high"], int)
     assert space["lr_schedule"]["choices"] == ["cosine", "constant"]
+
+
+def test_a_bound_that_clashes_with_the_rest_of_train_fails_when_tuning_starts(tmp_path):
+    """warmup_steps up to 1000 with max_steps 60: every trial passes (warmup clamped to the
+    trial) and the full run would fail after the study. Refused before any trial; but a
+    profile whose train section is short loads, since `flywheel train` runs no search."""
+    from flywheel.tune.space import check_space
+
+    space = "tune.search_space={warmup_steps: {type: int, low: 0, high: 1000}}"
+    prof = load_profile(None, [space])
+    with pytest.raises(ConfigError) as info:
+        check_space(prof)
+    assert str(info.value) == (
+        "tune.search_space.warmup_steps = 1000: the full training run: "
+        "train.warmup_steps must not exceed train.max_steps"
+    )
+    # The shipped space searches warmup_steps up to 5; a 4-step training run still loads.
+    assert load_profile(None, ["train.max_steps=4", "train.warmup_steps=1"]).train.max_steps == 4
+    # And through the CLI: one line, exit 2, before Ray or the study (nothing created).
+    (tmp_path / "ds").mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "flywheel.cli.main", "tune", "--data", "ds", space],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].endswith("train.warmup_steps must not exceed train.max_steps")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
 def test_the_shipped_search_space_still_builds_optuna_distributions():
