@@ -77,7 +77,7 @@ def _staged_source(profile: Profile, out_dir: Path) -> Iterator[Profile]:
     from flywheel.artifacts import MANIFEST
 
     uri = profile.data.source.path
-    if not storage.is_uri(uri):
+    if uri is None or not storage.is_uri(uri):
         yield profile
         return
     with storage.staged(uri, "data.source.path", profile.storage.endpoint_url) as local:

@@ -64,7 +64,7 @@ def is_uri(value: str | None) -> bool:
 
 def is_remote(value: str | None) -> bool:
     m = _SCHEME.match(str(value or ""))
-    return bool(m) and m.group(1).lower() in REMOTE
+    return m is not None and m.group(1).lower() in REMOTE
 
 
 @dataclass(frozen=True)
