@@ -42,7 +42,7 @@ def test_cluster_profile_is_ready_for_kubeflow():
     k8s = p.kfp.kubernetes
     assert k8s.service_account
     assert "PGPASSWORD" in k8s.env_from_secrets("tune")
-    assert "PGPASSWORD" not in k8s.env_from_secrets("plan")
+    assert "PGPASSWORD" not in k8s.env_from_secrets("train")
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= k8s.env_from_secrets("train")
     for task in ("train", "tune"):
         res = p.kfp.for_task(task)

@@ -63,7 +63,9 @@ def test_secrets_reach_the_pods_that_use_them_as_environment_variables(cluster):
         secrets = _secrets(k8s[executor])
         assert secrets["flywheel-mlflow"] == mlflow, executor
         assert secrets["flywheel-s3"] == s3, executor
-        assert ("flywheel-postgres" in secrets) == (executor == "exec-tune"), executor
+        # the database password only where the study is opened (and plan's preflight)
+        opens_db = executor in ("exec-tune", "exec-plan")
+        assert ("flywheel-postgres" in secrets) == opens_db, executor
     assert _secrets(k8s["exec-tune"])["flywheel-postgres"] == {"PGPASSWORD": "password"}
     optional = {s["secretName"]: s["optional"] for s in k8s["exec-train"]["secretAsEnv"]}
     assert optional == {"flywheel-mlflow": True, "flywheel-s3": False}
