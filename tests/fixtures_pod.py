@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -201,6 +202,10 @@ class PodRun:
         return value
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _pipeline_line(text: str) -> str:
+    text = ANSI.sub("", text)
     lines = [ln for ln in text.splitlines() if "Pipeline '" in ln and "finished with status" in ln]
     return lines[-1] if lines else ""
