@@ -72,6 +72,29 @@ def _where(row: pd.Series) -> str:
     return "a row"
 
 
+_TEXT_COLUMNS = ("id", "source", "text", "block", "reason", "detail", "digest")
+
+
+def _contract_problem(row: pd.Series) -> str | None:
+    """How a row breaks the row contract (a text column that is not storable text), if it does.
+
+    Checked first when a block fails: one such value makes Ray store the whole column as
+    pickled objects, and then every row fails alike, so retrying row by row would blame
+    the first row instead of the bad one.
+    """
+    for col in _TEXT_COLUMNS:
+        if col not in row.index:
+            continue
+        value = row[col]
+        if not isinstance(value, str):
+            return f"its {col} is {type(value).__name__}, not text"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"its {col} holds a lone surrogate"
+    return None
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or "(no message)"
     return f"{type(exc).__name__}: {text[:_DETAIL_CHARS]}"
@@ -98,7 +121,11 @@ def _guarded(call):
             where, cause = f"a batch of {len(pristine)} rows", exc
             if not self.row_wise and len(pristine):
                 where = f"a group of {len(pristine)} rows (first: {_where(pristine.iloc[0])})"
-            for i in range(len(pristine) if self.row_wise else 0):
+            bad = ((i, _contract_problem(pristine.iloc[i])) for i in range(len(pristine)))
+            found = next(((i, why) for i, why in bad if why), None)
+            if found:
+                where = f"{_where(pristine.iloc[found[0]])} ({found[1]})"
+            for i in range(len(pristine) if self.row_wise and not found else 0):
                 try:
                     call(self, pristine.iloc[[i]].copy())
                 except Exception as row_exc:
