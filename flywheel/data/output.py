@@ -157,6 +157,8 @@ def check_target(out: Path, sources: list[Path], label: str | None = None) -> st
             )
     kind = kind_of(out)
     if kind == "foreign":
+        if out.is_symlink():
+            raise OutputDirError(f"{name} is a symbolic link; name the directory itself")
         if out.exists() and not out.is_dir():
             raise OutputDirError(f"{name} exists and is not a directory")
         shown = ", ".join(foreign_entries(out)) if out.is_dir() else out.name

@@ -348,8 +348,12 @@ def prepare(
         # A block that raised inside Ray arrives as Ray's exception with ours as text.
         message = None if isinstance(exc, FlywheelError) else S.block_failure_message(exc)
         error: BaseException = DataError(message) if message else exc
-        run.write_dropped()
-        kept = work.fail(final(), str(error))
+        try:
+            run.write_dropped()
+            kept = work.fail(final(), str(error))
+        except OSError:  # a full disk, say: the original error is the one to report
+            work.discard()
+            kept = None
         if kept is not None and isinstance(error, DataError):
             reports = ", ".join(str(kept / r) for r in output.REPORTS if (kept / r).exists())
             error.args = (f"{error}; every rejected and dropped row, with its reason: {reports}",)
