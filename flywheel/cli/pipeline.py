@@ -189,13 +189,15 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="output directory")] = Path("build/pipelines"),
     ) -> None:
         """Write KFP IR YAML for every pipeline (and load each back to prove it parses)."""
+        from rich.markup import escape
+
         from flywheel.kfp.compile import compile_all
         from flywheel.kfp.guard import pod_state_problems
 
         p = profile_from(profile, overrides)
         for problem in pod_state_problems(p):  # submit would refuse these (exit 2)
             err_console.print(
-                f"[yellow]warning:[/yellow] {problem}", highlight=False, soft_wrap=True
+                f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True
             )
         for path in compile_all(p, out):
             console.print(f"[green]compiled[/green] {path}")

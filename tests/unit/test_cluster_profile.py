@@ -288,3 +288,14 @@ def test_compile_warns_in_the_same_words_and_writes_the_yaml(state_dir, tmp_path
         ["compile", "--profile", str(CLUSTER), "--out", str(tmp_path / "c")], capsys
     )
     assert code == 0 and "warning" not in err
+
+
+def test_compile_warnings_print_paths_verbatim(state_dir, tmp_path, capsys):
+    """A path with brackets is printed as written, not read as terminal markup."""
+    code, _out, err = _cli(
+        ["compile", *READY, "data.source.kind=files", "data.source.path=/data/[bold]/corpus",
+         "--out", str(tmp_path / "out")],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "warning: data.source.path '/data/[bold]/corpus' is a local path" in err
