@@ -82,3 +82,12 @@ def test_test_modules_have_unique_basenames():
     tests = Path(__file__).resolve().parents[1]
     names = [p.name for p in tests.rglob("test_*.py")]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_a_base_path_on_a_pvc_the_pods_mount_is_not_checked_here():
+    """/models exists only inside the pods that mount the claim; everywhere else a missing
+    path is still a profile error naming the field."""
+    pvc = "kfp.kubernetes.pvcs=[{name: hf-cache, mount_path: /models}]"
+    assert load_profile(None, ["model.base=/models/llama", pvc]).model.base == "/models/llama"
+    with pytest.raises(ConfigError, match=r"model\.base: path not found: /elsewhere/llama"):
+        load_profile(None, ["model.base=/elsewhere/llama", pvc])
