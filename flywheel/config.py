@@ -199,17 +199,16 @@ def _existing_path_or_hub_id(value: str | None) -> str | None:
     return value
 
 
+def _under(path: str, mount: str) -> bool:
+    return Path(path).is_absolute() and Path(path).is_relative_to(mount)
+
+
 class TokenizerConfig(_Strict):
     base: str | None = Field(
         None, description="path or hub id of a tokenizer; None trains byte-level BPE"
     )
     vocab_size: int = Field(4096, ge=260)
     min_frequency: int = Field(2, ge=1)
-
-    @field_validator("base")
-    @classmethod
-    def _base_exists(cls, value: str | None) -> str | None:
-        return _existing_path_or_hub_id(value)
 
 
 class DataConfig(_Strict):
@@ -237,11 +236,6 @@ class ModelConfig(_Strict):
     n_embd: int = Field(64, ge=8)
     context: int = Field(128, ge=8, description="maximum positions")
     warm_start: bool = Field(True, description="start from the registry champion when one exists")
-
-    @field_validator("base")
-    @classmethod
-    def _base_exists(cls, value: str | None) -> str | None:
-        return _existing_path_or_hub_id(value)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -852,6 +846,18 @@ class Profile(_Strict):
             raise ValueError(
                 f"data.block_size ({self.data.block_size}) exceeds model.context ({self.model.context})"
             )
+        # Checked here, not on the fields: a path on a PVC the pods mount (kfp.kubernetes.pvcs)
+        # exists only inside the pods, never where the profile is compiled or submitted.
+        mounts = [m.mount_path for m in self.kfp.kubernetes.pvcs]
+        for field, value in (
+            ("data.tokenizer.base", self.data.tokenizer.base),
+            ("model.base", self.model.base),
+        ):
+            if value and not any(_under(value, m) for m in mounts):
+                try:
+                    _existing_path_or_hub_id(value)
+                except ValueError as exc:
+                    raise ValueError(f"{field}: {exc}") from None
         return self
 
     @field_validator("state_dir")
