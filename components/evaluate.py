@@ -9,7 +9,8 @@ def evaluate(
     report: Output[Artifact],
     metrics: Output[Metrics],
 ):
-    """Perplexity and next-token accuracy of the challenger on the held-out split."""
+    """Bits per byte, perplexity and next-token accuracy of the challenger on the held-out
+    split; the report carries the per-document scores the gate pairs on."""
     from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import evaluate as run
 

@@ -36,5 +36,5 @@ def gate(
     )
     Path(decision.path).write_text(decision_md)
     Path(model_card.path).write_text(card)
-    log_metrics(metrics, {"promote": float(result.promote)})
+    log_metrics(metrics, {"promote": float(result.promote), **result.deltas})
     return version if result.promote else ""

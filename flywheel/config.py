@@ -444,30 +444,77 @@ class EvalConfig(_Strict):
 
 
 class GatePolicy(_Strict):
+    """How a challenger is judged against the champion: on bits per byte, paired document
+    by document (see `flywheel.gate`)."""
+
+    mode: Literal["superiority", "non_inferiority"] = Field(
+        "superiority",
+        description="superiority (default): promote only when the challenger is significantly "
+        "better in bits per byte (the whole paired interval below zero, or below "
+        "-min_relative_improvement), so a challenger better by noise never replaces the "
+        "champion: every promotion is a deployment with risks no held-out metric sees, and "
+        "a retrain on drifted data still wins because the held-out split is the new data. "
+        "non_inferiority: promote unless significantly worse than the margin (the interval "
+        "wholly above +non_inferiority_margin); for flows that want the freshest model "
+        "whenever it is not clearly worse",
+    )
+    confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1,
+        description="two-sided confidence of the paired interval; each mode's test is "
+        "one-sided at (1 - confidence) / 2",
+    )
+    bootstrap_samples: int = Field(
+        2000, ge=100, description="paired bootstrap resamples of the held-out documents"
+    )
+    seed: int = Field(0, description="seed of the paired bootstrap (the decision is repeatable)")
+    max_bits_per_byte: float = Field(
+        8.0,
+        gt=0,
+        description="absolute bound for any candidate; 8 bits per byte is what storing the "
+        "raw bytes costs, so a model above it has learned nothing",
+    )
     max_perplexity: float = Field(1e4, gt=0, description="absolute bound for any candidate")
     min_relative_improvement: float = Field(
-        0.0, ge=0, description="challenger perplexity must be this share below champion's"
+        0.0,
+        ge=0,
+        description="superiority: the challenger's bits per byte must be significantly "
+        "lower by at least this share of the champion's",
     )
     non_inferiority_margin: float = Field(
-        0.0, ge=0, description="accept a challenger up to this share worse (0: must not be worse)"
+        0.0,
+        ge=0,
+        description="non_inferiority: reject only a challenger significantly worse by more "
+        "than this share of the champion's bits per byte; also the accuracy margin",
     )
     min_accuracy: float = Field(
         0.0, ge=0, le=1, description="absolute bound on next-token accuracy"
     )
     margins: dict[str, float] = Field(
         default_factory=dict,
-        description="per-metric non-inferiority margin (share worse than the champion allowed), "
-        "keys perplexity | accuracy; a metric not named here uses non_inferiority_margin",
+        description="per-metric margin (share worse than the champion allowed), keys "
+        "bits_per_byte | accuracy; a metric not named here uses non_inferiority_margin",
     )
     require_generation_checks: bool = Field(
-        False, description="a failed generation check (empty or degenerate output) blocks promotion"
+        False,
+        description="a failed generation check (empty or degenerate output) blocks "
+        "promotion; needs eval.prompts",
     )
 
     @model_validator(mode="after")
     def _margin_keys(self) -> GatePolicy:
-        unknown = sorted(set(self.margins) - {"perplexity", "accuracy"})
+        unknown = sorted(set(self.margins) - {"bits_per_byte", "accuracy"})
         if unknown:
-            raise ValueError(f"gate.margins: unknown metric(s) {unknown}; use perplexity, accuracy")
+            hint = (
+                " (perplexity is per token of each model's tokenizer and is not compared "
+                "across models; bits_per_byte is)"
+                if "perplexity" in unknown
+                else ""
+            )
+            raise ValueError(
+                f"gate.margins: unknown metric(s) {unknown}; use bits_per_byte, accuracy{hint}"
+            )
         if any(m < 0 for m in self.margins.values()):
             raise ValueError("gate.margins: margins must be >= 0")
         return self
@@ -858,6 +905,12 @@ class Profile(_Strict):
                     _existing_path_or_hub_id(value)
                 except ValueError as exc:
                     raise ValueError(f"{field}: {exc}") from None
+        if self.gate.require_generation_checks and not self.eval.prompts:
+            # Without prompts no check runs, and "all checks passed" would promote unchecked.
+            raise ValueError(
+                "gate.require_generation_checks is true but eval.prompts is empty: "
+                "list prompts to check, or set gate.require_generation_checks: false"
+            )
         return self
 
     @field_validator("state_dir")

@@ -1,24 +1,33 @@
 """The promotion gate: a pure decision over two fresh evaluations and a policy.
 
-`decide_promotion` reads numbers and returns a `Decision`; it touches no store, so every
-case (no champion, challenger better, champion better, inside the non-inferiority
-margin, NaN/inf, absolute bound violated) is a unit test. A rejected candidate is a
-normal outcome (`promote=False`), never an exception: the pipeline run succeeds and the
-decision is what a person reads in the UI.
+`decide_promotion` reads numbers and returns a `Decision`; it touches no store, and its
+paired bootstrap is seeded from the policy, so every case (no champion, challenger
+significantly better, better by noise, worse, NaN/inf, absolute bound violated) is a
+unit test. A rejected candidate is a normal outcome (`promote=False`), never an
+exception: the pipeline run succeeds and the decision is what a person reads in the UI.
 
 Rules, in order (all are checked, so the reasons list every failure at once):
 
 1. every challenger metric is finite;
-2. absolute bounds: perplexity <= ``max_perplexity``, accuracy >= ``min_accuracy``;
-3. with ``require_generation_checks``, every generation check passed;
+2. absolute bounds: bits per byte <= ``max_bits_per_byte``, perplexity <=
+   ``max_perplexity``, accuracy >= ``min_accuracy``;
+3. with ``require_generation_checks``, generation checks ran and every one passed;
 4. no champion: promote if 1-3 hold;
-5. every champion metric is finite, and both were evaluated on the same data;
-6. perplexity: with ``min_relative_improvement`` > 0 the challenger must be that share
-   lower (superiority); otherwise at most the perplexity margin higher (non-inferiority);
-7. accuracy: at most the accuracy margin (a share of the champion's) lower.
+5. every champion metric is finite, both were evaluated on the same data, and both carry
+   per-document scores for the same documents;
+6. bits per byte, paired by document (challenger - champion, a paired bootstrap interval
+   at ``confidence``): ``superiority`` promotes only when the whole interval lies below
+   ``-min_relative_improvement`` of the champion's bits per byte (significantly better);
+   ``non_inferiority`` rejects only when the whole interval lies above ``+margin``
+   (significantly worse than the margin);
+7. next-token accuracy, only when both models share a tokenizer (per-token accuracy over
+   different vocabularies measures different tasks): rejected when it is lower by more
+   than the accuracy margin AND McNemar's exact test over documents says the drop is
+   significant at ``confidence``.
 
-Margins are relative ("a share worse than the champion") for every metric, from
-``margins[metric]`` or else ``non_inferiority_margin``.
+Perplexity is per token of each model's own tokenizer, so it is shown and bounded but
+never compared between models: a model could "win" on it by cutting text differently.
+Bits per byte counts the same bytes for both.
 """
 
 from __future__ import annotations
@@ -26,11 +35,33 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.artifacts import JsonFile
 from flywheel.config import GatePolicy
+from flywheel.evaluate.paired import accuracy_pairs, paired_bootstrap
 from flywheel.evaluate.report import EvalReport
+
+
+class PairedTest(BaseModel):
+    """The paired comparison the decision rests on (None fields: not computed)."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+    n_docs: int = Field(description="documents scored by both models (paired by id)")
+    challenger_bits_per_byte: float
+    champion_bits_per_byte: float
+    diff: float = Field(description="challenger - champion, bits per byte (negative: better)")
+    diff_rel: float = Field(description="diff as a share of the champion's bits per byte")
+    ci: tuple[float, float] = Field(description="paired bootstrap interval of diff")
+    confidence: float
+    samples: int
+    threshold: float = Field(description="the bound the interval is held against (bits/byte)")
+    accuracy_compared: bool = Field(description="False: different tokenizers")
+    challenger_better_docs: int | None = None
+    champion_better_docs: int | None = None
+    mcnemar_p: float | None = Field(None, description="McNemar's exact test, two-sided")
 
 
 class Decision(JsonFile):
@@ -41,15 +72,18 @@ class Decision(JsonFile):
     reasons: list[str] = Field(description="why, one sentence per rule checked; failures first")
     deltas: dict[str, float] = Field(
         default_factory=dict,
-        description="challenger vs champion: *_rel = (challenger - champion) / champion, *_abs",
+        description="challenger vs champion: *_rel = (challenger - champion) / champion, *_abs; "
+        "bits_per_byte_ci_low/high: the paired interval of the difference",
     )
+    paired: PairedTest | None = None
     has_champion: bool
     policy: GatePolicy
 
     # ------------------------------------------------------------- rendering
 
     def to_markdown(self, challenger: EvalReport, champion: EvalReport | None) -> str:
-        """Metrics, deltas, intervals, verdict and reasons, for the KFP UI and the model card."""
+        """Metrics, the paired difference with its interval and test, verdict and reasons,
+        for the KFP UI and the model card."""
         icon = "PROMOTE" if self.promote else "REJECT"
         lines = [f"## Gate decision: **{icon}**", ""]
         conf = f"{challenger.confidence:.0%}"
@@ -57,21 +91,28 @@ class Decision(JsonFile):
             f"| metric | challenger | {conf} CI | champion | {conf} CI | delta |",
             "|---|---:|---|---:|---|---:|",
         ]
-        for name, better in (("perplexity", "lower"), ("accuracy", "higher")):
+        rows = (
+            ("bits_per_byte", "lower is better; decides"),
+            ("perplexity", "lower is better; per own token"),
+            ("accuracy", "higher is better; per own token"),
+        )
+        for name, note in rows:
             ch = getattr(challenger, name)
             ch_ci = getattr(challenger, f"{name}_ci")
             cp = getattr(champion, name) if champion else None
             cp_ci = getattr(champion, f"{name}_ci") if champion else None
             rel = self.deltas.get(f"{name}_rel")
             lines.append(
-                f"| {name} ({better} is better) | {_num(ch)} | {_ci(ch_ci)} | "
+                f"| {name} ({note}) | {_num(ch)} | {_ci(ch_ci)} | "
                 f"{_num(cp) if champion else 'none'} | {_ci(cp_ci)} | "
                 f"{_pct(rel) if rel is not None else ''} |"
             )
-        tok = f"{challenger.n_tokens:,} tokens / {challenger.n_docs} docs"
+        size = f"{challenger.n_bytes:,} bytes / {challenger.n_tokens:,} tokens / {challenger.n_docs} docs"
         if champion:
-            tok += f" (champion: {champion.n_tokens:,} tokens / {champion.n_docs} docs)"
-        lines += ["", f"Evaluated on {tok}; data `{challenger.data_hash or 'unknown'}`.", ""]
+            size += f" (champion: {champion.n_bytes:,} bytes / {champion.n_tokens:,} tokens)"
+        lines += ["", f"Evaluated on {size}; data `{challenger.data_hash or 'unknown'}`.", ""]
+        if self.paired:
+            lines += ["### Paired comparison (same documents)", "", *self._paired_lines(), ""]
         lines += ["### Reasons", ""] + [f"- {r}" for r in self.reasons]
         if challenger.generation:
             lines += ["", "### Generation checks (challenger)", ""]
@@ -82,15 +123,42 @@ class Decision(JsonFile):
                     f"| {g.prompt[:40]} | {out} | {g.seconds_per_token:.4f} | "
                     f"{g.repetition:.2f} | {'yes' if g.passed else 'no'} |"
                 )
+        p = self.policy
         lines += [
             "",
-            f"Policy: max perplexity {self.policy.max_perplexity:g}, min accuracy "
-            f"{self.policy.min_accuracy:g}, min relative improvement "
-            f"{self.policy.min_relative_improvement:.1%}, margins {_margins(self.policy)}.",
+            f"Policy: mode {p.mode} at {p.confidence:.0%} confidence "
+            f"({p.bootstrap_samples} paired resamples), max bits per byte "
+            f"{p.max_bits_per_byte:g}, max perplexity {p.max_perplexity:g}, min accuracy "
+            f"{p.min_accuracy:g}, min relative improvement {p.min_relative_improvement:.1%}, "
+            f"margins {_margins(p)}.",
         ]
         return "\n".join(lines) + "\n"
 
-    # ------------------------------------------------------------------ json
+    def _paired_lines(self) -> list[str]:
+        t = self.paired
+        assert t is not None
+        conf = f"{t.confidence:.0%}"
+        lines = [
+            "| test | n docs | challenger | champion | difference | "
+            f"{conf} paired interval | held against |",
+            "|---|---:|---:|---:|---:|---|---:|",
+            f"| bits per byte, paired bootstrap ({t.samples} resamples) | {t.n_docs} | "
+            f"{t.challenger_bits_per_byte:.4f} | {t.champion_bits_per_byte:.4f} | "
+            f"{t.diff:+.4f} ({_pct(t.diff_rel)}) | [{t.ci[0]:+.4f}, {t.ci[1]:+.4f}] | "
+            f"{t.threshold:+.4f} |",
+        ]
+        if t.accuracy_compared:
+            lines.append(
+                f"| next-token accuracy, McNemar exact over documents | {t.n_docs} | "
+                f"better on {t.challenger_better_docs} | better on {t.champion_better_docs} | "
+                f"| p = {_num(t.mcnemar_p)} | |"
+            )
+        else:
+            lines += [
+                "",
+                "Next-token accuracy is not compared: the models have different tokenizers.",
+            ]
+        return lines
 
 
 def margin(policy: GatePolicy, metric: str) -> float:
@@ -109,27 +177,21 @@ def decide_promotion(
     if bad:
         fails.append(f"challenger has non-finite metrics: {', '.join(bad)}")
     else:
-        (passes if challenger.perplexity <= policy.max_perplexity else fails).append(
-            f"challenger perplexity {_num(challenger.perplexity)} "
-            f"{'<=' if challenger.perplexity <= policy.max_perplexity else '>'} "
-            f"maximum {policy.max_perplexity:g}"
-        )
-        ok = challenger.accuracy >= policy.min_accuracy
-        (passes if ok else fails).append(
-            f"challenger accuracy {challenger.accuracy:.4f} {'>=' if ok else '<'} "
-            f"minimum {policy.min_accuracy:g}"
-        )
-    if policy.require_generation_checks and challenger.generation:
+        _bounds(challenger, policy, passes, fails)
+    if policy.require_generation_checks:
         failed = [g.prompt for g in challenger.generation if not g.passed]
-        if failed:
+        if not challenger.generation:
+            fails.append("generation checks are required but none ran (eval.prompts is empty)")
+        elif failed:
             fails.append(f"generation checks failed for {len(failed)} prompt(s): {failed[:3]}")
         else:
             passes.append(f"all {len(challenger.generation)} generation checks passed")
 
+    paired = None
     if champion is None:
         passes.append("no champion in production: the absolute bounds decide")
     else:
-        _compare(challenger, champion, policy, passes, fails, deltas)
+        paired = _compare(challenger, champion, policy, passes, fails, deltas)
 
     promote = not fails
     return Decision(
@@ -137,8 +199,25 @@ def decide_promotion(
         verdict="promote" if promote else "reject",
         reasons=fails + passes,
         deltas=deltas,
+        paired=paired,
         has_champion=champion is not None,
         policy=policy,
+    )
+
+
+def _bounds(ch: EvalReport, policy: GatePolicy, passes: list[str], fails: list[str]) -> None:
+    for name, value, bound in (
+        ("bits per byte", ch.bits_per_byte, policy.max_bits_per_byte),
+        ("perplexity", ch.perplexity, policy.max_perplexity),
+    ):
+        ok = value <= bound
+        (passes if ok else fails).append(
+            f"challenger {name} {_num(value)} {'<=' if ok else '>'} maximum {bound:g}"
+        )
+    ok = ch.accuracy >= policy.min_accuracy
+    (passes if ok else fails).append(
+        f"challenger accuracy {ch.accuracy:.4f} {'>=' if ok else '<'} "
+        f"minimum {policy.min_accuracy:g}"
     )
 
 
@@ -149,63 +228,128 @@ def _compare(
     passes: list[str],
     fails: list[str],
     deltas: dict[str, float],
-) -> None:
+) -> PairedTest | None:
     bad = cp.non_finite()
     if bad:
         # A broken champion cannot be out-scored meaningfully; a person decides (models promote).
         fails.append(f"champion has non-finite metrics ({', '.join(bad)}): cannot compare")
-        return
+        return None
     if ch.data_hash and cp.data_hash and ch.data_hash != cp.data_hash:
         fails.append(
             f"challenger and champion were evaluated on different data "
             f"({ch.data_hash[:12]} vs {cp.data_hash[:12]})"
         )
-        return
-    for name in ("perplexity", "accuracy"):
+        return None
+    for name in ("bits_per_byte", "perplexity", "accuracy"):
         a, b = getattr(ch, name), getattr(cp, name)
         deltas[f"{name}_abs"] = a - b
         deltas[f"{name}_rel"] = (a - b) / b if b else (0.0 if a == b else math.inf)
     if ch.non_finite():
-        return  # the challenger already failed rule 1; the deltas are still shown
+        return None  # the challenger already failed rule 1; the deltas are still shown
 
-    rel = deltas["perplexity_rel"]
-    if policy.min_relative_improvement > 0:
-        ok = -rel >= policy.min_relative_improvement
-        word = "lower" if rel < 0 else "higher"
+    if ch.docs is None or cp.docs is None:
+        who = "challenger" if ch.docs is None else "champion"
+        fails.append(f"the {who}'s report has no per-document scores: cannot compare paired")
+        return None
+    ch_at = {d: i for i, d in enumerate(ch.docs.ids)}
+    common = [(ch_at[d], j) for j, d in enumerate(cp.docs.ids) if d in ch_at]
+    if len(common) < 2:
+        fails.append(f"only {len(common)} document(s) scored by both models: cannot compare paired")
+        return None
+    i, j = (np.array(x) for x in zip(*common, strict=True))
+    a, b = ch.docs, cp.docs
+    diff = paired_bootstrap(
+        np.array(a.bits)[i],
+        np.array(a.bytes)[i],
+        np.array(b.bits)[j],
+        np.array(b.bytes)[j],
+        policy.bootstrap_samples,
+        policy.confidence,
+        policy.seed,
+    )
+    deltas["bits_per_byte_paired_abs"] = diff.diff
+    deltas["bits_per_byte_ci_low"], deltas["bits_per_byte_ci_high"] = diff.low, diff.high
+    conf = f"{policy.confidence:.0%}"
+    shown = (
+        f"paired difference {diff.diff:+.4f} bits/byte ({_pct(diff.rel)}), {conf} interval "
+        f"[{diff.low:+.4f}, {diff.high:+.4f}] over {diff.n_docs} documents"
+    )
+    if not (math.isfinite(diff.low) and math.isfinite(diff.high)):
+        threshold = math.nan
+        fails.append(f"{shown}: the interval is not finite, so nothing is significant")
+    elif policy.mode == "superiority":
+        # `or 0.0`: no -0.0 in the record when no improvement is required.
+        threshold = -policy.min_relative_improvement * diff.champion or 0.0
+        ok = diff.high < threshold
+        need = (
+            f"below -{policy.min_relative_improvement:.1%} of the champion's ({threshold:+.4f})"
+            if policy.min_relative_improvement
+            else "below 0"
+        )
         (passes if ok else fails).append(
-            f"perplexity {_share(rel)} {word} than the champion's "
-            f"({_num(ch.perplexity)} vs {_num(cp.perplexity)}); "
-            f"required: at least {policy.min_relative_improvement:.1%} lower"
+            f"bits per byte: {shown}; superiority requires the whole interval {need}: "
+            + ("significantly better" if ok else "not significantly better, the champion stays")
         )
     else:
-        m = margin(policy, "perplexity")
-        ok = rel <= m
-        word = "lower" if rel < 0 else "higher"
+        m = margin(policy, "bits_per_byte")
+        threshold = m * diff.champion
+        ok = not diff.low > threshold
         (passes if ok else fails).append(
-            f"perplexity {_share(rel)} {word} than the champion's "
-            f"({_num(ch.perplexity)} vs {_num(cp.perplexity)}); "
-            f"allowed: at most {m:.1%} higher"
+            f"bits per byte: {shown}; non-inferiority rejects only an interval wholly above "
+            f"+{m:.1%} of the champion's ({threshold:+.4f}): "
+            + ("not significantly worse" if ok else "significantly worse")
+        )
+    if len(common) < max(len(a.ids), len(b.ids)):
+        passes.append(
+            f"note: paired on {len(common)} documents of {len(a.ids)} (challenger) and "
+            f"{len(b.ids)} (champion)"
         )
 
+    same_tokens = (
+        ch.tokenizer is not None
+        and ch.tokenizer == cp.tokenizer
+        and np.array_equal(np.array(a.tokens)[i], np.array(b.tokens)[j])
+    )
+    test = PairedTest(
+        n_docs=diff.n_docs,
+        challenger_bits_per_byte=diff.challenger,
+        champion_bits_per_byte=diff.champion,
+        diff=diff.diff,
+        diff_rel=diff.rel,
+        ci=(diff.low, diff.high),
+        confidence=policy.confidence,
+        samples=policy.bootstrap_samples,
+        threshold=threshold,
+        accuracy_compared=same_tokens,
+    )
+    if not same_tokens:
+        passes.append(
+            "next-token accuracy not compared: the models have different tokenizers "
+            "(per-token accuracy over different vocabularies is not comparable)"
+        )
+        return test
+    pairs = accuracy_pairs(np.array(a.correct)[i], np.array(b.correct)[j])
+    deltas["accuracy_mcnemar_p"] = pairs.p_value
     m = margin(policy, "accuracy")
     drop = -deltas["accuracy_rel"] if cp.accuracy else 0.0
-    ok = drop <= m
+    significant = (
+        pairs.champion_better > pairs.challenger_better and pairs.p_value < 1 - policy.confidence
+    )
+    ok = not (drop > m and significant)
     word = "lower" if drop > 0 else "higher"
     (passes if ok else fails).append(
-        f"accuracy {_share(drop)} {word} than the champion's "
-        f"({ch.accuracy:.4f} vs {cp.accuracy:.4f}); allowed: at most {m:.1%} lower"
+        f"accuracy {_share(drop)} {word} than the champion's ({ch.accuracy:.4f} vs "
+        f"{cp.accuracy:.4f}); McNemar over documents: challenger better on "
+        f"{pairs.challenger_better}, champion on {pairs.champion_better}, p = "
+        f"{_num(pairs.p_value)}; rejected only if significantly lower by more than {m:.1%}"
     )
-
-    if ch.perplexity_ci and cp.perplexity_ci:
-        overlap = (
-            ch.perplexity_ci[0] <= cp.perplexity_ci[1]
-            and cp.perplexity_ci[0] <= (ch.perplexity_ci[1])
-        )
-        if overlap:
-            passes.append(
-                "note: the perplexity intervals overlap, so the difference is within "
-                "bootstrap noise over documents"
-            )
+    return test.model_copy(
+        update={
+            "challenger_better_docs": pairs.challenger_better,
+            "champion_better_docs": pairs.champion_better,
+            "mcnemar_p": pairs.p_value,
+        }
+    )
 
 
 def _num(x: float | None) -> str:
@@ -227,4 +371,4 @@ def _ci(ci: tuple[float, float] | None) -> str:
 
 
 def _margins(policy: GatePolicy) -> str:
-    return ", ".join(f"{m} {margin(policy, m):.1%}" for m in ("perplexity", "accuracy"))
+    return ", ".join(f"{m} {margin(policy, m):.1%}" for m in ("bits_per_byte", "accuracy"))

@@ -315,6 +315,8 @@ def gate(
         {
             **challenger.metrics("challenger_"),
             **(champion.metrics("champion_") if champion else {}),
+            # The paired difference the decision rests on (bits per byte, its interval).
+            **{f"delta_{k}": v for k, v in decision.deltas.items()},
             "stage_seconds": time.perf_counter() - t0,
         },
         {"verdict": decision.verdict, "promote": decision.promote, "version": version},
@@ -346,9 +348,17 @@ def run_facts(profile: Profile, run_id: str) -> dict[str, Any]:
         if key in trained:
             facts[key] = round(trained[key], 4)
     gated = stages.get("gate", {})
-    for key in ("challenger_perplexity", "champion_perplexity"):
+    for key, digits in (
+        ("challenger_bits_per_byte", 4),
+        ("champion_bits_per_byte", 4),
+        ("delta_bits_per_byte_paired_abs", 4),
+        ("delta_bits_per_byte_ci_low", 4),
+        ("delta_bits_per_byte_ci_high", 4),
+        ("challenger_perplexity", 3),
+        ("champion_perplexity", 3),
+    ):
         if key in gated.get("metrics", {}):
-            facts[key] = round(gated["metrics"][key], 3)
+            facts[key.removeprefix("delta_")] = round(gated["metrics"][key], digits)
     for key in ("verdict", "version"):
         if key in gated.get("tags", {}):
             facts[key] = gated["tags"][key]

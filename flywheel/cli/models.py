@@ -46,8 +46,8 @@ def list_versions(overrides: OverridesArg = None, profile: ProfileOpt = None) ->
     reg = _registry(profile, overrides)
     rows = reg.versions()
     t = Table(title=f"{reg.name} @ {reg.uri}", header_style="bold")
-    for col in ("ver", "aliases", "verdict", "ppl", "acc", "data", "trigger", "created"):
-        t.add_column(col, justify="right" if col in ("ppl", "acc") else "left")
+    for col in ("ver", "aliases", "verdict", "bpb", "ppl", "acc", "data", "trigger", "created"):
+        t.add_column(col, justify="right" if col in ("bpb", "ppl", "acc") else "left")
     for v in rows:
         aliases = ", ".join(v.aliases)
         if v.tags.get(TAG_FLAVOR) == "raw":
@@ -56,6 +56,7 @@ def list_versions(overrides: OverridesArg = None, profile: ProfileOpt = None) ->
             v.version,
             f"[bold green]{aliases}[/]" if "champion" in v.aliases else aliases,
             v.tags.get(TAG_VERDICT, ""),
+            _fmt(v.tags, "challenger_bits_per_byte"),
             _fmt(v.tags, "challenger_perplexity"),
             _fmt(v.tags, "challenger_accuracy"),
             v.tags.get(TAG_DATA_HASH, "")[:8],

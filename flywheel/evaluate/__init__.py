@@ -1,7 +1,16 @@
-"""Evaluation: perplexity and next-token accuracy on held-out documents, with bootstrap
-intervals and optional generation checks. See `evaluate`."""
+"""Evaluation: bits per byte (primary), perplexity and next-token accuracy on held-out
+documents, with bootstrap intervals, per-document scores for the paired gate, and
+optional generation checks. See `evaluate`."""
 
-from flywheel.evaluate.core import evaluate, read_test_documents, resolve_model
-from flywheel.evaluate.report import EvalReport, GenerationCheck
+from flywheel.evaluate.core import evaluate, read_test_documents, read_test_split, resolve_model
+from flywheel.evaluate.report import DocScores, EvalReport, GenerationCheck
 
-__all__ = ["EvalReport", "GenerationCheck", "evaluate", "read_test_documents", "resolve_model"]
+__all__ = [
+    "DocScores",
+    "EvalReport",
+    "GenerationCheck",
+    "evaluate",
+    "read_test_documents",
+    "read_test_split",
+    "resolve_model",
+]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flywheel.artifacts import JsonFile
 
@@ -32,6 +32,31 @@ class GenerationCheck(BaseModel):
         return self.non_empty and not self.degenerate
 
 
+class DocScores(BaseModel):
+    """Per-document scores, keyed by document id: what the gate pairs two models on.
+
+    Columns, one entry per scored document (a few numbers each, so 1,000 documents stay
+    a few tens of kilobytes of JSON).
+    """
+
+    model_config = ConfigDict(ser_json_inf_nan="constants", extra="forbid")
+
+    ids: list[str] = Field(description="document ids from the held-out split (unique)")
+    bits: list[float] = Field(description="summed next-token loss over the document, in bits")
+    bytes: list[int] = Field(description="UTF-8 bytes of the text those predictions cover")
+    tokens: list[int] = Field(description="predicted tokens")
+    correct: list[int] = Field(description="correct top-1 next-token predictions")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> DocScores:
+        n = len(self.ids)
+        if any(len(c) != n for c in (self.bits, self.bytes, self.tokens, self.correct)):
+            raise ValueError("per-document columns must have one entry per id")
+        if len(set(self.ids)) != n:
+            raise ValueError("document ids must be unique")
+        return self
+
+
 class EvalReport(JsonFile):
     model_config = ConfigDict(ser_json_inf_nan="constants", extra="forbid")
 
@@ -39,17 +64,29 @@ class EvalReport(JsonFile):
     model_dir: str = Field(description="the local directory actually loaded")
     dataset: str = Field(description="the Dataset directory")
     data_hash: str | None = Field(None, description="content_hash of the dataset manifest")
-    perplexity: float
+    bits_per_byte: float = Field(
+        description="primary metric: summed next-token loss in bits / UTF-8 bytes scored "
+        "(tokenizer-independent; lower is better)"
+    )
+    bits_per_byte_ci: tuple[float, float] | None = None
+    perplexity: float = Field(description="per token of this model's own tokenizer")
     perplexity_ci: tuple[float, float] | None = None
-    accuracy: float = Field(description="next-token top-1 accuracy")
+    accuracy: float = Field(description="next-token top-1 accuracy (per own-tokenizer token)")
     accuracy_ci: tuple[float, float] | None = None
     mean_nll: float = Field(description="nats per predicted token")
     confidence: float
     bootstrap_samples: int
     n_docs: int
     n_tokens: int = Field(description="predicted tokens")
+    n_bytes: int = Field(description="UTF-8 bytes scored (of the predicted tokens' text)")
+    tokenizer: str | None = Field(
+        None, description="fingerprint of the tokenizer's vocabulary (equal: same tokens)"
+    )
     seconds: float = Field(description="wall time of the evaluation")
     generation: list[GenerationCheck] = Field(default_factory=list)
+    docs: DocScores | None = Field(
+        None, description="per-document scores the gate pairs on; None: cannot be paired"
+    )
 
     # ------------------------------------------------------------------ views
 
@@ -58,12 +95,16 @@ class EvalReport(JsonFile):
         if prefix and not prefix.endswith(("_", ".", "/")):
             prefix += "_"
         out: dict[str, float] = {
+            "bits_per_byte": self.bits_per_byte,
             "perplexity": self.perplexity,
             "accuracy": self.accuracy,
             "mean_nll": self.mean_nll,
             "n_docs": float(self.n_docs),
             "n_tokens": float(self.n_tokens),
+            "n_bytes": float(self.n_bytes),
         }
+        if self.bits_per_byte_ci:
+            out["bits_per_byte_ci_low"], out["bits_per_byte_ci_high"] = self.bits_per_byte_ci
         if self.perplexity_ci:
             out["perplexity_ci_low"], out["perplexity_ci_high"] = self.perplexity_ci
         if self.accuracy_ci:

@@ -253,6 +253,7 @@ def test_model_card(base, tmp_path):
         model="m", model_dir="m", dataset="d", data_hash="hash-abc", perplexity=40.0,
         perplexity_ci=(39.0, 41.0), accuracy=0.3, accuracy_ci=(0.29, 0.31), mean_nll=3.7,
         confidence=0.95, bootstrap_samples=10, n_docs=5, n_tokens=500, seconds=1.0,
+        bits_per_byte=1.5, n_bytes=1780,
     )  # fmt: skip
     profile = _profile(tmp_path)
     decision = decide_promotion(rep, None, profile.gate)
