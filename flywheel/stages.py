@@ -69,12 +69,11 @@ def _is_hf_dir(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _staged_source(profile: Profile, out_dir: Path) -> Iterator[Profile]:
+def staged_source(profile: Profile) -> Iterator[Profile]:
     """The profile with an s3:// or gs:// `data.source.path` copied to a local temporary
-    directory (removed afterwards), so the data stage's readers stay local-file readers.
-    The manifest keeps the URI, not the temporary path."""
+    directory (removed afterwards; file:// becomes its path), so the data stage's readers
+    stay local-file readers. Pass the result to `record_source` to keep the URI."""
     from flywheel import storage
-    from flywheel.artifacts import MANIFEST
 
     uri = profile.data.source.path
     if uri is None or not storage.is_uri(uri):
@@ -84,11 +83,19 @@ def _staged_source(profile: Profile, out_dir: Path) -> Iterator[Profile]:
         data = profile.model_dump()
         data["data"]["source"]["path"] = local
         yield validate_profile(data, PROFILE_PARAM)
-    manifest = Path(out_dir) / MANIFEST
-    if manifest.is_file():
-        info = json.loads(manifest.read_text())
-        info.get("config", {}).get("source", {})["path"] = uri
-        manifest.write_text(json.dumps(info, indent=2))
+
+
+def record_source(dataset_dir: Path, source: str | None) -> None:
+    """The manifest names where the corpus lives (a URI), not the temporary copy read."""
+    from flywheel import storage
+    from flywheel.artifacts import MANIFEST
+
+    manifest = Path(dataset_dir) / MANIFEST
+    if source is None or not storage.is_remote(source) or not manifest.is_file():
+        return
+    info = json.loads(manifest.read_text())
+    info.get("config", {}).get("source", {})["path"] = source
+    manifest.write_text(json.dumps(info, indent=2))
 
 
 def with_params(profile: Profile, params: dict[str, Any] | None) -> Profile:
@@ -135,8 +142,9 @@ def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: 
 
     p = with_champion_tokenizer(with_data_location(load(profile), data_location))
     t0 = time.perf_counter()
-    with _staged_source(p, Path(out_dir)) as local:
+    with staged_source(p) as local:
         stats = prepare_data(local, Path(out_dir))
+    record_source(Path(stats.out_dir or out_dir), p.data.source.path)
     seconds = {"stage_seconds": time.perf_counter() - t0}
     ledger.record(
         p,

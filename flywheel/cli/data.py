@@ -65,6 +65,7 @@ def prepare_cmd(
     """Prepare a dataset: read, clean, dedup, split, tokenize, pack; print the counts."""
     from flywheel.data import prepare
     from flywheel.data.stage import check_output as check_dataset_output
+    from flywheel.stages import record_source, staged_source
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
     check_output(out, "--out")  # one line naming the flag, before Ray starts
@@ -91,7 +92,10 @@ def prepare_cmd(
                 summary = _summary(info)
                 bar.update(tasks[step], completed=1, description=f"{label} [dim]{summary}[/dim]")
 
-        stats = prepare(prof, target, progress=progress, store=out is None, label="--out")
+        # An s3:// or gs:// source is read from a temporary local copy (see staged_source).
+        with staged_source(prof) as local:
+            stats = prepare(local, target, progress=progress, store=out is None, label="--out")
+    record_source(Path(stats.out_dir), prof.data.source.path)
     console.print(table(f"dataset {stats.content_hash[:12]}", stats.rows()))
     console.print(f"wrote [bold]{stats.out_dir}[/bold]")
 

@@ -115,24 +115,32 @@ def test_missing_bucket_and_bad_credentials_fail_in_one_line(s3_endpoint):
 # --------------------------------------------------------------------- data stage
 
 
-def test_data_location_s3_prefix_is_staged_for_the_data_stage(s3_endpoint, workdir):
-    """The `data_location` knob names an s3:// prefix of text files; the data stage reads a
-    temporary copy, and the manifest keeps the URI."""
+@pytest.fixture(scope="module")
+def s3_corpus(s3_endpoint, workdir) -> str:
+    """The interpreter's pydoc topics, one text file each, under s3://corpus/pydoc in three
+    sub-prefixes (a prefix is not a directory: staging must rebuild the tree)."""
     from pydoc_data.topics import topics
 
+    corpus = workdir / "corpus"
+    for i, name in enumerate(sorted(topics)):
+        path = corpus / f"part{i % 3}" / f"{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(topics[name])
+    return upload_dir(s3_endpoint, corpus, "s3://corpus/pydoc")
+
+
+def test_data_location_s3_prefix_is_staged_for_the_data_stage(s3_endpoint, s3_corpus, workdir):
+    """The `data_location` knob names an s3:// prefix of text files; the data stage reads a
+    temporary copy, and the manifest keeps the URI."""
     from flywheel import stages
     from flywheel.artifacts import MANIFEST
 
-    corpus = workdir / "corpus"
-    corpus.mkdir()
-    names = sorted(topics)[:120]
-    for name in names:
-        (corpus / f"{name}.txt").write_text(topics[name])
-    upload_dir(s3_endpoint, corpus, "s3://corpus/pydoc")
     profile = _profile(s3_endpoint)
     out = workdir / "prepared"
-    stats = stages.prepare(profile.model_dump(), "s3://corpus/pydoc", out, "run-data")
-    assert stats.docs_read == len(names)
+    stats = stages.prepare(profile.model_dump(), s3_corpus, out, "run-data")
+    from pydoc_data.topics import topics
+
+    assert stats.docs_read == len(topics)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["config"]["source"] == manifest["config"]["source"] | {
         "kind": "files",
@@ -140,6 +148,22 @@ def test_data_location_s3_prefix_is_staged_for_the_data_stage(s3_endpoint, workd
     }
     with pytest.raises(StorageError, match=r"^data_location: .*bucket 'missing-corpus'"):
         stages.prepare(profile.model_dump(), "s3://missing-corpus/x", out, "run-data-2")
+
+
+def test_cli_data_prepare_reads_an_s3_source(s3_endpoint, s3_corpus, workdir):
+    """`flywheel data prepare` with data.source.path=s3://... (the profile's own source)."""
+    from flywheel.artifacts import MANIFEST
+    from flywheel.cli.main import main
+
+    out = workdir / "prepared-cli"
+    args = [*TINY_OVERRIDES, f"storage.endpoint_url={s3_endpoint}", "data.source.kind=files"]
+    main(["data", "prepare", "--out", str(out), *args, f"data.source.path={s3_corpus}"])
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["config"]["source"]["path"] == s3_corpus
+    assert manifest["docs"]["train"] > 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "prepare", *args, "data.source.path=s3://corpus/no-such-prefix"])
+    assert exit_.value.code == 1
 
 
 # ------------------------------------------------------- Ray Train checkpoints on S3
