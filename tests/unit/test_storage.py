@@ -115,6 +115,8 @@ def test_filesystems_per_scheme():
     assert isinstance(s3, pafs.S3FileSystem)
     local = storage.filesystem(storage.parse("file:///tmp", "f"))
     assert isinstance(local, pafs.LocalFileSystem)
+    gcs = storage.filesystem(storage.parse("gs://bucket/x", "f"))  # lazy: no request yet
+    assert isinstance(gcs, pafs.GcsFileSystem)
 
 
 # ------------------------------------------------------------------- file:// staging
