@@ -18,30 +18,7 @@ from flywheel.config import STATE_ENV, Profile, load_profile, resolve_state_dir
 # ------------------------------------------------------------------------ harness
 
 
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run `flywheel ARGS` in this process: (exit code, stdout, stderr lines)."""
-    from flywheel.cli.common import console, err_console
-    from flywheel.cli.main import main
-
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args: str) -> tuple[int, str, list[str]]:
-        # A console given no file writes to whatever sys.stdout/stderr is at each print (here:
-        # the capture); another test may have pinned one to its own, since closed, capture.
-        console.file = None
-        err_console.file = None
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return code, out.out, [line for line in out.err.splitlines() if line.strip()]
-
-    yield run
-    console.file = None
-    err_console.file = None
+# `cli` (run `flywheel ARGS` in this process) is in tests/conftest.py.
 
 
 @pytest.fixture

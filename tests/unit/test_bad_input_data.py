@@ -36,28 +36,7 @@ TEXT = "A plain document with enough letters in it to pass every quality filter 
 # ------------------------------------------------------------------------ harness
 
 
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run `flywheel ARGS` in this process: (exit code, stdout, non-blank stderr lines)."""
-    from flywheel.cli.common import console, err_console
-    from flywheel.cli.main import main
-
-    monkeypatch.setenv("COLUMNS", "400")
-
-    def run(*args: str) -> tuple[int, str, list[str]]:
-        console.file = None
-        err_console.file = None
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return code, out.out, [line for line in out.err.splitlines() if line.strip()]
-
-    yield run
-    console.file = None
-    err_console.file = None
+# `cli` (run `flywheel ARGS` in this process) is in tests/conftest.py.
 
 
 def snapshot(root: Path) -> dict[str, str]:
