@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures_services import free_port, stop
 
 # moto accepts any credentials unless told otherwise; these are the AWS SDKs' test values.
 S3_CREDENTIALS = {
@@ -37,12 +38,6 @@ S3_CREDENTIALS = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answering(port: int) -> bool:
@@ -80,12 +75,7 @@ def s3_server(*, require_auth: bool = False) -> Iterator[str]:
             time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
         Path(log.name).unlink(missing_ok=True)
 

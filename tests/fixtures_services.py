@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -80,7 +80,7 @@ def mlflow_server(root: Path, artifacts_destination: str | None = None) -> Itera
         try:
             yield url
         finally:
-            _stop(proc)
+            stop(proc)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,11 @@ monitor cases fail early (the window is read first), ~10 s each; they share one 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from fixtures_cli import flywheel, nonblank
 from fixtures_data import build_dataset
 
 from flywheel.config import RayConfig, load_profile
@@ -28,21 +27,6 @@ pytestmark = pytest.mark.integration
 
 # The tiny model that fits the fixture dataset (block_size 32).
 SMALL = ["data.block_size=32", "model.context=32", "model.n_embd=32", "train.micro_batch_size=2"]
-
-
-def flywheel(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flywheel.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=cwd,
-    )
-
-
-def _lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -93,7 +77,7 @@ def test_train_beyond_the_ray_cluster_exits_fast_with_the_fields(workdir, overri
     out = flywheel(workdir, "train", "--data", "ds", "ray.num_cpus=2", *SMALL, *overrides)
     seconds = time.monotonic() - t0
     assert out.returncode == 2, out.stderr
-    assert _lines(out.stderr) == [line]
+    assert nonblank(out.stderr) == [line]
     assert seconds < 60, f"took {seconds:.0f}s"
     assert _tree(workdir) == before  # no model dir, no MLflow run, no Ray run directory
 
@@ -172,7 +156,7 @@ BAD_WINDOWS = {
 def _monitor_fails_with(workdir: Path, window: Path, reason: str) -> str:
     out = flywheel(workdir, "monitor", "--window", str(window))
     assert out.returncode == 1, out.stdout + out.stderr
-    lines = _lines(out.stderr)
+    lines = nonblank(out.stderr)
     assert len(lines) == 1, out.stderr
     line = lines[0]
     assert line.startswith("error: pipeline monitor failed in task 'drift-check': DataError: ")
@@ -215,7 +199,7 @@ def test_a_failing_retrain_task_ends_with_its_own_error(workdir, tmp_path):
         workdir, "run", "data.source.kind=files", f"data.source.path={corpus}", "tune.enabled=false"
     )
     assert out.returncode == 1, out.stdout + out.stderr
-    lines = _lines(out.stderr)
+    lines = nonblank(out.stderr)
     assert len(lines) == 1, out.stderr
     import re
 

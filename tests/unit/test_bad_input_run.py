@@ -12,11 +12,9 @@ from __future__ import annotations
 import logging
 import re
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from fixtures_cli import flywheel, nonblank
 
 from flywheel.config import RayConfig, load_profile
 from flywheel.errors import ConfigError, FlywheelError
@@ -399,25 +397,10 @@ def test_the_window_is_read_before_the_champion_is_looked_up(tmp_path, monkeypat
 # ------------------------------------------------------------- CLI, in a subprocess
 
 
-def flywheel(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flywheel.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=cwd,
-    )
-
-
-def _lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
-
-
 def test_run_refuses_more_workers_than_cpus_before_the_pipeline(tmp_path):
     out = flywheel(tmp_path, "run", "ray.num_cpus=2", "train.scaling.num_workers=4")
     assert out.returncode == 2, out.stderr
-    assert _lines(out.stderr) == [
+    assert nonblank(out.stderr) == [
         "error: train.scaling.num_workers=4 x cpus_per_worker=1 needs 4 CPUs; "
         "the Ray cluster has 2 (ray.num_cpus)"
     ]
@@ -434,7 +417,9 @@ def test_run_refuses_tune_parallel_beyond_the_cpus(tmp_path):
 def test_monitor_with_a_missing_window_is_a_usage_error(tmp_path):
     out = flywheel(tmp_path, "monitor", "--window", "no-such-window.jsonl")
     assert out.returncode == 2
-    assert _lines(out.stderr) == ["error: --window no-such-window.jsonl: no such file or directory"]
+    assert nonblank(out.stderr) == [
+        "error: --window no-such-window.jsonl: no such file or directory"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -455,7 +440,7 @@ def test_connection_errors_come_without_urllib3_retry_warnings(tmp_path):
     host = f"http://127.0.0.1:{_closed_port()}"
     out = flywheel(tmp_path, "schedule", "list", "--host", host)
     assert out.returncode == 1
-    lines = _lines(out.stderr)
+    lines = nonblank(out.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and host in lines[0], out.stderr
     assert "urllib3" not in out.stderr
     # --verbose brings them back: the lines are hidden, not lost.
@@ -466,7 +451,7 @@ def test_connection_errors_come_without_urllib3_retry_warnings(tmp_path):
 def test_first_use_of_mlflow_prints_no_info_lines(tmp_path):
     out = flywheel(tmp_path, "models", "list")
     assert out.returncode == 0, out.stderr
-    noise = [line for line in _lines(out.stderr) if LIBRARY_NOISE.search(line)]
+    noise = [line for line in nonblank(out.stderr) if LIBRARY_NOISE.search(line)]
     assert noise == [], out.stderr
     assert (tmp_path / ".flywheel").is_dir()  # it did create the store: the INFO was due
 
