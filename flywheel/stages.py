@@ -167,8 +167,16 @@ def tune(profile: dict[str, Any], dataset_dir: Path, out_dir: Path, run_id: str)
     data = p.model_dump()
     data["tune"]["study_name"] = f"{p.tune.study_name}-{data_hash[:12]}"
     p = validate_profile(data, PROFILE_PARAM)
+    # Trials start where the train step will: the champion when the profile warm-starts.
+    init_from = champion_model_dir(p)
     t0 = time.perf_counter()
-    result = run_study(p, Path(dataset_dir), Path(out_dir), tags={ledger.RUN_TAG: run_id})
+    result = run_study(
+        p,
+        Path(dataset_dir),
+        Path(out_dir),
+        init_from=str(init_from) if init_from else None,
+        tags={ledger.RUN_TAG: run_id},
+    )
     metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}
     ledger.record(p, run_id, "tune", metrics, {"best_params": json.dumps(result.best_params)})
     return result

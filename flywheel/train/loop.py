@@ -128,6 +128,38 @@ def _model_state_for_export(engine, zero_stage: int) -> dict | None:
     return engine.module.state_dict()
 
 
+def _validation_loss(engine, blocks: list[list[int]], micro: int) -> float:
+    """Mean loss (nats per token) on a fixed slice of validation blocks. Every rank runs the
+    whole slice (under ZeRO-3 every rank must join each forward), so all agree on it."""
+    import torch
+
+    engine.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), micro):
+            ids = torch.tensor(blocks[i : i + micro], dtype=torch.long, device=engine.device)
+            # Blocks are all block_size long, so each batch's mean weighs tokens equally.
+            total += float(engine(input_ids=ids, labels=ids).loss.float()) * len(ids)
+            n += len(ids)
+    engine.train()
+    return total / n
+
+
+def _ask_to_stop(validation: dict[str, Any], step: int, value: float, rank: int, device) -> bool:
+    """Rank 0 reports the validation loss to the tuning study and gets its pruner's answer;
+    every rank learns it (one broadcast), so the whole group stops at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    stop = torch.zeros(1, dtype=torch.int32, device=device)
+    if rank == 0:
+        validation["asks"].put({"step": step, "val_loss": value})
+        answer = validation["answers"].get(timeout=validation.get("timeout_s", 300.0))
+        stop[0] = int(bool(answer.get("stop")))
+    dist.broadcast(stop, src=0)
+    return bool(stop.item())
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     entered = time.time()
     import deepspeed
@@ -185,6 +217,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and config.get("mlflow"):
         tracker = _MlflowBatcher(config["mlflow"]["uri"], config["mlflow"]["run_id"], t.log_every)
     queue = config.get("progress_queue") if rank == 0 else None
+    # Tuning: validation loss on a fixed slice at the study's rungs, which may stop the run.
+    validation = config.get("validation")
+    report_at = set(validation["at"]) if validation else set()
 
     def save(final: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
@@ -260,6 +295,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             if queue is not None:
                 queue.put_nowait({k: row[k] for k in ("step", "loss", "lr", "tokens_per_s")})
+        if step in report_at:
+            val = _validation_loss(engine, validation["blocks"], plan.micro_batch)
+            row["val_loss"] = val
+            if tracker:
+                tracker.add(step, {"val_loss": val})
+            if _ask_to_stop(validation, step, val, rank, device):
+                break
         final = step == t.max_steps
         if final or step % t.checkpoint_every == 0:
             save(final)

@@ -1,5 +1,5 @@
-"""Hyperparameter tuning: an Optuna study (TPE) of short training runs on Ray Tune, with
-ASHA stopping weak trials early.
+"""Hyperparameter tuning: an Optuna study (TPE) of short Ray Train runs ranked on validation
+loss, with Optuna's successive-halving (ASHA) pruner stopping weak trials early.
 
 `tune(profile, dataset_dir, out_dir)` is the stage; `flywheel.tune.space` holds the pure
 parts (search space, trial profile, schedule, storage), `flywheel.tune.trial` what each

@@ -70,11 +70,12 @@ def trial_profile(profile: Profile, params: dict[str, Any], field: str = "params
     - one worker: `tune.parallel` trials then fit where one full run fits (2 CPUs here);
       the global batch shrinks with it, which is the usual trade of tuning on a proxy run.
     - warmup is clamped to the trial's steps (the full run keeps the sampled value).
-    - a checkpoint (and so a report to the scheduler) and an MLflow flush at every ASHA
-      rung spacing, so a trial stopped at a rung has its losses on record.
+    - one checkpoint, at the end (a trial's loss reaches the study through the loop's
+      validation reports, not through checkpoints), and an MLflow flush at every rung
+      spacing, so a trial stopped at a rung has its losses on record.
     - max_failures 0: a trial that dies is a failed trial, not one to restart.
-    - state_dir absolute, as resolved now: Ray Tune runs each trial in its own working
-      directory, where neither the upward search nor a relative path would find it.
+    - state_dir absolute, as resolved now: Ray Train workers run in their own working
+      directories, where a relative path would not find it.
     """
     t = profile.tune
     data = profile.model_dump()
@@ -85,7 +86,7 @@ def trial_profile(profile: Profile, params: dict[str, Any], field: str = "params
     train.update(
         max_steps=steps,
         warmup_steps=min(int(train["warmup_steps"]), steps),
-        checkpoint_every=grace,
+        checkpoint_every=steps,
         keep_checkpoints=1,
         max_failures=0,
         log_every=min(int(train["log_every"]), grace),

@@ -1,26 +1,29 @@
-"""The tuning stage on the driver: an Optuna study (TPE) driven by Ray Tune, ASHA stopping.
+"""The tuning stage on the driver: an Optuna study (TPE) with Optuna's successive-halving
+(ASHA) pruner, each trial a Ray Train run of the training stage's own loop.
 
     result = tune(profile, Path("dataset"), Path("out"))
 
-Why Ray Tune's ASHA rather than an Optuna pruner: a trial here is a Ray Train run whose loop
-(the training stage's own, unchanged) never asks "should I stop?". ASHA decides in the
-driver from the losses the run reports, and Ray Tune stops the trial itself; an Optuna
-pruner would need the trial process to poll `trial.should_prune()` between steps. Optuna
-still owns the search (TPE) and the record: `OptunaSearch` asks and tells the study, so
-the study in SQLite (or an RDB on a cluster) holds every trial, its state and its
-per-step losses, and a rerun with the same study name continues it.
+Public APIs only. Optuna is driven directly (`study.ask` / `study.tell`), `tune.parallel`
+trials at once in driver threads, each calling `TorchTrainer.fit()`. A trial's loop reports
+validation loss on a fixed slice of the validation split at each rung and asks whether to go
+on (`flywheel.tune.trial`); the pruner decides on those losses, and the study's best trial is
+the one with the lowest final validation loss. The study in SQLite (or an RDB on a cluster)
+holds every trial, its state and its per-rung losses, and a rerun with the same study name
+continues it.
+
+The objective is validation loss in nats per token. Every trial of a study tokenizes with
+the same dataset tokenizer, so it ranks trials exactly as bits per byte would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
-import os
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,130 +31,69 @@ from flywheel.config import Profile
 from flywheel.errors import FlywheelError
 from flywheel.tune.report import BEST_PARAMS_FILE, TrialRecord, TuneResult
 from flywheel.tune.space import asha_schedule, check_space, masked, plain, storage_url
-from flywheel.tune.trial import TRIAL_NUMBER_KEY, trainable
+from flywheel.tune.trial import TrialPruned, _error_line, run_trial, validation_slice
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict], None]
-METRIC = "loss"
-# What a trial's driver reserves: no CPU (it only waits on its Train run, whose workers
-# hold the CPUs), but Tune needs some resource in a trial's bundle, and memory is the honest
-# one: the driver process holds ~250 MB (torch imported for the plan).
-TRIAL_DRIVER_MEMORY = 256 * 1024**2
+METRIC = "val_loss"
 
 
-def _searcher_class():
+def _pruner(cfg):
+    """tune.pruner as an Optuna pruner. "asha": successive halving, asynchronous (a trial
+    is judged at a rung against the trials that reached it so far, none waits for others)."""
+    import optuna
+
+    if cfg.pruner == "none":
+        return optuna.pruners.NopPruner()
+    grace, factor = asha_schedule(cfg.trial_steps)
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=grace, reduction_factor=factor, min_early_stopping_rate=0
+    )
+
+
+def run_trials(study, space: dict[str, Any], n_trials: int, parallel: int, one_trial) -> dict:
+    """Ask, run and tell `n_trials` trials, `parallel` at once; returns {number: error line}.
+
+    `one_trial(trial)` returns (value, steps) or raises TrialPruned / any error. Asking
+    happens under a lock so each trial number gets its draw in order (a seeded sampler
+    gives the same first draws to the same numbers, whatever the thread timing).
+    """
     from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
 
-    class StepOptunaSearch(OptunaSearch):
-        """OptunaSearch that records what happened to each trial in Optuna's own terms.
+    lock = threading.Lock()
+    launched = [0]
+    errors: dict[int, str] = {}
+    steps: dict[int, int] = {}
 
-        Ray's version reports intermediate values per Tune iteration and records a trial the
-        scheduler stopped as COMPLETE with its early loss; here intermediate values are per
-        optimizer step, a stopped trial is PRUNED, and an error is FAIL even after reports.
-        """
-
-        def __init__(self, *args: Any, trial_steps: int, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.trial_steps = trial_steps
-            self._steps_seen: dict[str, set[int]] = {}
-
-        def suggest(self, trial_id: str) -> dict | None:
-            config = super().suggest(trial_id)
-            if config is not None:
-                config[TRIAL_NUMBER_KEY] = self._ot_trials[trial_id].number
-            return config
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            value, step = result.get(METRIC), result.get("step")
-            trial = self._ot_trials.get(trial_id)
-            if value is None or step is None or trial is None:
-                return
-            seen = self._steps_seen.setdefault(trial_id, set())
-            if int(step) not in seen:
-                seen.add(int(step))
-                trial.report(float(value), int(step))
-
-        def on_trial_complete(
-            self, trial_id: str, result: dict | None = None, error: bool = False
-        ) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            ot_trial, study = self._ot_trials[trial_id], self._ot_study
-            assert study is not None
-            # The result that ends a trial (its last step, or the rung where ASHA stopped it)
-            # reaches the searcher only here.
-            self.on_trial_result(trial_id, result or {})
-            value = (result or {}).get(METRIC)
-            finished = (result or {}).get("step", 0) >= self.trial_steps
-            if error or value is None or not math.isfinite(value):
-                study.tell(ot_trial, state=TrialState.FAIL)
-            elif finished:
-                study.tell(ot_trial, float(value))
+    def slot() -> None:
+        while True:
+            with lock:
+                if launched[0] >= n_trials:
+                    return
+                launched[0] += 1
+                trial = study.ask(space)
+            try:
+                value, ran = one_trial(trial)
+            except TrialPruned as exc:
+                steps[trial.number] = exc.step
+                study.tell(trial, state=TrialState.PRUNED)
+            except Exception as exc:
+                errors[trial.number] = _error_line(exc)
+                log.warning("trial %d failed: %s", trial.number, errors[trial.number])
+                study.tell(trial, state=TrialState.FAIL)
             else:
-                study.tell(ot_trial, state=TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
+                steps[trial.number] = ran
+                if value != value or value in (float("inf"), float("-inf")):  # NaN / inf
+                    errors[trial.number] = f"validation loss is {value}"
+                    study.tell(trial, state=TrialState.FAIL)
+                else:
+                    study.tell(trial, float(value))
 
-    return StepOptunaSearch
-
-
-def _progress_callback(emit: Progress):
-    from ray.tune import Callback
-
-    class Relay(Callback):
-        """Trial events to `progress`. The class holds no reference to `emit` (an instance
-        attribute, dropped when pickled): Tune pickles its run config, callbacks included,
-        with the experiment state, and the caller's callback (a progress bar) cannot go."""
-
-        emit: Progress | None = None
-
-        def __getstate__(self) -> dict:
-            return {"emit": None}
-
-        def _send(self, event: str, data: dict) -> None:
-            if self.emit is not None:
-                self.emit(event, data)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self._send("result", {"trial": trial.config.get(TRIAL_NUMBER_KEY), **_short(result)})
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._send("trial", {"trial": trial.config.get(TRIAL_NUMBER_KEY), "error": False})
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._send("trial", {"trial": trial.config.get(TRIAL_NUMBER_KEY), "error": True})
-
-    relay = Relay()
-    relay.emit = emit
-    return relay
-
-
-@contextlib.contextmanager
-def _quiet_tune() -> Iterator[None]:
-    """Ray Tune's new console output prints an experiment banner and paths even at
-    verbose=0; the stage reports through `progress` instead. The old reporter at verbose=0
-    prints nothing, and this variable is read when `fit` starts."""
-    old = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = old
-
-
-def _short(result: dict) -> dict:
-    return {k: result[k] for k in ("step", METRIC) if k in result}
-
-
-def _error_line(error: BaseException | None) -> str:
-    """The trial's own exception in one line (Ray wraps it in a RayTaskError)."""
-    cause = getattr(error, "cause", None) or error
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="flywheel-tune") as pool:
+        for f in [pool.submit(slot) for _ in range(min(parallel, n_trials))]:
+            f.result()
+    return {"errors": errors, "steps": steps}
 
 
 def _records(study, first_number: int, stopped_steps: dict[int, int]) -> list[TrialRecord]:
@@ -179,9 +121,7 @@ def _finish_nested_runs(client, experiment_id: str, parent: str, records: list[T
     """Make each trial's MLflow run say what the study says: its Optuna state as a tag and
     status, and a finished trial's loss as `final_loss`.
 
-    Done here, from the study, rather than in the trial: ASHA stops every trial at its
-    last step too (time_attr reached max_t), so a finished trial's actor may be torn down
-    while its Train run is still closing, and what the trial wrote last is not reliable.
+    Done here, from the study, so the tags and statuses say exactly what the study says.
     """
     from mlflow.entities import Metric
 
@@ -209,17 +149,20 @@ def tune(
     dataset_dir: Path,
     out_dir: Path,
     *,
+    init_from: str | None = None,
     tags: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> TuneResult:
     """Run `tune.n_trials` more trials of the profile's study; write best_params.json.
 
-    progress: called as progress(event, data), events "start", "result", "trial", "done".
+    init_from: the model every trial starts from, as the training step will (the pipeline
+    passes the registry champion when the profile warm-starts); otherwise `model.base`,
+    otherwise a fresh model seeded with train.seed.
+    progress: called as progress(event, data), events "start", "result", "trial", "done"
+    (from the trials' threads, one at a time).
     """
     import optuna
     from mlflow import MlflowClient
-    from ray import tune as rtune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from flywheel import tracking
     from flywheel.runtime import check_before_start, ray_session
@@ -228,19 +171,26 @@ def tune(
     from flywheel.tune.space import trial_profile
 
     t0 = time.perf_counter()
-    emit = progress or (lambda _event, _data: None)
+    emit_lock = threading.Lock()
+
+    def emit(event: str, data: dict) -> None:
+        if progress is not None:
+            with emit_lock:
+                progress(event, data)
+
     cfg = profile.tune
     dataset_dir, out_dir = Path(dataset_dir).absolute(), Path(out_dir)
     space = check_space(profile)
     # The data and model checks of the training stage, once, before any trial: a dataset
     # too small for the smallest batch fails here with the training stage's message.
-    make_plan(trial_profile(profile, {}), dataset_dir)
+    make_plan(trial_profile(profile, {}), dataset_dir, init_from)
+    validation = validation_slice(dataset_dir)
     # tune.parallel trials at once must fit what Ray has (a local Ray: known before it starts,
     # and before the study or an MLflow run is created).
     need = [tune_resources(profile)]
     check_before_start(profile.ray, need)
     # Trial checkpoints: storage.root/ray or <state_dir>/ray; an unreachable store fails here.
-    store = ray_storage(profile, check=True)
+    ray_storage(profile, check=True)
 
     url = storage_url(profile)
     try:
@@ -262,18 +212,8 @@ def tune(
         n_startup_trials=max(2, min(10, cfg.n_trials // 2)),
         constant_liar=True,  # parallel trials: pending ones count as bad, so they spread
     )
-    grace, factor = asha_schedule(cfg.trial_steps)
-    scheduler = (
-        ASHAScheduler(
-            time_attr="step",
-            metric=METRIC,
-            mode="min",
-            max_t=cfg.trial_steps,
-            grace_period=grace,
-            reduction_factor=factor,
-        )
-        if cfg.pruner == "asha"
-        else FIFOScheduler()
+    study = optuna.load_study(
+        study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=_pruner(cfg)
     )
 
     uri = tracking.tracking_uri(profile)
@@ -296,12 +236,16 @@ def tune(
             Param("tune.seed", str(cfg.seed)),
             Param("tune.search_space", json.dumps(cfg.search_space)[:6000]),
             Param("tune.first_trial", str(first_number)),
+            Param("tune.objective", f"{METRIC} (nats/token, {len(validation)} validation blocks)"),
+            Param("tune.init_from", str(init_from or "")),
         ],
     )
     prefix = f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     job = {
         "profile": profile.model_dump(mode="json"),
         "dataset_dir": str(dataset_dir),
+        "init_from": init_from,
+        "validation": validation,
         "mlflow_uri": uri,
         "experiment_id": experiment_id,
         "parent_run_id": parent_id,
@@ -309,17 +253,21 @@ def tune(
         "run_prefix": prefix,
         "tags": dict(tags or {}),
     }
+
+    def one_trial(trial) -> tuple[float, int]:
+        try:
+            out = run_trial(job, trial, emit)
+        except TrialPruned:
+            emit("trial", {"trial": trial.number, "error": False})
+            raise
+        except Exception:
+            emit("trial", {"trial": trial.number, "error": True})
+            raise
+        emit("trial", {"trial": trial.number, "error": False})
+        return out
+
     try:
         with ray_session(profile.ray, need):
-            searcher = _searcher_class()(
-                space,
-                metric=METRIC,
-                mode="min",
-                sampler=sampler,
-                study_name=cfg.study_name,
-                storage=storage,
-                trial_steps=cfg.trial_steps,
-            )
             emit(
                 "start",
                 {
@@ -332,42 +280,13 @@ def tune(
                     "mlflow_run_id": parent_id,
                 },
             )
-            tuner = rtune.Tuner(
-                rtune.with_resources(trainable(job), {"memory": TRIAL_DRIVER_MEMORY}),
-                tune_config=rtune.TuneConfig(
-                    search_alg=searcher,
-                    scheduler=scheduler,
-                    num_samples=cfg.n_trials,
-                    max_concurrent_trials=cfg.parallel,
-                    # A trial's process imports torch, transformers and MLflow (~10 s of CPU
-                    # here); reusing it for the next trial pays that once per slot.
-                    reuse_actors=True,
-                ),
-                run_config=rtune.RunConfig(
-                    name=prefix,
-                    storage_path=store.path,
-                    storage_filesystem=store.filesystem,
-                    verbose=0,
-                    callbacks=[_progress_callback(emit)],
-                ),
-            )
-            with _quiet_tune():
-                grid = tuner.fit()
-        stopped = {}
-        errors: list[tuple[int, str]] = []
-        for i in range(len(grid)):
-            res = grid[i]
-            number = (res.config or {}).get(TRIAL_NUMBER_KEY)
-            if number is None:
-                continue
-            stopped[number] = int((res.metrics or {}).get("step") or 0)
-            if res.error is not None:
-                errors.append((number, _error_line(res.error)))
+            ran = run_trials(study, space, cfg.n_trials, cfg.parallel, one_trial)
+        errors: dict[int, str] = ran["errors"]
         study = optuna.load_study(study_name=cfg.study_name, storage=storage)
-        records = _records(study, first_number, stopped)
+        records = _records(study, first_number, ran["steps"])
         mine = [r for r in records if r.this_run]
         if mine and all(r.state == "FAIL" for r in mine):
-            first = min(errors)[1] if errors else "no error recorded"
+            first = errors[min(errors)] if errors else "no error recorded"
             raise FlywheelError(
                 f"tuning: all {len(mine)} trials of study '{cfg.study_name}' failed; "
                 f"the first: {first}"
@@ -396,7 +315,7 @@ def tune(
             trial_steps=cfg.trial_steps,
             trials=records,
             importances=importances,
-            errors={n: e for n, e in errors},
+            errors=dict(errors),
             mlflow_run_id=parent_id,
             wall_s=time.perf_counter() - t0,
         )
@@ -415,9 +334,6 @@ def tune(
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
-    finally:
-        # Ray Train run directories of stopped trials (finished ones clean up after themselves).
-        store.remove_runs(f"{prefix}-trial")
     client.set_terminated(parent_id, "FINISHED")
     emit("done", result.metrics())
     return result

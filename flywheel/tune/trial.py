@@ -1,106 +1,107 @@
-"""One trial: the training stage's own loop on a step budget, as a Ray Train run inside a
-Ray Tune trial, tracked as a nested MLflow run.
+"""One trial: the training stage's own loop on a step budget, as a Ray Train run
+(`TorchTrainer.fit()`), ranked on validation loss and tracked as a nested MLflow run.
 
-Runs in the Tune trial's actor. Everything it needs arrives as plain data (`job`, made by
-`flywheel.tune.study`) plus the sampled parameters in `config`.
+Runs in one of the study's driver threads (`flywheel.tune.study`). The loop evaluates a
+fixed slice of the validation split at each rung and asks this thread, through a Ray queue,
+whether to go on; this thread reports the loss to the Optuna trial and answers with its
+pruner's decision. A pruned run ends its own loop, so its workers and placement group are
+released the ordinary way (no abort of Ray's controller from outside). Public APIs only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
+import math
+import threading
 import uuid
+from pathlib import Path
 from typing import Any
+
+from flywheel.errors import DataError
 
 log = logging.getLogger(__name__)
 
-TRIAL_NUMBER_KEY = "_flywheel_trial_number"
-_BOX_KEY = "_flywheel_box"
-# The Train controller polls its workers this often (Ray's default is 2 s). A worker waits
-# for that poll after each checkpoint, and the scheduler only sees a rung's loss once it
-# has happened, so on 8-step trials the default would cost more than the steps themselves.
-_POLL_S = "0.25"
+# The validation slice every trial is scored on: the first blocks of the dataset's
+# validation split, in file order. Fixed, so trials (and rungs) are compared on the same
+# tokens; small, so an evaluation costs a few forward passes.
+VALIDATION_BLOCKS = 32
+# How long the loop waits for the study's answer at a rung (Optuna writes to its storage).
+ANSWER_TIMEOUT_S = 300.0
 
 
-def _trainer_class():
-    from ray.train.torch import TorchTrainer
+class TrialPruned(Exception):
+    """The pruner stopped this trial at a rung (its loop ended early)."""
 
-    class AbortableTorchTrainer(TorchTrainer):
-        """A TorchTrainer that keeps its Train controller's handle.
-
-        When the scheduler stops a trial, Ray Tune terminates the trial's actor and, with it,
-        the Train controller it owns; the controller's placement group, however, belongs to
-        the job and would hold its CPUs until the job ends (Ray's own clean-up of it asks the
-        State API, which needs the dashboard that `flywheel.runtime` leaves off). With the
-        handle the trial aborts its run first, which releases the group. The body is
-        Ray 2.60's `DataParallelTrainer._initialize_and_run_controller` (Ray is pinned to
-        2.60.x), plus keeping the handle.
-        """
-
-        controller: Any = None
-
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
-            import ray
-            from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
-            from ray.train.v2._internal.constants import (
-                DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-                get_env_vars_to_propagate,
-            )
-            from ray.train.v2._internal.execution.controller import TrainController
-
-            env_vars = get_env_vars_to_propagate()
-            env_vars.setdefault(
-                RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-            )
-            cls = ray.remote(
-                num_cpus=0,
-                label_selector={
-                    ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()
-                },
-                runtime_env={"env_vars": env_vars},
-            )(TrainController)
-            self.controller = cls.remote(**controller_init_kwargs)
-            ray.get(self.controller.run.remote())
-            return ray.get(self.controller.get_result.remote())
-
-    return AbortableTorchTrainer
+    def __init__(self, step: int) -> None:
+        super().__init__(f"pruned at step {step}")
+        self.step = step
 
 
-def abort(trainer: Any) -> None:
-    """Abort a trial's Train run (worker group and placement group released); best effort."""
-    import ray
+def validation_slice(dataset_dir: str | Path, n: int = VALIDATION_BLOCKS) -> list[list[int]]:
+    """The first `n` token blocks of the validation split, as plain lists."""
+    import pyarrow.parquet as pq
 
-    controller = getattr(trainer, "controller", None)
-    if controller is None:
-        return
-    # The controller exits inside abort(), or had already finished: either is fine.
-    with contextlib.suppress(Exception):
-        ray.get(controller.abort.remote(), timeout=30)
+    from flywheel import artifacts
+
+    blocks: list[list[int]] = []
+    for f in artifacts.split_files(dataset_dir, "validation"):
+        col = pq.read_table(f, columns=[artifacts.TOKEN_COLUMN]).column(0)
+        blocks += [list(map(int, b)) for b in col.to_pylist()[: n - len(blocks)]]
+        if len(blocks) >= n:
+            break
+    if not blocks:
+        raise DataError(
+            f"{Path(dataset_dir) / 'validation'}: no validation blocks; tuning ranks trials on "
+            "validation loss (raise data.split.validation_share or prepare more data)"
+        )
+    return blocks
 
 
-def run_trial(job: dict[str, Any], config: dict[str, Any]) -> None:
-    """Train one sampled configuration for tune.trial_steps steps; losses go to Tune."""
+def report_steps(trial_steps: int, grace: int, factor: int) -> list[int]:
+    """The steps a trial reports validation loss at: the pruner's rungs, and the last step."""
+    steps, rung = set(), grace
+    while rung < trial_steps:
+        steps.add(rung)
+        rung *= factor
+    return sorted(steps | {trial_steps})
+
+
+def _error_line(exc: BaseException) -> str:
+    """An exception in one line; Ray's TrainingFailedError carries the worker's in its text."""
+    text = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    if type(exc).__name__ == "TrainingFailedError" and text:
+        # The worker's own exception is the last "Name: message" line of the traceback.
+        for line in reversed(text):
+            name = line.split(":", 1)[0].strip()
+            if name.isidentifier() and name[:1].isupper() and ":" in line:
+                return line.strip()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def run_trial(job: dict[str, Any], trial: Any, emit) -> tuple[float, int]:
+    """Train the Optuna `trial`'s parameters for tune.trial_steps steps.
+
+    Returns (final validation loss, steps run); raises TrialPruned when the pruner stops it,
+    or the trial's own error (the study records it as FAIL and goes on).
+    """
     import ray
     import ray.data
     import ray.train
     from mlflow import MlflowClient
     from mlflow.entities import Param
-    from ray.train.torch import TorchConfig
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
 
     from flywheel import artifacts
     from flywheel.config import Profile
     from flywheel.storage import ray_storage
+    from flywheel.train.loop import train_loop_per_worker
     from flywheel.train.plan import make_plan
     from flywheel.train.run import _materialize, loop_config
-    from flywheel.tune.space import trial_profile
+    from flywheel.tune.space import asha_schedule, plain, trial_profile
 
-    box: dict[str, Any] = config.pop(_BOX_KEY, {})
-    number = config.pop(TRIAL_NUMBER_KEY, None)
-    params = dict(config)
-    trial_id = ray.tune.get_context().get_trial_id()
+    number = trial.number
+    params = {k: plain(v) for k, v in trial.params.items()}
     client = MlflowClient(job["mlflow_uri"])
     run = client.create_run(
         job["experiment_id"],
@@ -110,20 +111,24 @@ def run_trial(job: dict[str, Any], config: dict[str, Any]) -> None:
             "flywheel.stage": "tune-trial",
             "flywheel.tune_study": job["study_name"],
             "flywheel.tune_trial": str(number),
-            "flywheel.tune_trial_id": trial_id,
             **job["tags"],
         },
     )
     run_id = run.info.run_id
+    asks = answers = None
+    name = f"{job['run_prefix']}-trial{number}-{uuid.uuid4().hex[:6]}"
+    store = None
     try:
         profile = trial_profile(Profile.model_validate(job["profile"]), params)
         client.log_batch(
             run_id,
             params=[Param(f"train.{k}", str(v)) for k, v in params.items()]
-            + [Param("trial.max_steps", str(profile.train.max_steps))],
+            + [
+                Param("trial.max_steps", str(profile.train.max_steps)),
+                Param("trial.init_from", str(job["init_from"] or "")),
+            ],
         )
-        plan = make_plan(profile, job["dataset_dir"])
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = _POLL_S
+        plan = make_plan(profile, job["dataset_dir"], job["init_from"])
         s = profile.train.scaling
         resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
         dataset: Any
@@ -137,16 +142,43 @@ def run_trial(job: dict[str, Any], config: dict[str, Any]) -> None:
             dataset = ray.data.read_parquet(
                 plan.dataset.train_files, columns=[artifacts.TOKEN_COLUMN]
             )
-        from flywheel.train.loop import train_loop_per_worker
+        # Two queue actors (no CPU): the loop's reports in, the pruner's answers out.
+        asks, answers = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
+        grace, factor = asha_schedule(profile.tune.trial_steps)
+        config = loop_config(profile, plan, mlflow={"uri": job["mlflow_uri"], "run_id": run_id})
+        config["validation"] = {
+            "blocks": job["validation"],
+            "at": report_steps(profile.train.max_steps, grace, factor),
+            "asks": asks,
+            "answers": answers,
+        }
+        state: dict[str, Any] = {"value": None, "step": 0, "pruned": False}
+        done = threading.Event()
 
-        callbacks: list[Any] = [TuneReportCallback()]
-        name = f"{job['run_prefix']}-trial{number}-{uuid.uuid4().hex[:6]}"
+        def referee() -> None:
+            while not done.is_set():
+                try:
+                    msg = asks.get(timeout=0.5)
+                except Empty:
+                    continue
+                except Exception:  # the queue actor is gone: the run is over
+                    return
+                value, step = float(msg["val_loss"]), int(msg["step"])
+                state["value"], state["step"] = value, step
+                prune = False
+                if math.isfinite(value):
+                    trial.report(value, step)
+                    prune = step < profile.train.max_steps and trial.should_prune()
+                state["pruned"] = prune
+                emit("result", {"trial": number, "step": step, "loss": value, "val_loss": value})
+                answers.put({"stop": prune})
+
+        thread = threading.Thread(target=referee, daemon=True, name=f"flywheel-trial{number}")
+        thread.start()
         store = ray_storage(profile)
-        trainer = _trainer_class()(
+        trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=loop_config(
-                profile, plan, mlflow={"uri": job["mlflow_uri"], "run_id": run_id}
-            ),
+            train_loop_config=config,
             torch_config=TorchConfig(backend=plan.backend),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
@@ -157,52 +189,35 @@ def run_trial(job: dict[str, Any], config: dict[str, Any]) -> None:
                 storage_filesystem=store.filesystem,
                 failure_config=ray.train.FailureConfig(max_failures=0),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-                callbacks=callbacks,
             ),
             datasets={"train": dataset},
         )
-        box["trainer"] = trainer
-        trainer.fit()
-        client.set_terminated(run_id, "FINISHED")  # final_loss: the driver, from the study
-        # Trial checkpoints (weights, optimizer state) are not needed once the loss is known.
-        store.remove_run(name)
-    except BaseException as exc:
-        if box.get("stopped"):  # the scheduler stopped this trial: pruned, not failed
+        try:
+            trainer.fit()
+        finally:
+            done.set()
+            thread.join(timeout=5)
+        if state["pruned"]:
             client.set_terminated(run_id, "KILLED")
-            return
-        client.set_tag(run_id, "flywheel.error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise TrialPruned(state["step"])
+        value = state["value"]
+        if value is None or state["step"] != profile.train.max_steps:
+            raise RuntimeError("the trial's loop reported no validation loss at its last step")
+        client.set_terminated(run_id, "FINISHED")  # final_loss: the driver, from the study
+        return value, state["step"]
+    except TrialPruned:
+        raise
+    except BaseException as exc:
+        client.set_tag(run_id, "flywheel.error", _error_line(exc)[:5000])
         client.set_terminated(run_id, "FAILED")
         raise
-
-
-def trainable(job: dict[str, Any]):
-    """The Tune trainable for a study: `run_trial` bound to `job`, which aborts its Train
-    run when Tune stops it (see AbortableTorchTrainer for why)."""
-    from ray.tune.trainable.function_trainable import wrap_function
-
-    def trial(config: dict[str, Any]) -> None:
-        run_trial(job, config)
-
-    base = wrap_function(trial)
-
-    class FlywheelTrial(base):  # type: ignore[misc,valid-type]
-        def _trainable_func(self, config):
-            self._flywheel_box = box = {}
-            return super()._trainable_func({**config, _BOX_KEY: box})
-
-        def _stop_run(self) -> None:
-            box = getattr(self, "_flywheel_box", {})
-            box["stopped"] = True
-            abort(box.get("trainer"))
-
-        def cleanup(self):
-            self._stop_run()
-            super().cleanup()
-
-        def reset_config(self, new_config):
-            # Tune reuses this actor for the next trial (no new process, no re-imports);
-            # the previous trial's run, if a stop cut it short, is aborted first.
-            self._stop_run()
-            return super().reset_config(new_config)
-
-    return FlywheelTrial
+    finally:
+        for q in (asks, answers):
+            if q is not None:
+                try:
+                    q.shutdown()
+                except Exception:
+                    log.debug("queue shutdown failed", exc_info=True)
+        # Trial checkpoints (weights, optimizer state) are not needed once the loss is known.
+        if store is not None:
+            store.remove_run(name)

@@ -9,10 +9,12 @@ profile's: lr log-uniform 1e-4..1e-2, warmup 0..5), the same sampler seed and th
 budget of trials x steps:
 
   * baseline   tune.pruner=none: every trial trains its whole step budget;
-  * asha       tune.pruner=asha: ASHA (grace = 1/4 of the budget, reduction factor 2)
-               stops trials whose loss is in the worse half at a rung.
+  * asha       tune.pruner=asha: Optuna's successive halving (grace = 1/4 of the budget,
+               reduction factor 2) stops trials whose validation loss is in the worse
+               half at a rung.
 
-Reported: the best loss reached (a finished trial's training loss at its last step), the
+Reported: the best validation loss reached (a finished trial's loss on the fixed validation
+slice at its last step, nats per token), the
 trial-steps spent, wall time, and asha/baseline ratios. Then the default profile's own study
 (4 trials x 8 steps, 2 at once), timed end to end as the `tune` stage runs in `flywheel run`
 (starting and stopping its own Ray).

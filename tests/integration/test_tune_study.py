@@ -1,5 +1,6 @@
-"""Tuning end to end: real Ray Tune driving real Ray Train trials (DeepSpeed on gloo), Optuna
-on SQLite, MLflow on SQLite. One local Ray for the module; tiny GPT-2, 4-step trials.
+"""Tuning end to end: Optuna (ask/tell, successive-halving pruner) driving real Ray Train
+trials (DeepSpeed on gloo) ranked on validation loss, Optuna on SQLite, MLflow on SQLite.
+One local Ray for the module; tiny GPT-2, 4-step trials (validation reports at 1, 2, 4).
 
 A failing trial is injected through the search space itself: a micro batch of 100,000
 blocks is a valid profile but larger than the dataset, so that trial's training plan raises
@@ -89,9 +90,9 @@ def test_study_completes_with_a_failed_trial_recorded_and_the_rest_run(study, wo
     assert r.trial_steps_spent == sum(t.steps for t in ran) and 2 <= r.trial_steps_spent <= 8
     best = next(t for t in r.trials if t.number == r.best_trial)
     assert best.state == "COMPLETE" and best.value == r.best_value
-    # A fresh model starts near ln(512) = 6.24 and 4 steps move it a little, not to NaN.
+    # Validation loss: a fresh model starts near ln(512) = 6.24 and 4 steps move it a little.
     assert 5.0 < r.best_value < math.log(512) + 0.2, r.best_value
-    assert best.intermediate[4] == r.best_value and sorted(best.intermediate) == [1, 2, 3, 4]
+    assert best.intermediate[4] == r.best_value and sorted(best.intermediate) == [1, 2, 4]
     assert r.best_params["micro_batch_size"] == 4 and 1e-3 <= r.best_params["lr"] <= 1e-2
     assert json.loads((workdir / "out" / "best_params.json").read_text()) == r.best_params
     assert r.storage == f"sqlite:///{workdir / '.flywheel' / 'optuna' / 'optuna.db'}"
@@ -122,9 +123,13 @@ def test_each_trial_is_a_nested_mlflow_run_under_the_tuning_run(study):
     assert best.info.status == "FINISHED" and best.data.tags["flywheel.tune_state"] == "COMPLETE"
     assert best.data.metrics["final_loss"] == pytest.approx(r.best_value)
     assert best.data.params["train.lr"] == str(r.best_params["lr"])
-    # Rank 0's per-step losses land in the trial's run, as in a training run.
+    # Rank 0's per-step losses land in the trial's run, as in a training run, and the
+    # validation losses the study ranked it on, at each report.
     history = client.get_metric_history(best.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
+    val = client.get_metric_history(best.info.run_id, "val_loss")
+    record = next(t for t in r.trials if t.number == r.best_trial)
+    assert {m.step: m.value for m in val} == pytest.approx(record.intermediate)
 
 
 def test_rerun_with_the_same_study_name_continues_the_trial_count(study, dataset, workdir):
@@ -159,17 +164,40 @@ def test_a_study_where_every_trial_fails_fails_with_the_first_error(workdir, dat
     assert "fewer than one global batch" in msg and "Traceback" not in msg
 
 
-def test_best_params_reach_the_training_run(study, dataset, workdir):
+@pytest.fixture(scope="module")
+def trained(study, dataset, workdir):
     from flywheel.stages import with_params
     from flywheel.train import train
 
-    profile, r, _ = study
+    _, r, _ = study
     tuned = with_params(load_profile(None, TINY), r.best_params)
-    result = train(tuned, dataset, workdir / "model")
+    return train(tuned, dataset, workdir / "model")
+
+
+def test_best_params_reach_the_training_run(study, trained):
+    profile, r, _ = study
+    result = trained
     params = _mlflow(profile).get_run(result.mlflow_run_id).data.params
     assert params["train.lr"] == str(r.best_params["lr"])
     assert params["train.micro_batch_size"] == "4" and params["train.max_steps"] == "6"
     assert result.steps == 6 and result.final_loss < result.first_loss
+
+
+def test_trials_start_from_the_model_the_train_step_starts_from(study, trained, dataset, workdir):
+    """A warm-started retrain trains from the champion, so its trials do too: their first
+    validation loss is the trained model's, not a fresh model's ~ln(512)."""
+    from flywheel.tune import tune
+
+    profile, fresh, _ = study
+    space = "tune.search_space={lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}}"
+    args = [*TINY, space, "tune.n_trials=1", "tune.study_name=warm", "tune.pruner=none"]
+    warm = tune(load_profile(None, args), dataset, workdir / "warm", init_from=trained.model_dir)
+    first_fresh = min(t.intermediate[1] for t in fresh.trials if t.state != "FAIL")
+    (trial,) = warm.trials
+    assert trial.state == "COMPLETE" and sorted(trial.intermediate) == [1, 2, 4]
+    assert trial.intermediate[1] < first_fresh - 0.05, (trial.intermediate, first_fresh)
+    run = _mlflow(profile).get_run(warm.mlflow_run_id)
+    assert run.data.params["tune.init_from"] == trained.model_dir
 
 
 def test_a_study_on_postgresql_continues_across_runs_and_never_shows_the_password(

@@ -77,8 +77,9 @@ def test_trial_profile_is_a_short_single_worker_run_of_the_sampled_values(profil
     p = S.trial_profile(profile, {"lr": 0.004, "warmup_steps": 5})
     t = p.train
     assert (t.lr, t.max_steps, t.scaling.num_workers) == (0.004, profile.tune.trial_steps, 1)
-    # The default trial is 8 steps: warmup 5 fits; the ASHA rung spacing is 2.
-    assert t.warmup_steps == 5 and t.checkpoint_every == 2 and t.log_every == 2
+    # The default trial is 8 steps: warmup 5 fits; one checkpoint, at the end (losses reach
+    # the study through validation reports); MLflow flushes at the rung spacing, 2.
+    assert t.warmup_steps == 5 and t.checkpoint_every == 8 and t.log_every == 2
     assert t.max_failures == 0 and t.resume_from is None and t.global_batch_size is None
     assert Path(p.state_dir).is_absolute() and Path(p.state_dir) == state_dir
     # Everything else is the profile's own.
@@ -115,35 +116,85 @@ def test_plain_values_are_json_types():
 # --------------------------------------------------------------------- searcher
 
 
-def test_searcher_records_complete_pruned_and_failed_in_optuna_terms(tmp_path):
+def test_trials_are_recorded_complete_pruned_and_failed_in_optuna_terms(tmp_path):
+    """The study driver (ask under a lock, tell by outcome) on a real Optuna study: what
+    each trial does is given here, as the Ray Train run would end."""
     import optuna
     from optuna.trial import TrialState
 
-    from flywheel.tune.study import _searcher_class
-    from flywheel.tune.trial import TRIAL_NUMBER_KEY
+    from flywheel.tune.study import run_trials
+    from flywheel.tune.trial import TrialPruned
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
-    searcher = _searcher_class()(
-        S.distributions({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}),
-        metric="loss",
-        mode="min",
-        sampler=optuna.samplers.TPESampler(seed=0),
-        study_name="unit",
-        storage=storage,
-        trial_steps=8,
-    )
-    configs = [searcher.suggest(f"t{i}") for i in range(3)]
-    assert [c[TRIAL_NUMBER_KEY] for c in configs] == [0, 1, 2]
-    for tid in ("t0", "t1", "t2"):
-        searcher.on_trial_result(tid, {"step": 2, "loss": 6.0})
-    searcher.on_trial_result("t0", {"step": 4, "loss": 5.5})
-    searcher.on_trial_complete("t0", {"step": 8, "loss": 5.0})  # ran its budget
-    searcher.on_trial_complete("t1", {"step": 2, "loss": 6.0})  # ASHA stopped it at a rung
-    searcher.on_trial_complete("t2", {"step": 2, "loss": 6.0}, error=True)  # raised later
-    trials = optuna.load_study(study_name="unit", storage=storage).get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
-    assert trials[0].value == 5.0 and trials[0].intermediate_values == {2: 6.0, 4: 5.5, 8: 5.0}
-    assert trials[1].intermediate_values == {2: 6.0}
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="unit")
+    space = S.distributions({"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+
+    def one(trial):
+        trial.report(6.0, 2)
+        if trial.number == 1:
+            raise TrialPruned(2)
+        if trial.number == 2:
+            raise RuntimeError("worker died\nsecond line")
+        if trial.number == 3:
+            return float("nan"), 8
+        trial.report(5.0, 8)
+        return 5.0, 8
+
+    ran = run_trials(study, space, n_trials=4, parallel=2, one_trial=one)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert [t.state for t in trials] == [
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.FAIL,
+        TrialState.FAIL,
+    ]
+    assert trials[0].value == 5.0 and trials[0].intermediate_values == {2: 6.0, 8: 5.0}
+    assert ran["steps"] == {0: 8, 1: 2, 3: 8}
+    assert ran["errors"][2] == "RuntimeError: worker died" and "nan" in ran["errors"][3]
+
+
+def test_successive_halving_prunes_a_trial_worse_than_its_rung():
+    """tune.pruner=asha is Optuna's successive halving on the reported validation losses."""
+    import optuna
+
+    from flywheel.tune.study import _pruner
+
+    prof = load_profile(None, [*SMALL, "tune.trial_steps=8"])
+    study = optuna.create_study(pruner=_pruner(prof.tune))
+    good = study.ask()
+    good.report(5.0, 2)
+    assert not good.should_prune()
+    study.tell(good, 5.0)
+    bad = study.ask()
+    bad.report(6.0, 2)
+    assert bad.should_prune()
+    none = load_profile(None, [*SMALL, "tune.pruner=none"])
+    assert isinstance(_pruner(none.tune), optuna.pruners.NopPruner)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"), [(1, [1]), (4, [1, 2, 4]), (8, [2, 4, 8]), (10, [2, 4, 8, 10])]
+)
+def test_trials_report_validation_loss_at_each_rung_and_the_last_step(steps, expected):
+    from flywheel.tune.trial import report_steps
+
+    assert report_steps(steps, *S.asha_schedule(steps)) == expected
+
+
+def test_the_validation_slice_is_fixed_and_a_dataset_without_one_fails(tmp_path):
+    import shutil
+
+    from fixtures_data import build_dataset
+
+    from flywheel.errors import DataError
+    from flywheel.tune.trial import validation_slice
+
+    ds = build_dataset(tmp_path / "ds", block_size=32, vocab_size=512)
+    first, again = validation_slice(ds, 4), validation_slice(ds, 4)
+    assert first == again and len(first) == 4 and all(len(b) == 32 for b in first)
+    shutil.rmtree(ds / "validation")
+    with pytest.raises(DataError, match="no validation blocks"):
+        validation_slice(ds)
 
 
 # ----------------------------------------------------------------------- result
@@ -286,20 +337,3 @@ def test_cli_errors_are_one_line_before_any_work(args, code, message, state_dir)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == code and len(lines) == 1, out.stderr
     assert message in lines[0] and "Traceback" not in out.stderr
-
-
-def test_the_progress_relay_pickles_without_the_callers_callback():
-    # Tune pickles its callbacks with the experiment state; a CLI progress bar holds a lock.
-    import threading
-
-    import cloudpickle
-
-    from flywheel.tune.study import _progress_callback
-
-    lock, seen = threading.RLock(), []
-    relay = _progress_callback(lambda event, data: seen.append((event, data, lock)))
-    copy = cloudpickle.loads(cloudpickle.dumps(relay))
-    assert copy.emit is None and relay.emit is not None
-    relay._send("trial", {"trial": 0})
-    copy._send("trial", {"trial": 1})
-    assert [d["trial"] for _, d, _ in seen] == [0]
