@@ -151,6 +151,7 @@ def run_trial(job: dict[str, Any], trial: Any, emit) -> tuple[float, int]:
             "at": report_steps(profile.train.max_steps, grace, factor),
             "asks": asks,
             "answers": answers,
+            "timeout_s": ANSWER_TIMEOUT_S,
         }
         state: dict[str, Any] = {"value": None, "step": 0, "pruned": False}
         done = threading.Event()
