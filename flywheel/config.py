@@ -436,7 +436,8 @@ class EvalConfig(_Strict):
     max_tokens_per_doc: int | None = Field(
         2048,
         ge=2,
-        description="evaluate at most this many leading tokens of a document (bounds time)",
+        description="evaluate at most this many leading tokens of a document (bounds time); "
+        "bits per byte then counts only the bytes those tokens cover",
     )
     max_repetition: float = Field(
         0.5, ge=0, le=1, description="generation check: highest share of repeated 3-grams allowed"

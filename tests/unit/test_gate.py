@@ -465,3 +465,34 @@ def test_required_generation_checks_without_prompts_is_a_config_error():
     assert msg.startswith(str(DEFAULT_PROFILE)) and "\n" not in msg
     profile = load_profile(None, ["gate.require_generation_checks=true", "eval.prompts=[def f]"])
     assert profile.gate.require_generation_checks
+
+
+def test_the_run_summary_shows_bits_per_byte_and_the_paired_difference(state_dir):
+    # The gate stage's ledger entry (as `stages.gate` writes it) read back by `run_facts`,
+    # through a real MLflow store in a temporary state directory.
+    from flywheel import ledger
+    from flywheel.config import Profile
+    from flywheel.stages import run_facts
+
+    profile = Profile()
+    ch = report(scaled(docs(), 0.97, noise=0.05))
+    decision = decide_promotion(ch, CHAMPION, POLICY)
+    metrics = {
+        **ch.metrics("challenger_"),
+        **CHAMPION.metrics("champion_"),
+        **{f"delta_{k}": v for k, v in decision.deltas.items()},
+        "stage_seconds": 1.0,
+    }
+    ledger.record(profile, "run-1", "gate", metrics, {"verdict": "promote", "version": "2"})
+    facts = run_facts(profile, "run-1")
+    assert facts["challenger_bits_per_byte"] == round(ch.bits_per_byte, 4)
+    assert facts["champion_bits_per_byte"] == round(CHAMPION.bits_per_byte, 4)
+    assert facts["bits_per_byte_paired_abs"] == round(decision.paired.diff, 4)
+    lo, hi = decision.paired.ci
+    assert (facts["bits_per_byte_ci_low"], facts["bits_per_byte_ci_high"]) == (
+        round(lo, 4),
+        round(hi, 4),
+    )
+    # The keys the pipeline tests and `flywheel run` read stay.
+    assert facts["challenger_perplexity"] == round(ch.perplexity, 3)
+    assert "champion_perplexity" in facts and facts["verdict"] == "promote"
