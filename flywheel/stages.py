@@ -127,9 +127,13 @@ def plan(profile: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Validate the profile once, before any work, and say what this run will do.
 
     Its ledger entry marks the run as started: the monitor counts a run with a `plan`
-    and no `summary` as a retrain in flight.
+    and no `summary` as a retrain in flight. Every service the run needs is reached first
+    (`flywheel.preflight`), so an unreachable one fails the run before any work.
     """
+    from flywheel import preflight
+
     p = load(profile)
+    preflight.check(p)
     ledger.record(p, run_id, "plan", {}, {"tune_enabled": p.tune.enabled})
     return {"tune_enabled": p.tune.enabled, "model_name": p.registry.model_name}
 

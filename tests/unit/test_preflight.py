@@ -57,3 +57,13 @@ def test_unreachable_object_storage_names_storage_root(tmp_path, monkeypatch):
     (line,) = problems(p)
     assert time.monotonic() - t0 < 30
     assert line.startswith("storage.root") and "s3://bucket/runs" in line
+
+
+def test_the_plan_step_fails_on_an_unreachable_service_before_recording_anything(tmp_path):
+    from flywheel import stages
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    p = _profile(tmp_path, registry={"tracking_uri": dead, "retries": 0, "http_timeout_s": 2})
+    with pytest.raises(ServiceError, match=r"^registry\.tracking_uri"):
+        stages.plan(p.to_param(), "run-1")
+    assert not (tmp_path / "state").exists()  # no local store was created in its place
