@@ -365,7 +365,7 @@ def _train_values(name: str, values: list[Any]) -> None:
     checked when tuning starts (`flywheel.tune.space.check_space`): `flywheel train` with a
     short max_steps must not fail over a search it does not run."""
     field = TrainConfig.model_fields[name]
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, field])
+    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, field])  # type: ignore[arg-type]
     for value in values:
         try:
             adapter.validate_python(value)
@@ -665,7 +665,9 @@ def _k8s_name(value: Any, what: str) -> str:
     if not value:
         raise ValueError(f"{what} is empty: name the Kubernetes object")
     if not isinstance(value, str) or len(value) > 253 or not _K8S_NAME.fullmatch(value):
-        raise ValueError(f"{what} {value!r} is not a Kubernetes name (lower-case, digits, '-', '.')")
+        raise ValueError(
+            f"{what} {value!r} is not a Kubernetes name (lower-case, digits, '-', '.')"
+        )
     return value
 
 

@@ -470,9 +470,7 @@ class Registry:
         if not all(tags.get(k) for k in keys):
             return None  # no identity to match on: every call is a new candidate
         found = [
-            v.version
-            for v in self.versions()
-            if all(v.tags.get(k) == str(tags[k]) for k in keys)
+            v.version for v in self.versions() if all(v.tags.get(k) == str(tags[k]) for k in keys)
         ]
         return found[-1] if found else None
 

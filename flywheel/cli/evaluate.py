@@ -29,7 +29,7 @@ def evaluate(
     overrides: OverridesArg = None,
     profile: ProfileOpt = None,
 ) -> None:
-    """Perplexity and next-token accuracy (with bootstrap intervals) on held-out documents."""
+    """Bits per byte, perplexity and next-token accuracy (bootstrap intervals) on held-out documents."""
     from flywheel.evaluate import evaluate as run
     from flywheel.evaluate.core import resolve_model
 

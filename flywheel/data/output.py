@@ -188,7 +188,7 @@ def sweep(parent: Path, store: bool = False) -> list[Path]:
     Only ours (an owner note naming this host and a process that is gone); in the dataset
     store (`store`), also the CLI's older `.incoming-<pid>` directories whose process is gone.
     """
-    removed = []
+    removed: list[Path] = []
     if not parent.is_dir():
         return removed
     host = socket.gethostname()

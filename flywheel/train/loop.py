@@ -295,7 +295,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             if queue is not None:
                 queue.put_nowait({k: row[k] for k in ("step", "loss", "lr", "tokens_per_s")})
-        if step in report_at:
+        if validation is not None and step in report_at:
             val = _validation_loss(engine, validation["blocks"], plan.micro_batch)
             row["val_loss"] = val
             if tracker:

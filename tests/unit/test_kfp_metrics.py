@@ -23,4 +23,3 @@ def test_a_diverged_models_metrics_artifact_is_strict_json():
     # allow_nan=False is the strictness of protojson: bare NaN/Infinity would raise here.
     text = json.dumps(artifact.metadata, allow_nan=False)
     assert json.loads(text) == {"perplexity": "nan", "accuracy": 0.1, "steps": 3.0}
-
