@@ -36,6 +36,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch):
+    """`mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI for the process, so a test that
+    talked to a server (since stopped) would otherwise hand its URI to every later test."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def state_dir(tmp_path, monkeypatch):
     """Run in a fresh working directory so `.flywheel/` lands in tmp, never in the repo."""
