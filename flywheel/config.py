@@ -1100,8 +1100,3 @@ def config_file(name: str) -> Path:
         if packaged.is_file():
             return packaged
     return p
-
-
-def repo_path(relative: str) -> Path:
-    """Resolve a config path from the profile (kept name): see `config_file`."""
-    return config_file(relative)

@@ -150,8 +150,7 @@ cd "$pod/w" || exit 97
 env -i {assigns} HOME="$pod/h" TMPDIR="$pod/t" RAY_TMPDIR="$pod/t" \\
   {shlex.quote(str(self.image_py))} "$@"
 rc=$?
-printf '{{"pod": "%s", "rc": %d, "state_dirs": "%s"}}\\n' "$pod" "$rc" \\
-  "$(find "$pod/w" -maxdepth 1 -name .flywheel | head -1)" >> {shlex.quote(str(self.ledger))}
+printf '{{"pod": "%s", "rc": %d}}\\n' "$pod" "$rc" >> {shlex.quote(str(self.ledger))}
 rm -rf "$pod"
 exit $rc
 """
@@ -198,8 +197,7 @@ class PodRun:
         """A task's output parameter, read from its executor_output.json."""
         assert self.run_dir is not None
         data = json.loads((self.run_dir / task / "executor_output.json").read_text())
-        value = data.get("parameterValues", {}).get(name)
-        return value
+        return data.get("parameterValues", {}).get(name)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

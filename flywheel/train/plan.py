@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from flywheel import artifacts
-from flywheel.config import Profile, repo_path
+from flywheel.config import Profile, config_file
 from flywheel.errors import ConfigError, DataError
 from flywheel.runtime import RayResources
 
@@ -156,7 +156,7 @@ def deepspeed_config(profile: Profile, raw: dict[str, Any], source: str) -> dict
 
 
 def load_deepspeed_json(profile: Profile) -> tuple[dict[str, Any], str]:
-    path = repo_path(profile.train.deepspeed_config)
+    path = config_file(profile.train.deepspeed_config)
     if not path.is_file():
         raise ConfigError(f"train.deepspeed_config: {path} not found")
     try:
