@@ -67,3 +67,10 @@ def test_weekday_and_month_names_in_ranges_are_not_mistaken_for_quartz():
 def test_day_31_with_a_weekday_restriction_is_allowed():
     # With a weekday set, day-of-month and day-of-week are OR-ed: this does fire.
     assert to_kfp_cron("0 0 31 2 MON") == "0 0 0 31 2 MON"
+
+
+@pytest.mark.parametrize("expr", ["R * * * *", "H 3 * * *", "0 0 * * L5"])
+def test_what_croniter_reads_but_kubeflow_does_not_is_refused(expr):
+    # croniter knows Jenkins' H/R and a trailing-L weekday; robfig (KFP's parser) does not.
+    with pytest.raises(ConfigError, match="minute value|Quartz"):
+        to_kfp_cron(expr)
