@@ -10,7 +10,11 @@ store (a bucket path, a database) would be one more thing to configure.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.config import Profile
@@ -58,6 +62,30 @@ def record(
     )
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+@dataclass
+class StageEntry:
+    """What the block inside `stage(...)` fills in: the entry's metrics and tags."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def stage(profile: Profile, run_id: str, name: str, *, timed: bool = True) -> Iterator[StageEntry]:
+    """Time the block and record its entry on exit (`stage_seconds` added when `timed`).
+
+    Nothing is recorded when the block raises: a stage that failed has no entry, which is
+    how the summary tells a failed stage from one that ran (the run's state says why).
+    """
+    entry = StageEntry()
+    t0 = time.perf_counter()
+    yield entry
+    metrics = dict(entry.metrics)
+    if timed:
+        metrics["stage_seconds"] = time.perf_counter() - t0
+    record(profile, run_id, name, metrics, entry.tags)
 
 
 def collect(profile: Profile, run_id: str) -> dict[str, dict[str, Any]]:

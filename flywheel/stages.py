@@ -133,8 +133,9 @@ def plan(profile: dict[str, Any], run_id: str) -> dict[str, Any]:
     from flywheel import preflight
 
     p = load(profile)
-    preflight.check(p)
-    ledger.record(p, run_id, "plan", {}, {"tune_enabled": p.tune.enabled})
+    with ledger.stage(p, run_id, "plan", timed=False) as entry:
+        preflight.check(p)
+        entry.tags["tune_enabled"] = p.tune.enabled
     return {"tune_enabled": p.tune.enabled, "model_name": p.registry.model_name}
 
 
@@ -145,18 +146,12 @@ def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: 
     from flywheel.data import prepare as prepare_data
 
     p = with_champion_tokenizer(with_data_location(load(profile), data_location))
-    t0 = time.perf_counter()
-    with staged_source(p) as local:
-        stats = prepare_data(local, Path(out_dir))
-    record_source(Path(stats.out_dir or out_dir), p.data.source.path)
-    seconds = {"stage_seconds": time.perf_counter() - t0}
-    ledger.record(
-        p,
-        run_id,
-        "prepare-data",
-        {**stats.metrics(), **seconds},
-        {"content_hash": stats.content_hash},
-    )
+    with ledger.stage(p, run_id, "prepare-data") as entry:
+        with staged_source(p) as local:
+            stats = prepare_data(local, Path(out_dir))
+        record_source(Path(stats.out_dir or out_dir), p.data.source.path)
+        entry.metrics.update(stats.metrics())
+        entry.tags["content_hash"] = stats.content_hash
     return stats
 
 
@@ -173,16 +168,16 @@ def tune(profile: dict[str, Any], dataset_dir: Path, out_dir: Path, run_id: str)
     p = validate_profile(data, PROFILE_PARAM)
     # Trials start where the train step will: the champion when the profile warm-starts.
     init_from = champion_model_dir(p)
-    t0 = time.perf_counter()
-    result = run_study(
-        p,
-        Path(dataset_dir),
-        Path(out_dir),
-        init_from=str(init_from) if init_from else None,
-        tags={ledger.RUN_TAG: run_id},
-    )
-    metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}
-    ledger.record(p, run_id, "tune", metrics, {"best_params": json.dumps(result.best_params)})
+    with ledger.stage(p, run_id, "tune") as entry:
+        result = run_study(
+            p,
+            Path(dataset_dir),
+            Path(out_dir),
+            init_from=str(init_from) if init_from else None,
+            tags={ledger.RUN_TAG: run_id},
+        )
+        entry.metrics.update(result.metrics())
+        entry.tags["best_params"] = json.dumps(result.best_params)
     return result
 
 
@@ -210,26 +205,26 @@ def train(
     from flywheel.train import train as train_model
 
     p = with_params(load(profile), params)
-    t0 = time.perf_counter()
-    init_from = champion_model_dir(p)
-    tags = {
-        ledger.RUN_TAG: run_id,
-        "flywheel.trigger_reason": trigger_reason,
-        "flywheel.data_hash": read_manifest(dataset_dir)["content_hash"],
-        "flywheel.warm_start": str(init_from is not None),
-    }
-    result = train_model(
-        p,
-        Path(dataset_dir),
-        Path(out_dir),
-        init_from=str(init_from) if init_from else None,
-        tags=tags,
-        run_key=run_id,  # a retried train step continues from its checkpoints
-    )
-    if result.mlflow_run_id:
-        _log_reference_sample(p, result.mlflow_run_id, Path(dataset_dir))
-    metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}
-    ledger.record(p, run_id, "train", metrics, {"training_run_id": result.mlflow_run_id or ""})
+    with ledger.stage(p, run_id, "train") as entry:
+        init_from = champion_model_dir(p)
+        tags = {
+            ledger.RUN_TAG: run_id,
+            "flywheel.trigger_reason": trigger_reason,
+            "flywheel.data_hash": read_manifest(dataset_dir)["content_hash"],
+            "flywheel.warm_start": str(init_from is not None),
+        }
+        result = train_model(
+            p,
+            Path(dataset_dir),
+            Path(out_dir),
+            init_from=str(init_from) if init_from else None,
+            tags=tags,
+            run_key=run_id,  # a retried train step continues from its checkpoints
+        )
+        if result.mlflow_run_id:
+            _log_reference_sample(p, result.mlflow_run_id, Path(dataset_dir))
+        entry.metrics.update(result.metrics())
+        entry.tags["training_run_id"] = result.mlflow_run_id or ""
     return result
 
 
@@ -260,24 +255,19 @@ def evaluate(
     from flywheel.evaluate import evaluate as evaluate_model
 
     p = load(profile)
-    t0 = time.perf_counter()
     stage = "evaluate-champion" if model is None else "evaluate-challenger"
-    if model is None:
-        from flywheel.registry import Registry
+    with ledger.stage(p, run_id, stage) as entry:
+        if model is None:
+            from flywheel.registry import Registry
 
-        ref = Registry(p).champion_uri()
-        if ref is None:
-            Path(out_json).write_text(json.dumps({"absent": True}))
-            ledger.record(
-                p, run_id, stage, {"stage_seconds": time.perf_counter() - t0}, {"absent": True}
-            )
-            return None
-        model = ref
-    report = evaluate_model(p, model, Path(dataset_dir))
-    Path(out_json).write_text(report.model_dump_json(indent=2))
-    ledger.record(
-        p, run_id, stage, {**report.metrics(""), "stage_seconds": time.perf_counter() - t0}
-    )
+            model = Registry(p).champion_uri()
+            if model is None:
+                Path(out_json).write_text(json.dumps({"absent": True}))
+                entry.tags["absent"] = True
+                return None
+        report = evaluate_model(p, model, Path(dataset_dir))
+        Path(out_json).write_text(report.model_dump_json(indent=2))
+        entry.metrics.update(report.metrics(""))
     return report
 
 
@@ -307,40 +297,38 @@ def gate(
     from flywheel.registry import Registry, lineage_tags, model_card
 
     p = load(profile)
-    t0 = time.perf_counter()
-    challenger = read_report(challenger_json)
-    if challenger is None:
-        raise ValueError(f"{challenger_json}: the challenger has no evaluation report")
-    champion = read_report(champion_json)
-    decision = decide_promotion(challenger, champion, p.gate)
-    decision_md = decision.to_markdown(challenger, champion)
-    manifest = read_manifest(dataset_dir)
-    card = model_card(p, Path(model_dir), manifest, challenger, decision, champion)
-    tags = lineage_tags(
-        data_hash=manifest["content_hash"],
-        training_run_id=train_run_id,
-        pipeline_run_id=run_id,
-        trigger_reason=trigger_reason,
-        report=challenger,
-        decision=decision,
-    )
-    registry = Registry(p)
-    version = registry.register_candidate(
-        Path(model_dir), tags=tags, model_card=card, run_id=train_run_id or None
-    )
-    ledger.record(
-        p,
-        run_id,
-        "gate",
-        {
-            **challenger.metrics("challenger_"),
-            **(champion.metrics("champion_") if champion else {}),
-            # The paired difference the decision rests on (bits per byte, its interval).
-            **{f"delta_{k}": v for k, v in decision.deltas.items()},
-            "stage_seconds": time.perf_counter() - t0,
-        },
-        {"verdict": decision.verdict, "promote": decision.promote, "version": version},
-    )
+    with ledger.stage(p, run_id, "gate") as entry:
+        challenger = read_report(challenger_json)
+        if challenger is None:
+            raise ValueError(f"{challenger_json}: the challenger has no evaluation report")
+        champion = read_report(champion_json)
+        decision = decide_promotion(challenger, champion, p.gate)
+        decision_md = decision.to_markdown(challenger, champion)
+        manifest = read_manifest(dataset_dir)
+        card = model_card(p, Path(model_dir), manifest, challenger, decision, champion)
+        tags = lineage_tags(
+            data_hash=manifest["content_hash"],
+            training_run_id=train_run_id,
+            pipeline_run_id=run_id,
+            trigger_reason=trigger_reason,
+            report=challenger,
+            decision=decision,
+        )
+        registry = Registry(p)
+        version = registry.register_candidate(
+            Path(model_dir), tags=tags, model_card=card, run_id=train_run_id or None
+        )
+        entry.metrics.update(
+            {
+                **challenger.metrics("challenger_"),
+                **(champion.metrics("champion_") if champion else {}),
+                # The paired difference the decision rests on (bits per byte, its interval).
+                **{f"delta_{k}": v for k, v in decision.deltas.items()},
+            }
+        )
+        entry.tags.update(
+            {"verdict": decision.verdict, "promote": decision.promote, "version": version}
+        )
     return decision, version, decision_md, card
 
 
@@ -348,11 +336,10 @@ def promote(profile: dict[str, Any], version: str, reason: str, run_id: str):
     from flywheel.registry import Registry
 
     p = load(profile)
-    t0 = time.perf_counter()
-    entry = Registry(p).promote(version, reason=reason, actor=f"pipeline:{run_id}")
-    seconds = {"stage_seconds": time.perf_counter() - t0}
-    ledger.record(p, run_id, "promote", seconds, {"version": version, "alias": "champion"})
-    return entry
+    with ledger.stage(p, run_id, "promote") as entry:
+        moved = Registry(p).promote(version, reason=reason, actor=f"pipeline:{run_id}")
+        entry.tags.update({"version": version, "alias": "champion"})
+    return moved
 
 
 def run_facts(profile: Profile, run_id: str) -> dict[str, Any]:
@@ -406,7 +393,8 @@ def summarize(
     lines += [
         f"| {k} | {v} |" for k, v in facts.items() if k not in ("state", "error", "stage_seconds")
     ]
-    ledger.record(p, run_id, "summary", {}, {"state": state})
+    with ledger.stage(p, run_id, "summary", timed=False) as entry:
+        entry.tags["state"] = state
     return "\n".join(lines) + "\n", facts
 
 

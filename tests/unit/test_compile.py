@@ -227,7 +227,7 @@ def test_ledger_stages_of_monitor_and_nested_retrain_are_disjoint():
 
     source = Path(stages.__file__).read_text()
     monitor = {"drift-check", "no-retrain"}
-    recorded = set(re.findall(r'ledger\.record\(\s*p,\s*run_id,\s*"([\w-]+)"', source))
+    recorded = set(re.findall(r'ledger\.(?:record|stage)\(\s*p,\s*run_id,\s*"([\w-]+)"', source))
     recorded |= {"evaluate-champion", "evaluate-challenger"}  # named through a variable
     assert monitor <= recorded and {"plan", "summary"} <= recorded
     assert not ({"plan", "summary"} & monitor)
