@@ -105,3 +105,36 @@ def check_input_dir(path: Path | None, flag: str) -> None:
         return
     what = "is not a directory" if path.exists() else "does not exist"
     raise typer.BadParameter(f"'{path}' {what}", param_hint=flag)
+
+
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="a prepared dataset directory (default: the newest in <state_dir>/datasets)",
+    ),
+]
+
+
+def dataset_from(profile: Profile, data: Path | None) -> Path:
+    """The dataset a stage command reads: --data as given (check it with `check_input_dir`
+    first), else the newest one `flywheel data prepare` made, named on stderr so the user
+    knows which it took. Called after every other check: a refused command prints one line."""
+    if data is not None:
+        return data
+    from flywheel.defaults import default_dataset
+
+    found = default_dataset(profile)
+    note_dataset(found)
+    return found
+
+
+def note_dataset(path: Path) -> None:
+    note(f"data: {path} (newest prepared dataset)")
+
+
+def note(line: str) -> None:
+    """One line on stderr about a choice the command made for the user (stdout stays the
+    command's result)."""
+    err_console.print(line, highlight=False, soft_wrap=True)

@@ -11,18 +11,20 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flywheel.cli.common import (
+    DataOpt,
     OverridesArg,
     ProfileOpt,
     check_input_dir,
     check_output,
     console,
+    dataset_from,
     profile_from,
     table,
 )
 
 
 def train_cmd(
-    data: Annotated[Path, typer.Option("--data", "-d", help="a prepared dataset directory")],
+    data: DataOpt = None,
     overrides: OverridesArg = None,
     profile: ProfileOpt = None,
     out: Annotated[
@@ -44,6 +46,7 @@ def train_cmd(
     check_input_dir(init_from, "--init-from")
     # A directory with files in it is refused: the export would overwrite them.
     check_output(out, "--out", empty=True)
+    data = dataset_from(prof, data)
     # Ray Data and Ray Train log each execution at INFO; the bar below replaces them.
     logging.getLogger("ray").setLevel(logging.ERROR)
     # Not created here: training creates it at the end, after the inputs are checked.

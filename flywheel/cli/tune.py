@@ -11,18 +11,20 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flywheel.cli.common import (
+    DataOpt,
     OverridesArg,
     ProfileOpt,
     check_input_dir,
     check_output,
     console,
+    dataset_from,
     profile_from,
     table,
 )
 
 
 def tune_cmd(
-    data: Annotated[Path, typer.Option("--data", "-d", help="a prepared dataset directory")],
+    data: DataOpt = None,
     overrides: OverridesArg = None,
     profile: ProfileOpt = None,
     out: Annotated[
@@ -44,6 +46,7 @@ def tune_cmd(
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
     check_input_dir(data, "--data")
     check_output(out, "--out")  # best_params.json and tuning.html are replaced, nothing else
+    data = dataset_from(prof, data)
     logging.getLogger("ray").setLevel(logging.ERROR)
     import optuna
 
