@@ -88,14 +88,15 @@ def staged_source(profile: Profile) -> Iterator[Profile]:
 def record_source(dataset_dir: Path, source: str | None) -> None:
     """The manifest names where the corpus lives (a URI), not the temporary copy read."""
     from flywheel import storage
-    from flywheel.artifacts import MANIFEST
+    from flywheel.artifacts import MANIFEST, DatasetManifest
 
-    manifest = Path(dataset_dir) / MANIFEST
-    if source is None or not storage.is_remote(source) or not manifest.is_file():
+    if source is None or not storage.is_remote(source):
         return
-    info = json.loads(manifest.read_text())
-    info.get("config", {}).get("source", {})["path"] = source
-    manifest.write_text(json.dumps(info, indent=2))
+    if not (Path(dataset_dir) / MANIFEST).is_file():
+        return
+    manifest = DatasetManifest.read(dataset_dir)
+    manifest.config.get("source", {})["path"] = source
+    manifest.write(dataset_dir)
 
 
 def with_params(profile: Profile, params: dict[str, Any] | None) -> Profile:
@@ -156,13 +157,13 @@ def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: 
 
 
 def tune(profile: dict[str, Any], dataset_dir: Path, out_dir: Path, run_id: str):
-    from flywheel.artifacts import read_manifest
+    from flywheel.artifacts import DatasetManifest
     from flywheel.tune import tune as run_study
 
     p = load(profile)
     # One study per prepared dataset: a retrain on new data starts a fresh study instead of
     # taking "best" over trials that saw other data; the same data resumes its study.
-    data_hash = read_manifest(dataset_dir)["content_hash"]
+    data_hash = DatasetManifest.read(dataset_dir).content_hash
     data = p.model_dump()
     data["tune"]["study_name"] = f"{p.tune.study_name}-{data_hash[:12]}"
     p = validate_profile(data, PROFILE_PARAM)
@@ -201,7 +202,7 @@ def train(
     trigger_reason: str,
     run_id: str,
 ):
-    from flywheel.artifacts import read_manifest
+    from flywheel.artifacts import DatasetManifest
     from flywheel.train import train as train_model
 
     p = with_params(load(profile), params)
@@ -210,7 +211,7 @@ def train(
         tags = {
             ledger.RUN_TAG: run_id,
             "flywheel.trigger_reason": trigger_reason,
-            "flywheel.data_hash": read_manifest(dataset_dir)["content_hash"],
+            "flywheel.data_hash": DatasetManifest.read(dataset_dir).content_hash,
             "flywheel.warm_start": str(init_from is not None),
         }
         result = train_model(
@@ -292,7 +293,7 @@ def gate(
 
     Returns (decision, version, decision_markdown, model_card_markdown).
     """
-    from flywheel.artifacts import read_manifest
+    from flywheel.artifacts import DatasetManifest
     from flywheel.gate import decide_promotion
     from flywheel.registry import Registry, lineage_tags, model_card
 
@@ -304,10 +305,12 @@ def gate(
         champion = read_report(champion_json)
         decision = decide_promotion(challenger, champion, p.gate)
         decision_md = decision.to_markdown(challenger, champion)
-        manifest = read_manifest(dataset_dir)
-        card = model_card(p, Path(model_dir), manifest, challenger, decision, champion)
+        manifest = DatasetManifest.read(dataset_dir)
+        card = model_card(
+            p, Path(model_dir), manifest.model_dump(mode="json"), challenger, decision, champion
+        )
         tags = lineage_tags(
-            data_hash=manifest["content_hash"],
+            data_hash=manifest.content_hash,
             training_run_id=train_run_id,
             pipeline_run_id=run_id,
             trigger_reason=trigger_reason,

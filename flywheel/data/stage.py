@@ -565,7 +565,7 @@ class _Run:
             )
             manifest = _manifest(cfg, stats, splits, tok_info, len(test_docs), len(ref_docs))
             # Written last: a directory with a manifest is a complete dataset.
-            (out_dir / A.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            A.DatasetManifest.model_validate(manifest).write(out_dir)
             info.update(blocks=stats.blocks)
 
         stats.seconds = round(time.perf_counter() - t_start, 3)

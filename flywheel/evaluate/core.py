@@ -49,7 +49,7 @@ def read_test_split(
     import pandas as pd
     import pyarrow.parquet as pq
 
-    manifest = artifacts.read_manifest(dataset_dir)
+    manifest = artifacts.DatasetManifest.read(dataset_dir)
     path = Path(dataset_dir) / artifacts.TEST_TEXT
     if not path.is_file():
         raise DataError(f"{path}: held-out documents not found (the data stage writes them)")
@@ -73,7 +73,7 @@ def read_test_split(
             break
     if not texts:
         raise DataError(f"{path}: no non-empty held-out documents to evaluate")
-    return ids, texts, manifest.get("content_hash")
+    return ids, texts, manifest.content_hash
 
 
 def read_test_documents(dataset_dir: Path, max_docs: int | None) -> tuple[list[str], str | None]:

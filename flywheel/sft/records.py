@@ -64,7 +64,9 @@ class Reject:
     detail: str = ""
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
+    """A record that cannot become a sample: its reject reason and detail."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason, self.detail = reason, detail
@@ -73,11 +75,11 @@ class _Bad(Exception):
 def _text(record: Mapping[str, Any], key: str, what: str, required: bool = True) -> str | None:
     if key not in record or record[key] is None:
         if required:
-            raise _Bad(MISSING_FIELD, f"no '{key}' field ({what})")
+            raise BadRecord(MISSING_FIELD, f"no '{key}' field ({what})")
         return None
     value = record[key]
     if not isinstance(value, str):
-        raise _Bad(NON_STRING_FIELD, f"'{key}' ({what}) is {type(value).__name__}, not text")
+        raise BadRecord(NON_STRING_FIELD, f"'{key}' ({what}) is {type(value).__name__}, not text")
     return value
 
 
@@ -89,9 +91,9 @@ def _instruction(record: Mapping[str, Any], cols: ColumnsConfig) -> tuple[Turn, 
         _text(record, cols.system, "data.columns.system", required=False) if cols.system else None
     )
     if not prompt or not prompt.strip():
-        raise _Bad(EMPTY_PROMPT, f"'{cols.prompt}' is empty")
+        raise BadRecord(EMPTY_PROMPT, f"'{cols.prompt}' is empty")
     if not response or not response.strip():
-        raise _Bad(EMPTY_RESPONSE, f"'{cols.response}' is empty")
+        raise BadRecord(EMPTY_RESPONSE, f"'{cols.response}' is empty")
     # Alpaca's own prompt puts the input after the instruction, separated by a blank line.
     user = f"{prompt}\n\n{extra}" if extra and extra.strip() else prompt
     turns = [Turn(SYSTEM, system)] if system and system.strip() else []
@@ -110,21 +112,21 @@ def _as_list(value: Any) -> list[Any] | None:
 
 def _turn(i: int, raw: Any, cols: ColumnsConfig) -> Turn:
     if not isinstance(raw, Mapping):
-        raise _Bad(MALFORMED_TURN, f"turn {i} is {type(raw).__name__}, not an object")
+        raise BadRecord(MALFORMED_TURN, f"turn {i} is {type(raw).__name__}, not an object")
     role = raw.get(cols.role)
     if role is None or (isinstance(role, str) and not role.strip()):
-        raise _Bad(MISSING_ROLE, f"turn {i} has no '{cols.role}' (data.columns.role)")
+        raise BadRecord(MISSING_ROLE, f"turn {i} has no '{cols.role}' (data.columns.role)")
     if not isinstance(role, str) or ROLE_ALIASES.get(role, role) not in ROLES:
-        raise _Bad(UNKNOWN_ROLE, f"turn {i} role {role!r} is not one of {', '.join(ROLES)}")
+        raise BadRecord(UNKNOWN_ROLE, f"turn {i} role {role!r} is not one of {', '.join(ROLES)}")
     role = ROLE_ALIASES.get(role, role)
     content = raw.get(cols.content)
     if content is None:
-        raise _Bad(MISSING_FIELD, f"turn {i} has no '{cols.content}' (data.columns.content)")
+        raise BadRecord(MISSING_FIELD, f"turn {i} has no '{cols.content}' (data.columns.content)")
     if not isinstance(content, str):
-        raise _Bad(NON_STRING_FIELD, f"turn {i} '{cols.content}' is {type(content).__name__}")
+        raise BadRecord(NON_STRING_FIELD, f"turn {i} '{cols.content}' is {type(content).__name__}")
     if not content.strip():
         reason = EMPTY_RESPONSE if role == ASSISTANT else EMPTY_PROMPT
-        raise _Bad(reason, f"turn {i} ({role}) is empty")
+        raise BadRecord(reason, f"turn {i} ({role}) is empty")
     return Turn(role, content)
 
 
@@ -136,24 +138,26 @@ def check_order(turns: Sequence[Turn]) -> None:
     """
     body = list(turns[1:] if turns and turns[0].role == SYSTEM else turns)
     if not any(t.role == ASSISTANT for t in body):
-        raise _Bad(NO_RESPONSE, "no assistant turn: nothing to learn from")
+        raise BadRecord(NO_RESPONSE, "no assistant turn: nothing to learn from")
     for i, turn in enumerate(body):
         expected = USER if i % 2 == 0 else ASSISTANT
         if turn.role != expected:
             at = i + (len(turns) - len(body))
             where = "a system turn after the first" if turn.role == SYSTEM else turn.role
-            raise _Bad(BAD_TURN_ORDER, f"turn {at} is {where}, expected {expected}")
+            raise BadRecord(BAD_TURN_ORDER, f"turn {at} is {where}, expected {expected}")
     if body[-1].role != ASSISTANT:
-        raise _Bad(BAD_TURN_ORDER, "the last turn is user; a sample ends with an assistant turn")
+        raise BadRecord(
+            BAD_TURN_ORDER, "the last turn is user; a sample ends with an assistant turn"
+        )
 
 
 def _chat(record: Mapping[str, Any], cols: ColumnsConfig) -> tuple[Turn, ...]:
     if cols.messages not in record or record[cols.messages] is None:
-        raise _Bad(MISSING_FIELD, f"no '{cols.messages}' field (data.columns.messages)")
+        raise BadRecord(MISSING_FIELD, f"no '{cols.messages}' field (data.columns.messages)")
     raw = _as_list(record[cols.messages])
     if raw is None:
         kind = type(record[cols.messages]).__name__
-        raise _Bad(MESSAGES_NOT_A_LIST, f"'{cols.messages}' is {kind}, not a list of turns")
+        raise BadRecord(MESSAGES_NOT_A_LIST, f"'{cols.messages}' is {kind}, not a list of turns")
     turns = tuple(_turn(i, t, cols) for i, t in enumerate(raw))
     check_order(turns)
     return turns
@@ -176,11 +180,11 @@ def parse_records(
         rid = next(names) if names is not None else str(i)
         try:
             if not isinstance(record, Mapping):
-                raise _Bad(NOT_AN_OBJECT, f"record is {type(record).__name__}, not an object")
+                raise BadRecord(NOT_AN_OBJECT, f"record is {type(record).__name__}, not an object")
             turns = (
                 _instruction(record, columns) if fmt == "instruction" else _chat(record, columns)
             )
-        except _Bad as bad:
+        except BadRecord as bad:
             rejects.append(Reject(rid, bad.reason, bad.detail))
             continue
         good.append(Conversation(rid, turns))

@@ -191,7 +191,7 @@ def inspect_dataset(dataset_dir: str | Path) -> DatasetInfo:
     import pyarrow.parquet as pq
 
     root = Path(dataset_dir)
-    manifest = artifacts.read_manifest(root)
+    manifest = artifacts.DatasetManifest.read(root)
     files = artifacts.split_files(root, "train")
     if not files:
         raise DataError(f"{root / 'train'}: no parquet shards")
@@ -205,7 +205,7 @@ def inspect_dataset(dataset_dir: str | Path) -> DatasetInfo:
         if width is None and meta.metadata.num_rows:
             first = meta.read_row_group(0, columns=[artifacts.TOKEN_COLUMN]).column(0)[0]
             width = len(first)
-    block_size = int(manifest.get("block_size") or width or 0)
+    block_size = int(manifest.block_size or width or 0)
     if width is not None and width != block_size:
         raise DataError(f"{root}: manifest block_size {block_size} but shards hold {width} tokens")
     tok_dir = root / artifacts.TOKENIZER_DIR
@@ -216,7 +216,7 @@ def inspect_dataset(dataset_dir: str | Path) -> DatasetInfo:
         train_blocks=blocks,
         block_size=block_size,
         vocab_size=vocab,
-        content_hash=manifest.get("content_hash"),
+        content_hash=manifest.content_hash,
         eos_token_id=eos,
         pad_token_id=pad,
     )
