@@ -293,7 +293,7 @@ class LoraConfig(_Strict):
     """Low-rank adapters (PEFT LoRA) for `train.method` lora and qlora."""
 
     rank: int = Field(8, ge=1, description="r: the adapters' inner dimension")
-    alpha: float = Field(16, gt=0, description="scale; the update is (alpha / rank) * B @ A")
+    alpha: int = Field(16, ge=1, description="scale; the update is (alpha / rank) * B @ A")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input")
     target_modules: Literal["auto"] | list[str] = Field(
         "auto",

@@ -1,8 +1,9 @@
 """What a study returns and shows: `TuneResult`, its metrics, and one HTML page of plots.
 
-The page is hand-drawn inline SVG, like the training loss curve: Optuna's own plots are
-plotly figures whose self-contained HTML carries a ~3.5 MB script bundle per artifact; this
-page is a few KB, has no scripts, and renders in the KFP UI's sandboxed iframe.
+The plots are matplotlib figures inlined as SVG (flywheel.charts), like the training loss
+curve: Optuna's own plots are plotly figures whose self-contained HTML carries a ~3.5 MB
+script bundle per artifact; this page is tens of KB, has no scripts, and renders in the
+KFP UI's sandboxed iframe.
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
+from flywheel.charts import BLUE, GREY, RED, integer_x_ticks, svg_chart
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
 BEST_PARAMS_FILE = "best_params.json"
-_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
 class TrialRecord(BaseModel):
@@ -102,98 +107,6 @@ def _fmt(v: Any) -> str:
 # ------------------------------------------------------------------------------ plots
 
 
-class _Frame:
-    """Axes mapping data to pixels for one SVG panel."""
-
-    def __init__(self, xs: list[float], ys: list[float], w: int = 720, h: int = 300) -> None:
-        self.w, self.h, self.l, self.r, self.t, self.b = w, h, 64, 16, 16, 40
-        self.x0, self.x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
-        self.y0, self.y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)
-        if self.x1 <= self.x0:
-            self.x0, self.x1 = self.x0 - 0.5, self.x1 + 0.5
-        if self.y1 <= self.y0:
-            self.y0, self.y1 = self.y0 - 0.5, self.y1 + 0.5
-        pad = (self.y1 - self.y0) * 0.05
-        self.y0, self.y1 = self.y0 - pad, self.y1 + pad
-
-    def sx(self, v: float) -> float:
-        return self.l + (v - self.x0) / (self.x1 - self.x0) * (self.w - self.l - self.r)
-
-    def sy(self, v: float) -> float:
-        return self.t + (self.y1 - v) / (self.y1 - self.y0) * (self.h - self.t - self.b)
-
-    def axes(self, xlabel: str, ylabel: str) -> str:
-        out = []
-        for i in range(5):
-            yv = self.y0 + (self.y1 - self.y0) * i / 4
-            xv = self.x0 + (self.x1 - self.x0) * i / 4
-            out.append(
-                f'<line x1="{self.l}" x2="{self.w - self.r}" y1="{self.sy(yv):.1f}" '
-                f'y2="{self.sy(yv):.1f}" stroke="#eee"/>'
-                f'<text x="{self.l - 6}" y="{self.sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>'
-                f'<text x="{self.sx(xv):.1f}" y="{self.h - self.b + 16}" text-anchor="middle">'
-                f"{xv:.0f}</text>"
-            )
-        out.append(
-            f'<text x="{(self.w + self.l) / 2}" y="{self.h - 6}" text-anchor="middle">{xlabel}</text>'
-            f'<text x="14" y="{self.h / 2}" transform="rotate(-90 14 {self.h / 2})" '
-            f'text-anchor="middle">{ylabel}</text>'
-        )
-        return "".join(out)
-
-    def svg(self, body: str) -> str:
-        return (
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.w}" height="{self.h}" '
-            f'font-family="sans-serif" font-size="11">{body}</svg>'
-        )
-
-
-def _tip(rec: TrialRecord) -> str:
-    params = ", ".join(f"{k}={_fmt(v)}" for k, v in rec.params.items())
-    value = f"{rec.value:.4f}" if rec.value is not None else "-"
-    return html.escape(
-        f"trial {rec.number} {rec.state}: loss {value} after {rec.steps} steps; {params}"
-    )
-
-
-def history_svg(result: TuneResult) -> str:
-    """Each trial's loss by trial number (pruned: its last reported loss, hollow; failed:
-    a red cross on the axis), and the best finished loss so far as a step line."""
-    recs = result.trials
-    shown = [(r, _last(r)) for r in recs]
-    ys = [v for _, v in shown if v is not None]
-    f = _Frame([float(r.number) for r in recs], ys)
-    body = [f.axes("trial", "training loss at the trial's last step")]
-    best, line = math.inf, []
-    for rec, v in shown:
-        x = f.sx(rec.number)
-        if rec.state == "COMPLETE" and v is not None:
-            body.append(
-                f'<circle cx="{x:.1f}" cy="{f.sy(v):.1f}" r="4.5" fill="#1f77b4">'
-                f"<title>{_tip(rec)}</title></circle>"
-            )
-            best = min(best, v)
-        elif rec.state == "PRUNED" and v is not None:
-            body.append(
-                f'<circle cx="{x:.1f}" cy="{f.sy(v):.1f}" r="4.5" fill="none" stroke="#999" '
-                f'stroke-width="1.5"><title>{_tip(rec)}</title></circle>'
-            )
-        elif rec.state == "FAIL":
-            y = f.h - f.b - 6
-            body.append(
-                f'<text x="{x:.1f}" y="{y:.1f}" fill="#d62728" text-anchor="middle" '
-                f'font-size="14">&#215;<title>{_tip(rec)}</title></text>'
-            )
-        if math.isfinite(best):
-            line.append(f"{x:.1f},{f.sy(best):.1f}")
-    if line:
-        body.append(
-            f'<polyline fill="none" stroke="#d62728" stroke-width="1.5" '
-            f'stroke-dasharray="5 3" points="{" ".join(line)}"><title>best so far</title></polyline>'
-        )
-    return f.svg("".join(body))
-
-
 def _last(rec: TrialRecord) -> float | None:
     if rec.value is not None:
         return rec.value
@@ -202,45 +115,106 @@ def _last(rec: TrialRecord) -> float | None:
     return None
 
 
+def history_svg(result: TuneResult) -> str:
+    """Each trial's loss by trial number (pruned: its last reported loss, hollow; failed:
+    a red cross on the axis), and the best finished loss so far as a dashed step line."""
+
+    def draw(ax: Axes) -> None:
+        def points(state: str) -> tuple[list[int], list[float]]:
+            shown = [
+                (r.number, v)
+                for r in result.trials
+                if r.state == state and (v := _last(r)) is not None
+            ]
+            return [n for n, _ in shown], [v for _, v in shown]
+
+        done, pruned = points("COMPLETE"), points("PRUNED")
+        failed = [r.number for r in result.trials if r.state == "FAIL"]
+        if done[0]:
+            ax.scatter(*done, s=30, color=BLUE, label="finished", zorder=3)
+        if pruned[0]:
+            ax.scatter(
+                *pruned,
+                s=30,
+                facecolors="none",
+                edgecolors=GREY,
+                label="pruned (last reported loss)",
+                zorder=3,
+            )
+        if failed:
+            # On the x axis, whatever the loss scale: a failed trial has no loss.
+            ax.scatter(
+                failed,
+                [0.04] * len(failed),
+                marker="x",
+                color=RED,
+                transform=ax.get_xaxis_transform(),
+                label="failed",
+            )
+        best, line = math.inf, []
+        for r in result.trials:
+            if r.state == "COMPLETE" and r.value is not None:
+                best = min(best, r.value)
+            if math.isfinite(best):
+                line.append((r.number, best))
+        if line:
+            ax.step(
+                *zip(*line, strict=True),
+                where="post",
+                color=RED,
+                linestyle=(0, (5, 3)),
+                linewidth=1.5,
+                label="best so far",
+            )
+        integer_x_ticks(ax)
+        ax.set_xlabel("trial")
+        ax.set_ylabel("training loss at the trial's last step")
+        ax.legend(loc="best")
+
+    return svg_chart(draw)
+
+
 def curves_svg(result: TuneResult) -> str:
     """Loss at each reported step of every trial of this run: where ASHA stopped which."""
-    recs = [r for r in result.trials if r.this_run and r.intermediate]
-    xs = [float(s) for r in recs for s in r.intermediate]
-    ys = [v for r in recs for v in r.intermediate.values()]
-    f = _Frame([0.0, *xs], ys)
-    body = [f.axes("optimizer step", "training loss")]
-    for i, rec in enumerate(recs):
-        color = _COLORS[i % len(_COLORS)]
-        pts = " ".join(f"{f.sx(s):.1f},{f.sy(v):.1f}" for s, v in sorted(rec.intermediate.items()))
-        dash = ' stroke-dasharray="4 3"' if rec.state == "PRUNED" else ""
-        body.append(
-            f'<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{pts}">'
-            f"<title>{_tip(rec)}</title></polyline>"
-        )
-        s, v = max(rec.intermediate.items())
-        body.append(
-            f'<text x="{f.sx(s) + 4:.1f}" y="{f.sy(v) + 4:.1f}" fill="{color}">#{rec.number}</text>'
-        )
-    return f.svg("".join(body))
+
+    def draw(ax: Axes) -> None:
+        recs = [r for r in result.trials if r.this_run and r.intermediate]
+        for rec in recs:
+            steps, losses = zip(*sorted(rec.intermediate.items()), strict=True)
+            (line,) = ax.plot(
+                steps,
+                losses,
+                linewidth=2,
+                marker="o",  # a trial pruned at its first report is a single point
+                markersize=3,
+                linestyle=(0, (4, 3)) if rec.state == "PRUNED" else "-",
+            )
+            ax.annotate(
+                f"#{rec.number}",
+                (steps[-1], losses[-1]),
+                xytext=(4, 0),
+                textcoords="offset points",
+                color=line.get_color(),
+                va="center",
+            )
+        ax.set_xlim(left=0)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+
+    return svg_chart(draw)
 
 
 def importances_svg(importances: dict[str, float]) -> str:
-    items = sorted(importances.items(), key=lambda kv: -kv[1])
-    w, row, left = 720, 26, 160
-    h = 20 + row * len(items)
-    body = []
-    for i, (name, v) in enumerate(items):
-        y = 10 + i * row
-        bw = max(1.0, v * (w - left - 80))
-        body.append(
-            f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{html.escape(name)}</text>'
-            f'<rect x="{left}" y="{y + 3}" width="{bw:.1f}" height="{row - 8}" fill="#1f77b4"/>'
-            f'<text x="{left + bw + 6:.1f}" y="{y + 15}">{v:.3f}</text>'
-        )
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-        f'font-family="sans-serif" font-size="12">{"".join(body)}</svg>'
-    )
+    items = sorted(importances.items(), key=lambda kv: kv[1])  # barh draws bottom-up
+
+    def draw(ax: Axes) -> None:
+        bars = ax.barh([name for name, _ in items], [v for _, v in items], color=BLUE)
+        ax.bar_label(bars, fmt="%.3f", padding=3)
+        ax.set_xlim(0, max(1.0, *(v for _, v in items)) * 1.1)
+        ax.grid(axis="y", visible=False)
+        ax.set_axisbelow(True)
+
+    return svg_chart(draw, height=0.6 + 0.3 * len(items))
 
 
 def tuning_html(result: TuneResult) -> str:
