@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
 
@@ -42,19 +42,128 @@ TOKEN_COLUMN = "input_ids"
 TRAINING_INFO = "flywheel_training.json"
 
 
-def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    from flywheel.errors import DataError
+class _Part(BaseModel):
+    """A nested manifest entry: fields the writer adds ahead of this model are kept."""
 
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{dataset_dir}: not a prepared dataset (no {MANIFEST})")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(
-            f"{path}: schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}; "
-            "prepare the data again"
-        )
-    return manifest
+    model_config = ConfigDict(extra="allow")
+
+
+class SplitEntry(_Part):
+    docs: int = 0
+    tokens: int = 0
+    blocks: int = 0
+    tail_tokens: int = 0
+    files: list[str] = Field(default_factory=list, description="shards, relative to the dataset")
+
+
+class TokenizerEntry(_Part):
+    path: str = TOKENIZER_DIR
+    trained: bool = False
+    base: str | None = None
+    vocab_size: int | None = None
+    eos_token: str | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+
+class TextEntry(_Part):
+    test: str = TEST_TEXT
+    test_docs: int = 0
+    reference: str = REFERENCE_TEXT
+    reference_docs: int = 0
+
+
+class BlockCount(_Part):
+    name: str
+    read: int
+    kept: int
+    dropped: dict[str, int] = Field(default_factory=dict, description="reason -> documents")
+
+
+class Counts(_Part):
+    read: int = 0
+    rejected: int = 0
+    kept: int = 0
+    blocks: list[BlockCount] = Field(default_factory=list, description="in pipeline order")
+
+
+class Rejects(_Part):
+    file: str = REJECTS
+    by_reason: dict[str, int] = Field(default_factory=dict)
+    by_source: dict[str, int] = Field(default_factory=dict)
+
+
+class Dropped(_Part):
+    file: str = ""
+    by_block: dict[str, int] = Field(default_factory=dict)
+    by_reason: dict[str, int] = Field(default_factory=dict, description="'block:reason' -> docs")
+
+
+class DatasetManifest(_Part):
+    """`manifest.json`: what the data stage made, read by every stage that takes a dataset.
+
+    Only `schema_version` and `content_hash` are required: they identify a dataset (the
+    gate's lineage, the tune study's name, evaluation's pairing); the rest describes it.
+    Unknown fields are kept, so a reader that rewrites the manifest (`record_source`) never
+    drops what a newer writer added.
+    """
+
+    schema_version: int
+    content_hash: str = Field(description="sha256 of the inputs and the data config")
+    pipeline_version: int | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="the data config (JSON)")
+    block_size: int | None = None
+    token_column: str = TOKEN_COLUMN
+    vocab_size: int | None = None
+    # Flat per-split totals (the same numbers as under `splits`) for quick readers.
+    docs: dict[str, int] = Field(default_factory=dict)
+    tokens: dict[str, int] = Field(default_factory=dict)
+    blocks: dict[str, int] = Field(default_factory=dict)
+    splits: dict[str, SplitEntry] = Field(default_factory=dict)
+    tokenizer: TokenizerEntry = Field(default_factory=TokenizerEntry)
+    text: TextEntry = Field(default_factory=TextEntry)
+    counts: Counts = Field(default_factory=Counts)
+    rejects: Rejects = Field(default_factory=Rejects)
+    dropped: Dropped = Field(default_factory=Dropped)
+
+    @classmethod
+    def read(cls, dataset_dir: str | Path) -> DatasetManifest:
+        """The manifest of a prepared dataset, or a DataError naming the file (and the
+        dotted field when one is malformed)."""
+        from flywheel.errors import DataError
+
+        path = Path(dataset_dir) / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{dataset_dir}: not a prepared dataset (no {MANIFEST})")
+        try:
+            raw = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise DataError(f"{path}: not a dataset manifest (a JSON object)")
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(
+                f"{path}: schema_version {raw.get('schema_version')} != {SCHEMA_VERSION}; "
+                "prepare the data again"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise DataError(f"{path}: {where}: {first['msg']}") from None
+
+    def write(self, dataset_dir: str | Path) -> Path:
+        """Write `manifest.json` (sorted keys: the same dataset gives the same bytes)."""
+        path = Path(dataset_dir) / MANIFEST
+        data = self.model_dump(mode="json")
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return path
+
+
+def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    """The manifest as plain JSON data (`DatasetManifest.read`, dumped), for dict readers."""
+    return DatasetManifest.read(dataset_dir).model_dump(mode="json")
 
 
 def split_files(dataset_dir: str | Path, split: str) -> list[Path]:
