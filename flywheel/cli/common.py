@@ -50,6 +50,12 @@ def quiet_libraries(verbose: bool, handler: logging.Handler) -> None:
     if verbose:
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    # MLflow draws a tqdm bar on stderr for every artifact up- and download (a registry
+    # model is ~15 files); read when the transfer starts, so setting it here is in time.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Hugging Face's bars ("Loading weights"), read when transformers is first imported:
+    # in time for the commands, which import it lazily.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     handler.addFilter(LibraryNoise())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,10 +16,10 @@ from flywheel.config import Profile
 from flywheel.errors import ConfigError, FlywheelError
 
 
-def _progress_printer():
+def _progress_printer(stream=None):
     # Bound to the stdout of now: while the pipeline runs, sys.stdout is redirected to the
     # log file (kfp.local's task logs), and progress must still reach the terminal.
-    out = Console(file=sys.stdout, highlight=False)
+    out = Console(file=stream or sys.stdout, highlight=False)
 
     def on_event(task: str, status: str, seconds: float) -> None:
         if status == "start":
@@ -31,14 +32,20 @@ def _progress_printer():
     return on_event
 
 
-def run_and_report(name: str, profile: Profile, arguments: dict) -> dict:
-    """Run a pipeline locally, then print the summary table; non-zero exit on failure."""
+def run_and_report(name: str, profile: Profile, arguments: dict, *, json_out: bool = False) -> dict:
+    """Run a pipeline locally, then print the summary table; non-zero exit on failure.
+
+    `json_out`: the progress and the table go to stderr, and stdout gets one JSON document
+    (`monitor_document`), also when a task failed, before the error line.
+    """
     from flywheel.kfp.local import run_local
     from flywheel.stages import run_facts
     from flywheel.tracking import tracking_uri
 
-    console.print(f"[bold]{name}[/bold] on this machine (kfp.local, profile '{profile.name}')")
-    run = run_local(name, profile, arguments=arguments, on_event=_progress_printer())
+    show = err_console if json_out else console
+    show.print(f"[bold]{name}[/bold] on this machine (kfp.local, profile '{profile.name}')")
+    on_event = _progress_printer(sys.stderr if json_out else None)
+    run = run_local(name, profile, arguments=arguments, on_event=on_event)
     facts = run_facts(profile, run.run_id)
     t = Table(title=f"{name}: {run.run_id}", show_header=True, header_style="bold")
     t.add_column("what")
@@ -83,6 +90,7 @@ def run_and_report(name: str, profile: Profile, arguments: dict) -> dict:
     t.add_row(
         "MLflow UI", f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
     )
+    drift: dict = {}
     if "drift-check" in facts.get("stage_seconds", {}) or name == "monitor":
         from flywheel import ledger
 
@@ -90,10 +98,38 @@ def run_and_report(name: str, profile: Profile, arguments: dict) -> dict:
         facts["retrain"] = bool(drift.get("metrics", {}).get("retrain"))
         if drift:
             t.add_row("monitor decision", drift["tags"].get("decision", ""))
-    console.print(t)
+    show.print(t)
+    if json_out:
+        doc = monitor_document(facts, drift, run.succeeded, run.failed_task, run.error)
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        sys.stdout.flush()
     if not run.succeeded:
         raise pipeline_error(name, run.failed_task, run.error, run.log_file)
     return facts
+
+
+def monitor_document(
+    facts: dict, drift: dict, succeeded: bool, failed_task: str | None, error: str | None
+) -> dict:
+    """`flywheel monitor --json`: the decision and what it rests on, for automation.
+
+    `drift` is the drift check's ledger entry (empty when the run failed before it): its
+    numbers go under "drift" as recorded, so a new descriptor needs no change here. The
+    retrain's own facts (verdict, version) are at the top level when one ran.
+    """
+    tags = drift.get("tags", {})
+    metrics = {k: v for k, v in drift.get("metrics", {}).items() if k != "retrain"}
+    return {
+        **{k: v for k, v in facts.items() if k not in ("retrain", "stage_seconds")},
+        "state": "succeeded" if succeeded else "failed",
+        "failed_task": failed_task,
+        "error": error,
+        "retrain": bool(facts.get("retrain")),
+        "decision": tags.get("decision"),
+        "window": tags.get("window"),
+        "drift": metrics,
+        "stage_seconds": facts.get("stage_seconds", {}),
+    }
 
 
 def pipeline_error(
@@ -174,14 +210,23 @@ def register(app: typer.Typer) -> None:
                 help="production records: a JSONL/parquet file or a directory (default: drift.window)"
             ),
         ] = "",
+        json_out: Annotated[
+            bool,
+            typer.Option(
+                "--json",
+                help="print the decision as one JSON document on stdout (progress on stderr)",
+            ),
+        ] = False,
     ) -> None:
         """One drift check on this machine and, if drifted outside the cooldown, one retrain.
 
         Exit codes (for cron): 0 no retrain (no drift, cooldown, or a retrain in flight),
         3 drift detected and the retrain ran, 1 error (bad window, unreachable registry, failed step).
+        With --json the exit codes are the same; stdout holds only the JSON document.
         """
         p = profile_from(profile, overrides)
-        facts = run_and_report("monitor", p, {"window": check_window(p, window)})
+        arguments = {"window": check_window(p, window)}
+        facts = run_and_report("monitor", p, arguments, json_out=json_out)
         if facts.get("retrain"):
             raise typer.Exit(3)
 

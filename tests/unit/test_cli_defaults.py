@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_evaluate_without_a_model_and_no_champion_says_so(project, cli):
     ]
 
 
-def test_evaluate_without_arguments_scores_the_champion_on_the_newest_dataset(project, cli):
+def test_evaluate_without_arguments_scores_the_champion_on_the_newest_dataset(project, cli, capsys):
     from fixtures_models import (
         build_eval_dataset,
         fresh_model,
@@ -124,13 +125,54 @@ def test_evaluate_without_arguments_scores_the_champion_on_the_newest_dataset(pr
         model, tags=lineage_tags(data_hash="h", trigger_reason="test"), model_card="# m"
     )
     registry.promote(version, reason="first", actor="test")
+    capsys.readouterr()  # the set-up's own output (MLflow's upload bar)
 
     code, out, err = cli("evaluate", "eval.bootstrap_samples=20")
     assert code == 0, err
+    # transformers was imported before the command here (its bar is off in a fresh process).
+    err = [line for line in err if not line.startswith("Loading weights")]
     assert err == [
         f"data: {new} (newest prepared dataset)",
         f"model: models:/flywheel-lm@champion (champion, version {version})",
     ]
     # Scored on the newest dataset's 5 documents, not the older one's 3.
     assert "models:/flywheel-lm@champion" in out
-    assert any(line.split()[-1] == "5" for line in out.splitlines() if "n_docs" in line), out
+    assert re.search(r"n_docs\W+5\.0\b", out), out
+
+
+# --------------------------------------------------------- monitor --json
+
+
+def test_the_monitor_document_carries_the_decision_and_its_numbers():
+    from flywheel.cli.pipeline import monitor_document
+
+    facts = {
+        "pipeline_run_id": "r1",
+        "retrain": True,
+        "version": "4",
+        "verdict": "PROMOTE",
+        "stage_seconds": {"drift-check": 1.5},
+    }
+    drift = {
+        "metrics": {"retrain": 1.0, "share_drifted": 0.75, "stage_seconds": 1.5},
+        "tags": {"decision": "drift: 3 of 4 descriptors", "window": "w.jsonl"},
+    }
+    doc = monitor_document(facts, drift, True, None, None)
+    assert doc == {
+        "pipeline_run_id": "r1",
+        "version": "4",
+        "verdict": "PROMOTE",
+        "state": "succeeded",
+        "failed_task": None,
+        "error": None,
+        "retrain": True,
+        "decision": "drift: 3 of 4 descriptors",
+        "window": "w.jsonl",
+        "drift": {"share_drifted": 0.75, "stage_seconds": 1.5},
+        "stage_seconds": {"drift-check": 1.5},
+    }
+    # A run that failed before the drift check recorded anything: no decision, no retrain.
+    failed = monitor_document({"pipeline_run_id": "r2"}, {}, False, "drift-check", "DataError: x")
+    assert failed["state"] == "failed" and failed["failed_task"] == "drift-check"
+    assert failed["retrain"] is False and failed["decision"] is None and failed["drift"] == {}
+    assert json.loads(json.dumps(failed)) == failed  # one plain JSON document
