@@ -1,4 +1,8 @@
-"""`flywheel train`: the training stage alone on a prepared dataset, with progress and a table."""
+"""`flywheel train`: the training stage alone on a prepared dataset, with progress and a table.
+
+It runs the pipeline's own train step (`flywheel.stages.train`): the same warm start from
+the champion, the same MLflow tags and ledger entry, under a `cli-...` run id.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from flywheel.cli.common import (
     ProfileOpt,
     check_input_dir,
     check_output,
+    cli_run_id,
     console,
     dataset_from,
     profile_from,
     table,
 )
+from flywheel.progress import Event, StageDone, TrainPlanned, TrainStep
 
 
 def train_cmd(
@@ -35,11 +41,15 @@ def train_cmd(
     ] = None,
     init_from: Annotated[
         Path | None,
-        typer.Option("--init-from", help="warm-start from this save_pretrained model directory"),
+        typer.Option(
+            "--init-from",
+            help="warm-start from this save_pretrained model directory "
+            "(default: the champion, when model.warm_start and one exists)",
+        ),
     ] = None,
 ) -> None:
     """Train (or continue training) a causal LM with DeepSpeed on Ray Train; print a summary."""
-    from flywheel.train import train
+    from flywheel import stages
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
     check_input_dir(data, "--data")
@@ -51,6 +61,7 @@ def train_cmd(
     logging.getLogger("ray").setLevel(logging.ERROR)
     # Not created here: training creates it at the end, after the inputs are checked.
     target = out or prof.state_root() / "models" / time.strftime("model-%Y%m%d-%H%M%S")
+    run_id = cli_run_id()
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -60,32 +71,28 @@ def train_cmd(
     ) as bar:
         task = bar.add_task("checking inputs", total=prof.train.max_steps)
 
-        def progress(event: str, info: dict) -> None:
-            if event == "plan":
-                bar.update(
-                    task,
-                    completed=info["resume_step"],
-                    description=(
-                        f"starting Ray + DeepSpeed ({info['workers']} workers, "
-                        f"global batch {info['global_batch']}, ZeRO-{info['zero_stage']})"
-                    ),
-                )
-            elif event == "step":
-                bar.update(
-                    task,
-                    completed=info["step"],
-                    description=f"loss {info['loss']:.3f}  {info['tokens_per_s']:,.0f} tok/s",
-                )
-            elif event == "done":
-                bar.update(task, description="done")
+        def progress(event: Event) -> None:
+            match event:
+                case TrainPlanned():
+                    bar.update(
+                        task,
+                        completed=event.resume_step,
+                        description=(
+                            f"starting Ray + DeepSpeed ({event.workers} workers, "
+                            f"global batch {event.global_batch}, ZeRO-{event.zero_stage})"
+                        ),
+                    )
+                case TrainStep():
+                    bar.update(
+                        task,
+                        completed=event.step,
+                        description=f"loss {event.loss:.3f}  {event.tokens_per_s:,.0f} tok/s",
+                    )
+                case StageDone():
+                    bar.update(task, description="done")
 
-        result = train(
-            prof,
-            data,
-            target,
-            init_from=str(init_from) if init_from else None,
-            tags={"trigger_reason": "cli"},
-            progress=progress,
+        result = stages.train(
+            prof, data, None, target, "cli", run_id, init_from=init_from, progress=progress
         )
     console.print(table("training", result.rows()))
 

@@ -21,6 +21,7 @@ from flywheel.cli.common import (
     profile_from,
     table,
 )
+from flywheel.progress import Event, StudyStarted, TrialEnded, TrialReported
 
 
 def tune_cmd(
@@ -63,24 +64,25 @@ def tune_cmd(
         task = bar.add_task("checking inputs", total=prof.tune.n_trials)
         best: list[float] = []
 
-        def progress(event: str, info: dict) -> None:
-            if event == "start":
-                bar.update(
-                    task,
-                    description=(
-                        f"study {info['study']} from trial {info['first_trial']} "
-                        f"({info['parallel']} at once, {info['pruner']})"
-                    ),
-                )
-            elif event == "result" and "loss" in info:
-                best.append(info["loss"])
-                bar.update(
-                    task,
-                    description=f"trial {info['trial']} step {info.get('step')}: "
-                    f"loss {info['loss']:.3f} (lowest seen {min(best):.3f})",
-                )
-            elif event == "trial":
-                bar.advance(task)
+        def progress(event: Event) -> None:
+            match event:
+                case StudyStarted():
+                    bar.update(
+                        task,
+                        description=(
+                            f"study {event.study} from trial {event.first_trial} "
+                            f"({event.parallel} at once, {event.pruner})"
+                        ),
+                    )
+                case TrialReported():
+                    best.append(event.val_loss)
+                    bar.update(
+                        task,
+                        description=f"trial {event.trial} step {event.step}: "
+                        f"loss {event.val_loss:.3f} (lowest seen {min(best):.3f})",
+                    )
+                case TrialEnded():
+                    bar.advance(task)
 
         result = tune(prof, data, target, tags={"trigger_reason": "cli"}, progress=progress)
     plots = result.write_html(target / "tuning.html")

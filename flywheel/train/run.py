@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,13 @@ from typing import Any
 from flywheel import artifacts, storage
 from flywheel.config import Profile
 from flywheel.errors import ConfigError, FlywheelError, StorageError
+from flywheel.progress import Progress, StageDone, TrainPlanned, TrainStarted, TrainStep, ignore
 from flywheel.train.loop import HF_DIR, STATE_FILE, train_loop_per_worker
 from flywheel.train.plan import TrainPlan, make_plan, train_resources
 from flywheel.train.report import TrainResult, loop_throughput, loss_curve_html
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, dict], None]
 LOSS_CURVE = "loss_curve.html"
 
 
@@ -196,7 +196,7 @@ def _progress_relay(progress: Progress | None) -> Iterator[Any]:
     def drain() -> None:
         while not stop.is_set():
             try:
-                progress("step", queue.get(timeout=0.5))
+                progress(TrainStep(**queue.get(timeout=0.5)))
             except Empty:
                 continue
             except Exception:  # the queue actor is gone at shutdown
@@ -210,7 +210,7 @@ def _progress_relay(progress: Progress | None) -> Iterator[Any]:
         stop.set()
         thread.join(timeout=2)
         for row in queue.get_nowait_batch(queue.qsize()):
-            progress("step", row)
+            progress(TrainStep(**row))
         queue.shutdown()
 
 
@@ -364,7 +364,7 @@ def train(
 
     init_from: a local save_pretrained directory to warm-start from (the pipeline passes the
     registry champion); otherwise `model.base`, otherwise a fresh model from `model.*`.
-    progress: called as progress(event, data) with events "plan", "start", "step", "done".
+    progress: called with TrainPlanned, TrainStarted, each TrainStep, then StageDone.
     fault: test hook, {"step": k, "rank": r, "marker": path}: worker r SIGKILLs itself
     before step k, once (the marker file remembers), to exercise recovery.
     run_key: names the Ray run (the pipeline passes its run id). A retried step of the same
@@ -375,7 +375,7 @@ def train(
     from flywheel.runtime import check_before_start, ray_session
 
     t0 = time.perf_counter()
-    emit = progress or (lambda _event, _data: None)
+    emit = progress or ignore
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     plan = make_plan(profile, dataset_dir, init_from)
     # What the workers will ask of Ray: a request Ray cannot place would wait forever (Ray
@@ -409,24 +409,23 @@ def train(
         log.info("continuing %s from its step-%d checkpoint", store.run_uri(run_name), stored)
     planned = time.time()
     emit(
-        "plan",
-        {
-            "workers": plan.world_size,
-            "global_batch": plan.global_batch,
-            "tokens_per_step": plan.tokens_per_step,
-            "max_steps": plan.max_steps,
-            "precision": plan.precision,
-            "zero_stage": profile.train.zero_stage,
-            "model": plan.model_source.kind,
-            "resume_step": resume_step,
-        },
+        TrainPlanned(
+            workers=plan.world_size,
+            global_batch=plan.global_batch,
+            tokens_per_step=plan.tokens_per_step,
+            max_steps=plan.max_steps,
+            precision=plan.precision,
+            zero_stage=profile.train.zero_stage,
+            model=plan.model_source.kind,
+            resume_step=resume_step,
+        )
     )
     # Ray first: a cluster short of `need` fails (or waits, bounded) before an MLflow run exists.
     with (
         ray_session(profile.ray, need),
         _mlflow_run(profile, plan, dict(tags or {})) as (uri, run_id),
     ):
-        emit("start", {"run_name": run_name, "mlflow_run_id": run_id})
+        emit(TrainStarted(run_name=run_name, mlflow_run_id=run_id))
         with _progress_relay(progress) as queue:
             config = loop_config(
                 profile,
@@ -504,5 +503,5 @@ def train(
                 Metric(f"summary.{k}", v, now_ms, res.steps) for k, v in res.metrics().items()
             ],
         )
-    emit("done", res.metrics())
+    emit(StageDone("train", res.metrics()))
     return res

@@ -22,20 +22,19 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from flywheel.config import Profile
 from flywheel.errors import FlywheelError
+from flywheel.progress import Event, Progress, StageDone, StudyStarted, TrialEnded
 from flywheel.tune.report import BEST_PARAMS_FILE, TrialRecord, TuneResult
 from flywheel.tune.space import asha_schedule, check_space, masked, plain, storage_url
 from flywheel.tune.trial import TrialPruned, _error_line, run_trial, validation_slice
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, dict], None]
 METRIC = "val_loss"
 
 
@@ -158,8 +157,8 @@ def tune(
     init_from: the model every trial starts from, as the training step will (the pipeline
     passes the registry champion when the profile warm-starts); otherwise `model.base`,
     otherwise a fresh model seeded with train.seed.
-    progress: called as progress(event, data), events "start", "result", "trial", "done"
-    (from the trials' threads, one at a time).
+    progress: called with StudyStarted, each trial's TrialReported and TrialEnded, then
+    StageDone (from the trials' threads, one at a time).
     """
     import optuna
     from mlflow import MlflowClient
@@ -173,10 +172,10 @@ def tune(
     t0 = time.perf_counter()
     emit_lock = threading.Lock()
 
-    def emit(event: str, data: dict) -> None:
+    def emit(event: Event) -> None:
         if progress is not None:
             with emit_lock:
-                progress(event, data)
+                progress(event)
 
     cfg = profile.tune
     dataset_dir, out_dir = Path(dataset_dir).absolute(), Path(out_dir)
@@ -258,27 +257,26 @@ def tune(
         try:
             out = run_trial(job, trial, emit)
         except TrialPruned:
-            emit("trial", {"trial": trial.number, "error": False})
+            emit(TrialEnded(trial=trial.number, error=False))
             raise
         except Exception:
-            emit("trial", {"trial": trial.number, "error": True})
+            emit(TrialEnded(trial=trial.number, error=True))
             raise
-        emit("trial", {"trial": trial.number, "error": False})
+        emit(TrialEnded(trial=trial.number, error=False))
         return out
 
     try:
         with ray_session(profile.ray, need):
             emit(
-                "start",
-                {
-                    "study": cfg.study_name,
-                    "first_trial": first_number,
-                    "n_trials": cfg.n_trials,
-                    "parallel": cfg.parallel,
-                    "pruner": cfg.pruner,
-                    "storage": masked(url),
-                    "mlflow_run_id": parent_id,
-                },
+                StudyStarted(
+                    study=cfg.study_name,
+                    first_trial=first_number,
+                    n_trials=cfg.n_trials,
+                    parallel=cfg.parallel,
+                    pruner=cfg.pruner,
+                    storage=masked(url),
+                    mlflow_run_id=parent_id,
+                )
             )
             ran = run_trials(study, space, cfg.n_trials, cfg.parallel, one_trial)
         errors: dict[int, str] = ran["errors"]
@@ -335,7 +333,7 @@ def tune(
         client.set_terminated(parent_id, "FAILED")
         raise
     client.set_terminated(parent_id, "FINISHED")
-    emit("done", result.metrics())
+    emit(StageDone("tune", result.metrics()))
     return result
 
 

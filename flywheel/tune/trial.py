@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import DataError
+from flywheel.progress import Progress, TrialReported
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def run_trial(job: dict[str, Any], trial: Any, emit) -> tuple[float, int]:
+def run_trial(job: dict[str, Any], trial: Any, emit: Progress) -> tuple[float, int]:
     """Train the Optuna `trial`'s parameters for tune.trial_steps steps.
 
     Returns (final validation loss, steps run); raises TrialPruned when the pruner stops it,
@@ -171,7 +172,7 @@ def run_trial(job: dict[str, Any], trial: Any, emit) -> tuple[float, int]:
                     trial.report(value, step)
                     prune = step < profile.train.max_steps and trial.should_prune()
                 state["pruned"] = prune
-                emit("result", {"trial": number, "step": step, "loss": value, "val_loss": value})
+                emit(TrialReported(trial=number, step=step, val_loss=value))
                 answers.put({"stop": prune})
 
         thread = threading.Thread(target=referee, daemon=True, name=f"flywheel-trial{number}")

@@ -15,6 +15,7 @@ import pytest
 from fixtures_data import build_dataset
 
 from flywheel.config import load_profile
+from flywheel.progress import Event, StageDone, TrainPlanned, TrainStarted, TrainStep
 
 pytestmark = pytest.mark.integration
 
@@ -53,13 +54,13 @@ def first_run(workdir, dataset):
     from flywheel.train import train
 
     profile = load_profile(None, TINY)
-    events: list[tuple[str, dict]] = []
+    events: list[Event] = []
     result = train(
         profile,
         dataset,
         workdir / "model",
         tags={"trigger_reason": "test"},
-        progress=lambda e, d: events.append((e, d)),
+        progress=events.append,
     )
     return profile, result, events
 
@@ -73,9 +74,10 @@ def test_two_workers_loss_goes_down(first_run, dataset):
     # which Ray hands out blocks, which varies between runs.
     assert r.final_loss < 5.75, r.final_loss
     assert r.restarts == 0 and r.tokens_per_s > 0 and r.wall_s > 0
-    steps = [d["step"] for e, d in events if e == "step"]
+    steps = [e.step for e in events if isinstance(e, TrainStep)]
     assert steps == list(range(1, 25)), "progress relays every step from rank 0"
-    assert [e for e, _ in events if e != "step"] == ["plan", "start", "done"]
+    others = [type(e) for e in events if not isinstance(e, TrainStep)]
+    assert others == [TrainPlanned, TrainStarted, StageDone]
 
 
 def test_model_dir_loads_and_is_the_trained_model(first_run, dataset):

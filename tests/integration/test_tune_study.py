@@ -18,6 +18,7 @@ from fixtures_data import build_dataset
 
 from flywheel.config import load_profile
 from flywheel.errors import FlywheelError
+from flywheel.progress import Event, StageDone, StudyStarted, TrialEnded
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +57,13 @@ def study(workdir, dataset):
     from flywheel.tune import tune
 
     profile = load_profile(None, [*TINY, SPACE, "tune.n_trials=3", "tune.study_name=s"])
-    events: list[tuple[str, dict]] = []
+    events: list[Event] = []
     result = tune(
         profile,
         dataset,
         workdir / "out",
         tags={"trigger_reason": "test"},
-        progress=lambda e, d: events.append((e, d)),
+        progress=events.append,
     )
     return profile, result, events
 
@@ -96,8 +97,8 @@ def test_study_completes_with_a_failed_trial_recorded_and_the_rest_run(study, wo
     assert r.best_params["micro_batch_size"] == 4 and 1e-3 <= r.best_params["lr"] <= 1e-2
     assert json.loads((workdir / "out" / "best_params.json").read_text()) == r.best_params
     assert r.storage == f"sqlite:///{workdir / '.flywheel' / 'optuna' / 'optuna.db'}"
-    kinds = [e for e, _ in events]
-    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("trial") == 3
+    kinds = [type(e) for e in events]
+    assert kinds[0] is StudyStarted and kinds[-1] is StageDone and kinds.count(TrialEnded) == 3
     # A stopped or finished trial gives its CPUs back (no placement group left behind).
     live = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
     assert not live, live
