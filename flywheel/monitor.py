@@ -1,9 +1,17 @@
 """The monitor's decision: retrain now, or not, and why.
 
 `decide_retrain` is pure and tested case by case. Its inputs are gathered by thin
-adapters: the drift result (flywheel.drift), the time of the last model event (the
-registry's alias history and version creation times), and whether a retrain is in
-flight (the run ledger: a run that started and has not written its summary).
+adapters: the drift result (flywheel.drift), the champion's bits per byte on the window
+against its own held-out data (flywheel.degradation), the time of the last model event
+(the registry's alias history and version creation times), and whether a retrain is in
+flight (the run ledger: a run that started and has not written its summary). `check`
+runs them in order for one window; the pipeline's drift-check step and the CLI call it.
+
+The policy (`drift.trigger`): a retrain is worth its cost only when it can help, that is
+when the champion is worse on what production sends it now. Distribution drift alone
+fires on text the champion already models well (a narrower slice of its own source), so
+the default asks for both: the data moved, and the champion's bits per byte on it is
+significantly higher than on its held-out data, by at least `drift.min_degradation`.
 """
 
 from __future__ import annotations
@@ -11,15 +19,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from flywheel import ledger
 from flywheel.config import Profile
-from flywheel.errors import DataError
+from flywheel.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from flywheel.degradation import PerformanceDrift
+    from flywheel.drift import DriftResult
 
 # A retrain that started this long ago without a summary is presumed dead (its pod was
 # evicted, the machine rebooted) and no longer blocks the monitor.
 STALE_RUN_S = 6 * 3600
+
+Trigger = Literal["distribution", "performance", "both"]
 
 
 @dataclass(frozen=True)
@@ -28,26 +42,161 @@ class RetrainDecision:
     reason: str
 
 
+def _performance_text(performance: PerformanceDrift | None, min_degradation: float) -> str:
+    if performance is None:
+        return "champion's bits per byte not measured"
+    return f"{performance.describe()}; drift.min_degradation {min_degradation:+.1%}"
+
+
 def decide_retrain(
     *,
+    trigger: Trigger,
     drifted: bool,
     drift_reason: str,
+    performance: PerformanceDrift | None,
+    min_degradation: float,
     now: float,
     last_event: float | None,
     cooldown_s: float,
     in_flight: list[str],
 ) -> RetrainDecision:
-    """Retrain only on drift, outside the cooldown, and with no retrain already running."""
-    if not drifted:
-        return RetrainDecision(False, f"no drift ({drift_reason})")
+    """Retrain when the policy's trigger fires, outside the cooldown, and with no retrain
+    already running. The reason names the numbers behind each part of the verdict."""
+    degraded = performance is not None and performance.degraded(min_degradation)
+    perf = _performance_text(performance, min_degradation)
+    if trigger == "distribution":
+        fired, why = drifted, f"{drift_reason}; {perf}"
+    elif trigger == "performance":
+        fired = degraded
+        verdict = "champion worse on the window" if degraded else "champion not worse"
+        why = f"{verdict}: {perf}; {drift_reason}"
+    elif not drifted:
+        fired, why = False, f"{drift_reason}; {perf}"
+    elif degraded:
+        fired, why = True, f"{drift_reason} and the champion is worse on it: {perf}"
+    else:
+        fired = False
+        why = f"{drift_reason}, but the champion is not significantly worse on it: {perf}"
+    if not fired:
+        return RetrainDecision(False, why)
     if in_flight:
-        return RetrainDecision(
-            False, f"{drift_reason}; retrain already in flight: {', '.join(in_flight)}"
-        )
+        return RetrainDecision(False, f"{why}; retrain already in flight: {', '.join(in_flight)}")
     if last_event is not None and now - last_event < cooldown_s:
         left = (cooldown_s - (now - last_event)) / 3600
-        return RetrainDecision(False, f"{drift_reason}; inside cooldown ({left:.1f} h left)")
-    return RetrainDecision(True, drift_reason)
+        return RetrainDecision(False, f"{why}; inside cooldown ({left:.1f} h left)")
+    return RetrainDecision(True, why)
+
+
+@dataclass(frozen=True)
+class MonitorCheck:
+    """One window checked: distribution drift, the champion's degradation, the decision."""
+
+    window: str
+    drift: DriftResult
+    performance: PerformanceDrift | None
+    decision: RetrainDecision
+
+    @property
+    def report_html(self) -> Path | None:
+        return self.drift.report_html
+
+    def metrics(self) -> dict[str, float]:
+        perf = self.performance.metrics() if self.performance else {}
+        return {**self.drift.metrics(), **perf, "retrain": float(self.decision.retrain)}
+
+
+def check(profile: Profile, window: str, out_dir: Path, run_id: str) -> MonitorCheck:
+    """Check one production window against the champion and decide whether to retrain.
+
+    Bad input (empty window, too few rows) raises a DataError before the champion is
+    looked up: a bad window is the user's to fix and must not hide behind the registry's
+    state ("no champion").
+    """
+    from flywheel import degradation
+    from flywheel.drift import check_drift, load_window
+
+    window = window or profile.drift.window or ""
+    if not window:
+        raise ConfigError("no production window: pass --window or set drift.window in the profile")
+    out_dir = Path(out_dir)
+    current = load_window(window, profile.drift, profile.storage.endpoint_url, now=now())
+    champ = champion_reference(profile, out_dir / "reference")
+    result = check_drift(profile, current, champ.reference, champ.model_dir, out_dir)
+    perf = degradation.measure(
+        profile,
+        champ.model_dir,
+        current["text"].tolist(),
+        _texts(champ.heldout or champ.reference),
+        "held-out" if champ.heldout else "training sample",
+    )
+    t = now()
+    decision = decide_retrain(
+        trigger=profile.drift.trigger,
+        drifted=result.drifted,
+        drift_reason=result.reason,
+        performance=perf,
+        min_degradation=profile.drift.min_degradation,
+        now=t,
+        last_event=last_model_event(profile),
+        cooldown_s=profile.drift.cooldown_hours * 3600,
+        in_flight=retrains_in_flight(profile, exclude_run=run_id, now=t),
+    )
+    out = MonitorCheck(str(window), result, perf, decision)
+    if result.report_html is not None:
+        add_to_report(result.report_html, out)
+    return out
+
+
+def _texts(parquet: Path) -> list[str]:
+    import pandas as pd
+
+    from flywheel.drift import REFERENCE_TEXT_COLUMN
+
+    col = pd.read_parquet(parquet, columns=[REFERENCE_TEXT_COLUMN])[REFERENCE_TEXT_COLUMN]
+    return [t for t in col.dropna().astype(str) if t.strip()]
+
+
+def add_to_report(html: Path, result: MonitorCheck) -> None:
+    """Put the champion's degradation and the decision at the top of Evidently's report,
+    so the one HTML artifact shows both halves of the verdict."""
+    import html as h
+
+    rows: list[tuple[str, str]] = [("decision", result.decision.reason)]
+    perf = result.performance
+    if perf is not None:
+        pct = round(100 * perf.confidence)
+        rows += [
+            ("champion bits/byte on the window", f"{perf.window_bpb:.4f} ({perf.n_window} docs)"),
+            (
+                f"champion bits/byte on its {perf.reference} sample",
+                f"{perf.reference_bpb:.4f} ({perf.n_reference} docs)",
+            ),
+            (
+                f"relative difference ({pct}% bootstrap interval)",
+                f"{perf.rel:+.2%} ({perf.low:+.2%} .. {perf.high:+.2%})",
+            ),
+        ]
+    w = result.drift.window
+    rows.append(
+        (
+            "window",
+            f"{w.source}: {w.records} records, {w.recent} in range, {w.rows} measured "
+            f"(seed {w.seed})",
+        )
+    )
+    cells = "".join(
+        f"<tr><th style='text-align:left;padding-right:1em'>{h.escape(k)}</th>"
+        f"<td>{h.escape(v)}</td></tr>"
+        for k, v in rows
+    )
+    block = (
+        "<section id='flywheel-monitor' style='font-family:sans-serif;margin:1em'>"
+        f"<h2>Retrain decision</h2><table>{cells}</table></section>"
+    )
+    text = html.read_text(encoding="utf-8")
+    at = text.find("<body")
+    at = text.find(">", at) + 1 if at >= 0 else 0
+    html.write_text(text[:at] + block + text[at:], encoding="utf-8")
 
 
 # ------------------------------------------------------------------ thin adapters
@@ -92,13 +241,24 @@ def retrains_in_flight(profile: Profile, exclude_run: str, now: float) -> list[s
 
 
 REFERENCE_ARTIFACT = "data/reference.parquet"
+# The held-out sample the champion's bits per byte is compared with, logged next to the
+# reference by `flywheel.stages.train` (a Dataset's text/test.parquet).
+HELDOUT_ARTIFACT = "data/test.parquet"
 
 
-def champion_reference(profile: Profile, dest: Path) -> tuple[Path, Path]:
-    """The champion's drift reference (a sample of its training documents) and its tokenizer.
+@dataclass(frozen=True)
+class ChampionRefs:
+    reference: Path  # a sample of its training documents (distribution drift)
+    heldout: Path | None  # its held-out documents (performance drift); None: an older champion
+    model_dir: Path  # the model, with its tokenizer
+
+
+def champion_reference(profile: Profile, dest: Path) -> ChampionRefs:
+    """The champion's drift reference (a sample of its training documents), its held-out
+    sample and its model.
 
     Found through lineage: the champion version's `training_run_id` tag names the MLflow
-    run that logged the sample (see `flywheel.stages.train`), so it works wherever the
+    run that logged the samples (see `flywheel.stages.train`), so it works wherever the
     registry does, without access to the old run's pipeline artifacts.
     """
     import mlflow
@@ -123,7 +283,13 @@ def champion_reference(profile: Profile, dest: Path) -> tuple[Path, Path]:
     # resolves `runs:/` against the process-default store.
     client = mlflow.MlflowClient(tracking_uri(profile))
     ref = client.download_artifacts(run_id, REFERENCE_ARTIFACT, str(dest))
-    return Path(ref), registry.download("champion")
+    logged = {f.path for f in client.list_artifacts(run_id, "data")}
+    heldout = (
+        Path(client.download_artifacts(run_id, HELDOUT_ARTIFACT, str(dest)))
+        if HELDOUT_ARTIFACT in logged
+        else None
+    )
+    return ChampionRefs(Path(ref), heldout, registry.download("champion"))
 
 
 def now() -> float:

@@ -233,12 +233,14 @@ def _log_reference_sample(profile: Profile, training_run_id: str, dataset_dir: P
     """Keep the drift reference with the training run, where the monitor finds it by lineage."""
     import mlflow
 
-    from flywheel.artifacts import REFERENCE_TEXT
+    from flywheel.artifacts import REFERENCE_TEXT, TEST_TEXT
     from flywheel.tracking import tracking_uri
 
-    ref = dataset_dir / REFERENCE_TEXT
-    if ref.is_file():
-        mlflow.MlflowClient(tracking_uri(profile)).log_artifact(training_run_id, str(ref), "data")
+    client = mlflow.MlflowClient(tracking_uri(profile))
+    # The held-out split too: the monitor scores the champion on it (performance drift).
+    for sample in (dataset_dir / REFERENCE_TEXT, dataset_dir / TEST_TEXT):
+        if sample.is_file():
+            client.log_artifact(training_run_id, str(sample), "data")
 
 
 def evaluate(
@@ -405,49 +407,20 @@ def summarize(
 
 
 def drift_check(profile: dict[str, Any], window: str, out_dir: Path, run_id: str):
-    """Compare the production window with the champion's reference; decide whether to retrain.
+    """The monitor's check of one window (flywheel.monitor.check), recorded in the ledger.
 
-    Returns (drift_result, decision). Bad input (empty window, too few rows) raises a
-    DataError, checked before the champion is looked up: the monitor run fails loudly, with
-    the window's own reason, and no retrain starts.
+    Returns a MonitorCheck (drift, the champion's degradation, the decision). Bad input
+    raises a DataError before the champion is looked up, and nothing is recorded.
     """
     from flywheel import monitor
-    from flywheel.drift import check_drift, load_window
 
     p = load(profile)
-    window = window or p.drift.window or ""
-    if not window:
-        from flywheel.errors import ConfigError
-
-        raise ConfigError("no production window: pass --window or set drift.window in the profile")
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    # The window first: a bad window is the user's to fix and must not hide behind the
-    # registry's state ("no champion").
-    current = load_window(window, p.drift, p.storage.endpoint_url)
-    reference, tokenizer_dir = monitor.champion_reference(p, out_dir / "reference")
-    result = check_drift(p, current, reference, tokenizer_dir=tokenizer_dir, out_dir=out_dir)
-    now = monitor.now()
-    decision = monitor.decide_retrain(
-        drifted=result.drifted,
-        drift_reason=result.reason,
-        now=now,
-        last_event=monitor.last_model_event(p),
-        cooldown_s=p.drift.cooldown_hours * 3600,
-        in_flight=monitor.retrains_in_flight(p, exclude_run=run_id, now=now),
-    )
-    ledger.record(
-        p,
-        run_id,
-        "drift-check",
-        {
-            **result.metrics(),
-            "retrain": float(decision.retrain),
-            "stage_seconds": time.perf_counter() - t0,
-        },
-        {"decision": decision.reason, "window": window},
-    )
-    return result, decision
+    result = monitor.check(p, window, Path(out_dir), run_id)
+    metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}
+    tags = {"decision": result.decision.reason, "window": result.window}
+    ledger.record(p, run_id, "drift-check", metrics, tags)
+    return result
 
 
 def record_no_retrain(profile: dict[str, Any], run_id: str) -> str:

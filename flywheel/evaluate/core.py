@@ -278,6 +278,10 @@ def _load(model_dir: Path, device: str) -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
+# Public name: the monitor's performance check (flywheel.degradation) scores with it too.
+load_model = _load
+
+
 def evaluate(profile: Profile, model: str | Path, dataset_dir: Path) -> EvalReport:
     """Score `model` (a directory or a models:/ URI) on the held-out documents of `dataset_dir`."""
     import torch

@@ -31,7 +31,7 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def test_window_from_a_directory_of_jsonl_and_parquet_keeps_the_latest(tmp_path):
+def _stamped_dir(tmp_path: Path) -> Path:
     d = tmp_path / "w"
     d.mkdir()
     _jsonl(
@@ -45,15 +45,69 @@ def test_window_from_a_directory_of_jsonl_and_parquet_keeps_the_latest(tmp_path)
         }
     ).to_parquet(d / "b.parquet")
     (d / "notes.txt").write_text("ignored")
-    frame = load_window(d, DriftConfig(min_rows=5, max_rows=6))
-    assert len(frame) == 6
-    assert frame["text"].tolist() == ["old 4"] + [f"new {i}" for i in range(5)]
+    return d
+
+
+# 2024-02-05T12:00Z: half a day after the newest record of _stamped_dir.
+NOW = pd.Timestamp("2024-02-05T12:00:00Z").timestamp()
+
+
+def test_window_from_a_directory_of_jsonl_and_parquet_in_time_order(tmp_path):
+    frame = load_window(_stamped_dir(tmp_path), DriftConfig(min_rows=5, max_rows=100))
+    assert frame["text"].tolist() == [f"old {i}" for i in range(5)] + [f"new {i}" for i in range(5)]
+    assert frame["location"].tolist()[:2] == [f"{tmp_path}/w/a.jsonl:1", f"{tmp_path}/w/a.jsonl:2"]
+    assert frame.attrs["window"] == {
+        "source": str(tmp_path / "w"),
+        "records": 10,
+        "recent": 10,
+        "rows": 10,
+        "seed": 0,
+        "window_hours": None,
+    }
+
+
+def test_more_than_max_rows_is_a_seeded_uniform_sample_in_time_order(tmp_path):
+    d = _stamped_dir(tmp_path)
+    cfg = DriftConfig(min_rows=5, max_rows=6)
+    frame = load_window(d, cfg)
+    texts = frame["text"].tolist()
+    assert len(texts) == 6 and frame.attrs["window"]["rows"] == 6
+    assert frame.attrs["window"]["records"] == 10
+    # not just the latest 6: a uniform sample reaches into the older file too
+    assert any(t.startswith("old") for t in texts)
+    assert list(frame["timestamp"]) == sorted(frame["timestamp"])
+    assert load_window(d, cfg)["text"].tolist() == texts  # the same seed, the same sample
+    other = load_window(d, DriftConfig(min_rows=5, max_rows=6, seed=1))["text"].tolist()
+    assert other != texts
+
+
+def test_window_hours_keeps_only_recent_records(tmp_path):
+    d = _stamped_dir(tmp_path)
+    # 48 h before NOW reaches back to 2024-02-03T12:00: new 3, new 4
+    cfg = DriftConfig(min_rows=2, window_hours=48)
+    frame = load_window(d, cfg, now=NOW)
+    assert frame["text"].tolist() == ["new 3", "new 4"]
+    assert frame.attrs["window"]["recent"] == 2 and frame.attrs["window"]["records"] == 10
+    with pytest.raises(DataError, match=r"2 records in the last 48 h, fewer than drift.min_rows=5"):
+        load_window(d, DriftConfig(min_rows=5, window_hours=48), now=NOW)
+    with pytest.raises(
+        DataError, match=r"no record in the last 1 h .*latest timestamp: 2024-02-05T00:00:00"
+    ):
+        load_window(d, DriftConfig(min_rows=1, window_hours=1), now=NOW)
+
+
+def test_window_hours_needs_a_timestamp_field(tmp_path):
+    path = _jsonl(tmp_path / "w.jsonl", [{"text": f"doc {i}"} for i in range(8)])
+    with pytest.raises(DataError, match=r"window_hours=6 needs a timestamp.*'timestamp'"):
+        load_window(path, DriftConfig(min_rows=5, window_hours=6))
 
 
 def test_custom_text_field_and_no_timestamp(tmp_path):
     path = _jsonl(tmp_path / "w.jsonl", [{"body": f"doc {i}"} for i in range(8)])
     frame = load_window(path, DriftConfig(text_field="body", min_rows=5, max_rows=3))
-    assert frame["text"].tolist() == ["doc 5", "doc 6", "doc 7"]  # the last ones, in file order
+    assert len(frame) == 3
+    texts = frame["text"].tolist()
+    assert texts == sorted(texts, key=lambda t: int(t.split()[1]))  # file order kept
 
 
 @pytest.mark.parametrize(
