@@ -24,7 +24,7 @@ def gate(
     from flywheel.kfp.metrics import log_metrics
     from flywheel.stages import gate as run
 
-    result, version, decision_md, card = run(
+    result = run(
         profile,
         challenger.path,
         champion.path,
@@ -34,7 +34,7 @@ def gate(
         trigger_reason,
         run_id,
     )
-    Path(decision.path).write_text(decision_md)
-    Path(model_card.path).write_text(card)
-    log_metrics(metrics, {"promote": float(result.promote), **result.deltas})
-    return version if result.promote else ""
+    Path(decision.path).write_text(result.decision_markdown)
+    Path(model_card.path).write_text(result.model_card)
+    log_metrics(metrics, {"promote": float(result.decision.promote), **result.decision.deltas})
+    return result.version if result.decision.promote else ""

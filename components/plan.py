@@ -6,7 +6,7 @@ def plan(profile: dict, run_id: str) -> bool:
     """
     from flywheel.stages import plan as run
 
-    return run(profile, run_id)["tune_enabled"]
+    return run(profile, run_id).tune_enabled
 
 
 def skip_tune() -> dict:

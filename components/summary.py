@@ -10,6 +10,6 @@ def summary(
 
     from flywheel.stages import summarize
 
-    markdown, _ = summarize(profile, run_id, status.state, status.error_message or "")
-    Path(report.path).write_text(markdown)
-    print(markdown)
+    result = summarize(profile, run_id, status.state, status.error_message or "")
+    Path(report.path).write_text(result.markdown)
+    print(result.markdown)

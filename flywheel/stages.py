@@ -15,15 +15,48 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from flywheel import ledger
 from flywheel.config import Profile, validate_profile
 
+if TYPE_CHECKING:
+    from flywheel.data.stats import DataStats
+    from flywheel.evaluate import EvalReport
+    from flywheel.gate import Decision
+    from flywheel.registry import HistoryEntry
+    from flywheel.train.report import TrainResult
+    from flywheel.tune.report import TuneResult
+
 log = logging.getLogger(__name__)
 
 PROFILE_PARAM = "pipeline parameter 'profile'"
+
+
+# The results of the runners that return more than one library object; the others return
+# the library's own result (DataStats, TuneResult, TrainResult, EvalReport, HistoryEntry).
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    tune_enabled: bool
+    model_name: str
+
+
+@dataclass(frozen=True)
+class GateResult:
+    decision: Decision
+    version: str  # the registered candidate
+    decision_markdown: str
+    model_card: str
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    markdown: str
+    facts: dict[str, Any]
 
 
 def load(profile: dict[str, Any] | Profile) -> Profile:
@@ -124,7 +157,7 @@ def with_champion_tokenizer(profile: Profile) -> Profile:
     return validate_profile(data, f"{PROFILE_PARAM} with the champion's tokenizer")
 
 
-def plan(profile: dict[str, Any], run_id: str) -> dict[str, Any]:
+def plan(profile: dict[str, Any], run_id: str) -> PlanResult:
     """Validate the profile once, before any work, and say what this run will do.
 
     Its ledger entry marks the run as started: the monitor counts a run with a `plan`
@@ -137,13 +170,15 @@ def plan(profile: dict[str, Any], run_id: str) -> dict[str, Any]:
     with ledger.stage(p, run_id, "plan", timed=False) as entry:
         preflight.check(p)
         entry.tags["tune_enabled"] = p.tune.enabled
-    return {"tune_enabled": p.tune.enabled, "model_name": p.registry.model_name}
+    return PlanResult(tune_enabled=p.tune.enabled, model_name=p.registry.model_name)
 
 
 # ----------------------------------------------------------------------------- stages
 
 
-def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: str):
+def prepare(
+    profile: dict[str, Any], data_location: str, out_dir: str | Path, run_id: str
+) -> DataStats:
     from flywheel.data import prepare as prepare_data
 
     p = with_champion_tokenizer(with_data_location(load(profile), data_location))
@@ -156,7 +191,9 @@ def prepare(profile: dict[str, Any], data_location: str, out_dir: Path, run_id: 
     return stats
 
 
-def tune(profile: dict[str, Any], dataset_dir: Path, out_dir: Path, run_id: str):
+def tune(
+    profile: dict[str, Any], dataset_dir: str | Path, out_dir: str | Path, run_id: str
+) -> TuneResult:
     from flywheel.artifacts import DatasetManifest
     from flywheel.tune import tune as run_study
 
@@ -196,12 +233,12 @@ def champion_model_dir(profile: Profile) -> Path | None:
 
 def train(
     profile: dict[str, Any],
-    dataset_dir: Path,
+    dataset_dir: str | Path,
     params: dict[str, Any] | None,
-    out_dir: Path,
+    out_dir: str | Path,
     trigger_reason: str,
     run_id: str,
-):
+) -> TrainResult:
     from flywheel.artifacts import DatasetManifest
     from flywheel.train import train as train_model
 
@@ -243,13 +280,30 @@ def _log_reference_sample(profile: Profile, training_run_id: str, dataset_dir: P
             client.log_artifact(training_run_id, str(sample), "data")
 
 
+# Typed per call: a model evaluated always has a report; the champion may be absent.
+@overload
+def evaluate(
+    profile: dict[str, Any],
+    model: str | Path,
+    dataset_dir: str | Path,
+    out_json: str | Path,
+    run_id: str,
+) -> EvalReport: ...
+@overload
+def evaluate(
+    profile: dict[str, Any],
+    model: None,
+    dataset_dir: str | Path,
+    out_json: str | Path,
+    run_id: str,
+) -> EvalReport | None: ...
 def evaluate(
     profile: dict[str, Any],
     model: str | Path | None,
-    dataset_dir: Path,
-    out_json: Path,
+    dataset_dir: str | Path,
+    out_json: str | Path,
     run_id: str,
-):
+) -> EvalReport | None:
     """Evaluate a model dir, or the registry champion when `model` is None.
 
     Writes the report as JSON (or `{"absent": true}` when there is no champion) and returns
@@ -274,7 +328,7 @@ def evaluate(
     return report
 
 
-def read_report(path: Path):
+def read_report(path: str | Path) -> EvalReport | None:
     from flywheel.evaluate import EvalReport
 
     data = json.loads(Path(path).read_text())
@@ -283,18 +337,15 @@ def read_report(path: Path):
 
 def gate(
     profile: dict[str, Any],
-    challenger_json: Path,
-    champion_json: Path,
-    model_dir: Path,
-    dataset_dir: Path,
+    challenger_json: str | Path,
+    champion_json: str | Path,
+    model_dir: str | Path,
+    dataset_dir: str | Path,
     train_run_id: str,
     trigger_reason: str,
     run_id: str,
-):
-    """Decide (pure), then register the candidate with its lineage and verdict.
-
-    Returns (decision, version, decision_markdown, model_card_markdown).
-    """
+) -> GateResult:
+    """Decide (pure), then register the candidate with its lineage and verdict."""
     from flywheel.artifacts import DatasetManifest
     from flywheel.gate import decide_promotion
     from flywheel.registry import Registry, lineage_tags, model_card
@@ -334,10 +385,10 @@ def gate(
         entry.tags.update(
             {"verdict": decision.verdict, "promote": decision.promote, "version": version}
         )
-    return decision, version, decision_md, card
+    return GateResult(decision, version, decision_md, card)
 
 
-def promote(profile: dict[str, Any], version: str, reason: str, run_id: str):
+def promote(profile: dict[str, Any], version: str, reason: str, run_id: str) -> HistoryEntry | None:
     from flywheel.registry import Registry
 
     p = load(profile)
@@ -384,9 +435,7 @@ def run_facts(profile: Profile, run_id: str) -> dict[str, Any]:
     return facts
 
 
-def summarize(
-    profile: dict[str, Any], run_id: str, state: str, error: str
-) -> tuple[str, dict[str, Any]]:
+def summarize(profile: dict[str, Any], run_id: str, state: str, error: str) -> RunSummary:
     """The exit handler's summary (Markdown + the facts), also recorded in the ledger."""
     p = load(profile)
     facts = {**run_facts(p, run_id), "state": state}
@@ -400,7 +449,7 @@ def summarize(
     ]
     with ledger.stage(p, run_id, "summary", timed=False) as entry:
         entry.tags["state"] = state
-    return "\n".join(lines) + "\n", facts
+    return RunSummary("\n".join(lines) + "\n", facts)
 
 
 # ---------------------------------------------------------------------------- monitor
