@@ -6,8 +6,8 @@ version on Kubeflow changes only when the pipeline does (see `stable_header`).
 
 from __future__ import annotations
 
-import importlib
 import re
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +16,33 @@ import yaml
 from flywheel.config import Profile
 from flywheel.errors import FlywheelError
 
-# name -> module in pipelines/ exposing build(profile) -> pipeline function
-PIPELINES = {"retrain": "pipelines.retrain", "monitor": "pipelines.monitor"}
+# The pipelines register their `build(profile) -> pipeline function` under this entry-point
+# group (pyproject.toml, [project.entry-points]): pipelines/ depends on the library, and the
+# library finds them through the installed package's metadata, never by importing upward.
+ENTRY_POINT_GROUP = "flywheel.pipelines"
+
+
+def _builders() -> dict[str, EntryPoint]:
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if not found:
+        # The metadata comes from the install: an old install, or a stale flywheel.egg-info
+        # in the working directory (it wins on sys.path), lists none.
+        raise FlywheelError(
+            f"no pipelines registered under the entry-point group '{ENTRY_POINT_GROUP}': "
+            "reinstall flywheel (make setup), or remove a stale flywheel.egg-info here"
+        )
+    return found
 
 
 def available() -> list[str]:
-    return [name for name, mod in PIPELINES.items() if importlib.util.find_spec(mod) is not None]
+    return sorted(_builders())
 
 
 def build_pipeline(name: str, profile: Profile):
-    if name not in PIPELINES:
+    builders = _builders()
+    if name not in builders:
         raise FlywheelError(f"unknown pipeline '{name}' (choose from {', '.join(available())})")
-    return importlib.import_module(PIPELINES[name]).build(profile)
+    return builders[name].load()(profile)
 
 
 def compile_pipeline(name: str, profile: Profile, out_dir: Path) -> Path:
