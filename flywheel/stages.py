@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from flywheel.data.stats import DataStats
     from flywheel.evaluate import EvalReport
     from flywheel.gate import Decision
+    from flywheel.progress import Progress
     from flywheel.registry import HistoryEntry
     from flywheel.train.report import TrainResult
     from flywheel.tune.report import TuneResult
@@ -177,14 +178,23 @@ def plan(profile: dict[str, Any], run_id: str) -> PlanResult:
 
 
 def prepare(
-    profile: dict[str, Any], data_location: str, out_dir: str | Path, run_id: str
+    profile: dict[str, Any] | Profile,
+    data_location: str,
+    out_dir: str | Path,
+    run_id: str,
+    *,
+    progress: Callable[[str, dict], None] | None = None,
+    store: bool = False,
+    label: str | None = None,
 ) -> DataStats:
+    """The data step; `flywheel data prepare` calls it too, with its progress display,
+    `store` (out_dir holds datasets by content hash) and `label` (its flag, for errors)."""
     from flywheel.data import prepare as prepare_data
 
     p = with_champion_tokenizer(with_data_location(load(profile), data_location))
     with ledger.stage(p, run_id, "prepare-data") as entry:
         with staged_source(p) as local:
-            stats = prepare_data(local, Path(out_dir))
+            stats = prepare_data(local, Path(out_dir), progress, store=store, label=label)
         record_source(Path(stats.out_dir or out_dir), p.data.source.path)
         entry.metrics.update(stats.metrics())
         entry.tags["content_hash"] = stats.content_hash
@@ -192,8 +202,14 @@ def prepare(
 
 
 def tune(
-    profile: dict[str, Any], dataset_dir: str | Path, out_dir: str | Path, run_id: str
+    profile: dict[str, Any] | Profile,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    run_id: str,
+    *,
+    progress: Progress | None = None,
 ) -> TuneResult:
+    """The tune step; `flywheel tune` calls it too, with its progress bar."""
     from flywheel.artifacts import DatasetManifest
     from flywheel.tune import tune as run_study
 
@@ -213,6 +229,7 @@ def tune(
             Path(out_dir),
             init_from=str(init_from) if init_from else None,
             tags={ledger.RUN_TAG: run_id},
+            progress=progress,
         )
         entry.metrics.update(result.metrics())
         entry.tags["best_params"] = json.dumps(result.best_params)
@@ -232,19 +249,25 @@ def champion_model_dir(profile: Profile) -> Path | None:
 
 
 def train(
-    profile: dict[str, Any],
+    profile: dict[str, Any] | Profile,
     dataset_dir: str | Path,
     params: dict[str, Any] | None,
     out_dir: str | Path,
     trigger_reason: str,
     run_id: str,
+    *,
+    init_from: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> TrainResult:
+    """The train step; `flywheel train` calls it too, with its progress bar and, from
+    --init-from, a model to start from instead of the champion."""
     from flywheel.artifacts import DatasetManifest
     from flywheel.train import train as train_model
 
     p = with_params(load(profile), params)
     with ledger.stage(p, run_id, "train") as entry:
-        init_from = champion_model_dir(p)
+        if init_from is None:
+            init_from = champion_model_dir(p)
         tags = {
             ledger.RUN_TAG: run_id,
             "flywheel.trigger_reason": trigger_reason,
@@ -257,6 +280,7 @@ def train(
             Path(out_dir),
             init_from=str(init_from) if init_from else None,
             tags=tags,
+            progress=progress,
             run_key=run_id,  # a retried train step continues from its checkpoints
         )
         if result.mlflow_run_id:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -63,6 +65,14 @@ def quiet_libraries(verbose: bool, handler: logging.Handler) -> None:
 
 def profile_from(profile: Path | None, overrides: list[str] | None) -> Profile:
     return load_profile(profile, overrides or [])
+
+
+def cli_run_id() -> str:
+    """The run id a stage command records under, as a pipeline step records under its
+    pipeline run's: the ledger entries and the Ray run are named by it. `cli-` tells them
+    from a pipeline's in MLflow; the random tail keeps two commands started in the same
+    second apart (a shared id would resume the other's training checkpoints)."""
+    return f"cli-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def table(title: str, rows: list[tuple[str, object]] | dict[str, object]) -> Table:

@@ -1,4 +1,9 @@
-"""`flywheel data prepare`: the data stage alone, with a progress display and the counts."""
+"""`flywheel data prepare`: the data stage alone, with a progress display and the counts.
+
+It runs the pipeline's own prepare step (`flywheel.stages.prepare`): an s3:// or gs://
+source staged in, the champion's tokenizer when a warm-started run will train on it, the
+same ledger entry, under a `cli-...` run id.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from flywheel.cli.common import (
     OverridesArg,
     ProfileOpt,
     check_output,
+    cli_run_id,
     console,
     profile_from,
     table,
@@ -63,9 +69,9 @@ def prepare_cmd(
     ] = None,
 ) -> None:
     """Prepare a dataset: read, clean, dedup, split, tokenize, pack; print the counts."""
-    from flywheel.data import prepare
+    from flywheel import stages
     from flywheel.data.stage import check_output as check_dataset_output
-    from flywheel.stages import record_source, staged_source
+    from flywheel.defaults import DATASETS
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
     check_output(out, "--out")  # one line naming the flag, before Ray starts
@@ -74,7 +80,7 @@ def prepare_cmd(
     _quiet_ray_data()
     # Without --out the dataset lands in the store under its content hash; either way the
     # stage builds it in a working directory beside the target and removes that on failure.
-    target = out if out is not None else prof.state_path("datasets")
+    target = out if out is not None else prof.state_path(DATASETS)
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -92,10 +98,9 @@ def prepare_cmd(
                 summary = _summary(info)
                 bar.update(tasks[step], completed=1, description=f"{label} [dim]{summary}[/dim]")
 
-        # An s3:// or gs:// source is read from a temporary local copy (see staged_source).
-        with staged_source(prof) as local:
-            stats = prepare(local, target, progress=progress, store=out is None, label="--out")
-    record_source(Path(stats.out_dir), prof.data.source.path)
+        stats = stages.prepare(
+            prof, "", target, cli_run_id(), progress=progress, store=out is None, label="--out"
+        )
     console.print(table(f"dataset {stats.content_hash[:12]}", stats.rows()))
     console.print(f"wrote [bold]{stats.out_dir}[/bold]")
 

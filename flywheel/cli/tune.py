@@ -1,4 +1,9 @@
-"""`flywheel tune`: the tuning stage alone on a prepared dataset, with progress and a table."""
+"""`flywheel tune`: the tuning stage alone on a prepared dataset, with progress and a table.
+
+It runs the pipeline's own tune step (`flywheel.stages.tune`): one study per dataset, trials
+starting where training will (the champion when the profile warm-starts), the same ledger
+entry, under a `cli-...` run id.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from flywheel.cli.common import (
     ProfileOpt,
     check_input_dir,
     check_output,
+    cli_run_id,
     console,
     dataset_from,
     profile_from,
@@ -39,10 +45,11 @@ def tune_cmd(
 ) -> None:
     """Run tune.n_trials more trials of the profile's Optuna study; print the best parameters.
 
-    Rerunning with the same tune.study_name continues the study (its trial numbers go on).
-    Example: flywheel tune --data .flywheel/data/ds tune.n_trials=8 tune.pruner=none
+    The study is tune.study_name plus the dataset's content hash, as in the pipeline: rerunning
+    on the same dataset continues it (its trial numbers go on), new data starts a new one.
+    Example: flywheel tune --data .flywheel/datasets/<hash> tune.n_trials=8 tune.pruner=none
     """
-    from flywheel.tune import tune
+    from flywheel import stages
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work
     check_input_dir(data, "--data")
@@ -84,7 +91,7 @@ def tune_cmd(
                 case TrialEnded():
                     bar.advance(task)
 
-        result = tune(prof, data, target, tags={"trigger_reason": "cli"}, progress=progress)
+        result = stages.tune(prof, data, target, cli_run_id(), progress=progress)
     plots = result.write_html(target / "tuning.html")
     console.print(table("tuning", [*result.rows(), ("plots", str(plots))]))
 
