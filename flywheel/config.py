@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from flywheel.errors import ConfigError
+from flywheel.ray_address import parse_address
 
 # Profiles and DeepSpeed configs ship inside the package (package data), so an image that
 # installed the wheel finds them exactly as a checkout does; nothing resolves against the
@@ -103,8 +104,6 @@ class RayConfig(_Strict):
         if self.mode == "address" and not self.address:
             raise ValueError("ray.mode is 'address' but ray.address is not set")
         if self.address:
-            from flywheel.runtime import parse_address
-
             try:  # a malformed address fails when the profile loads, naming the file
                 parse_address(self.address)
             except ConfigError as exc:

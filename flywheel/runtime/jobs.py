@@ -14,6 +14,7 @@ from typing import Any
 
 from flywheel.config import RayConfig
 from flywheel.errors import ConfigError, FlywheelError
+from flywheel.ray_address import auth_hint, one_line, parse_address, probe
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,6 @@ def _client(cfg: RayConfig) -> Any:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from flywheel.runtime import _auth_hint, _one_line, parse_address, probe
-
     addr = parse_address(cfg.address or "") if cfg.mode == "address" else None
     if addr is None or addr.kind != "jobs":
         raise ConfigError(
@@ -41,12 +40,10 @@ def _client(cfg: RayConfig) -> Any:
         return JobSubmissionClient(addr.raw)
     except AuthenticationError as exc:
         raise FlywheelError(
-            f"Ray Jobs API at {addr.raw} refused us: {_one_line(exc)}{_auth_hint()}"
+            f"Ray Jobs API at {addr.raw} refused us: {one_line(exc)}{auth_hint()}"
         ) from None
     except (ConnectionError, RuntimeError) as exc:
-        raise FlywheelError(
-            f"cannot use the Ray Jobs API at {addr.raw}: {_one_line(exc)}"
-        ) from None
+        raise FlywheelError(f"cannot use the Ray Jobs API at {addr.raw}: {one_line(exc)}") from None
 
 
 def submit_job(
