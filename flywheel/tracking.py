@@ -47,14 +47,16 @@ def artifact_location(profile: Profile) -> str | None:
 def experiment_id(profile: Profile, name: str | None = None) -> str:
     """Get or create the profile's experiment (``registry.experiment``) and return its id.
 
-    Sets the tracking URI for this process as a side effect, because MLflow's fluent API
-    (``mlflow.start_run``) reads it from process state.
+    Through a client bound to the profile's URI, never `mlflow.set_tracking_uri`: that
+    also writes $MLFLOW_TRACKING_URI, which `tracking_uri` reads before the state dir, so
+    every later profile in this process, and every process it starts, would use this
+    profile's store (a CLI subprocess in another working directory used the store of an
+    earlier test). Nothing here uses MLflow's fluent API, which needs the process URI.
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(profile))
     exp_name = name or profile.registry.experiment
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri(profile))
     exp = client.get_experiment_by_name(exp_name)
     if exp is not None:
         return exp.experiment_id
@@ -66,6 +68,20 @@ def experiment_id(profile: Profile, name: str | None = None) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def log_dataset_samples(profile: Profile, training_run_id: str, dataset_dir: Path) -> None:
+    """Keep the dataset's text samples with the training run (under `data/`), where the
+    monitor finds them by lineage: the drift reference, and the held-out split the
+    champion is scored on (performance drift)."""
+    import mlflow
+
+    from flywheel.artifacts import REFERENCE_TEXT, TEST_TEXT
+
+    client = mlflow.MlflowClient(tracking_uri(profile))
+    for sample in (dataset_dir / REFERENCE_TEXT, dataset_dir / TEST_TEXT):
+        if sample.is_file():
+            client.log_artifact(training_run_id, str(sample), "data")
 
 
 def git_commit() -> str | None:
