@@ -247,7 +247,13 @@ def loop_config(
 MATERIALIZE_BELOW_BYTES = 512 * 1024**2
 
 
-def _materialize(plan: TrainPlan, per_worker: dict[str, float], workers: int) -> bool:
+def worker_resources(profile: Profile) -> dict[str, float]:
+    """One training worker's Ray resources (`ScalingConfig.resources_per_worker`)."""
+    s = profile.train.scaling
+    return {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+
+
+def read_up_front(plan: TrainPlan, per_worker: dict[str, float], workers: int) -> bool:
     """Read the split up front when it is small, or when streaming could never run.
 
     Ray Data streams with the CPUs Train leaves over; on a 2-CPU Ray with two 1-CPU workers
@@ -265,6 +271,22 @@ def _materialize(plan: TrainPlan, per_worker: dict[str, float], workers: int) ->
     return size < MATERIALIZE_BELOW_BYTES or spare < 1
 
 
+def training_dataset(profile: Profile, plan: TrainPlan) -> Any:
+    """The train split as a Ray Dataset for the workers (a training run and a trial alike)."""
+    import ray.data
+
+    workers = profile.train.scaling.num_workers
+    if read_up_front(plan, worker_resources(profile), workers):
+        import pyarrow.parquet as pq
+
+        # Read here with pyarrow and hand Ray the table: for a small split this is ~0.1 s,
+        # where a Ray Data read (list files, schedule read tasks) takes several seconds.
+        return ray.data.from_arrow(
+            pq.ParquetDataset(plan.dataset.train_files).read(columns=[artifacts.TOKEN_COLUMN])
+        )
+    return ray.data.read_parquet(plan.dataset.train_files, columns=[artifacts.TOKEN_COLUMN])
+
+
 def _fit(
     profile: Profile,
     plan: TrainPlan,
@@ -280,22 +302,12 @@ def _fit(
     Checkpoints go to `store` (storage.root/ray or <state_dir>/ray). A run of the same name
     already there is continued: Ray Train restores its checkpoint list from that directory,
     and `ray.train.get_checkpoint()` in the loop returns the latest one."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = profile.train.scaling
-    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
-    if _materialize(plan, resources, s.num_workers):
-        import pyarrow.parquet as pq
-
-        # Read here with pyarrow and hand Ray the table: for a small split this is ~0.1 s,
-        # where a Ray Data read (list files, schedule read tasks) takes several seconds.
-        dataset: ray.data.Dataset = ray.data.from_arrow(
-            pq.ParquetDataset(plan.dataset.train_files).read(columns=[artifacts.TOKEN_COLUMN])
-        )
-    else:
-        dataset = ray.data.read_parquet(plan.dataset.train_files, columns=[artifacts.TOKEN_COLUMN])
+    resources = worker_resources(profile)
+    dataset = training_dataset(profile, plan)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

@@ -86,19 +86,17 @@ def run_trial(job: dict[str, Any], trial: Any, emit: Progress) -> tuple[float, i
     or the trial's own error (the study records it as FAIL and goes on).
     """
     import ray
-    import ray.data
     import ray.train
     from mlflow import MlflowClient
     from mlflow.entities import Param
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    from flywheel import artifacts
     from flywheel.config import Profile
     from flywheel.storage import ray_storage
     from flywheel.train.loop import train_loop_per_worker
     from flywheel.train.plan import make_plan
-    from flywheel.train.run import _materialize, loop_config
+    from flywheel.train.run import loop_config, training_dataset, worker_resources
     from flywheel.tune.space import asha_schedule, plain, trial_profile
 
     number = trial.number
@@ -131,18 +129,8 @@ def run_trial(job: dict[str, Any], trial: Any, emit: Progress) -> tuple[float, i
         )
         plan = make_plan(profile, job["dataset_dir"], job["init_from"])
         s = profile.train.scaling
-        resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
-        dataset: Any
-        if _materialize(plan, resources, s.num_workers):
-            import pyarrow.parquet as pq
-
-            dataset = ray.data.from_arrow(
-                pq.ParquetDataset(plan.dataset.train_files).read(columns=[artifacts.TOKEN_COLUMN])
-            )
-        else:
-            dataset = ray.data.read_parquet(
-                plan.dataset.train_files, columns=[artifacts.TOKEN_COLUMN]
-            )
+        resources = worker_resources(profile)
+        dataset = training_dataset(profile, plan)
         # Two queue actors (no CPU): the loop's reports in, the pruner's answers out.
         asks, answers = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
         grace, factor = asha_schedule(profile.tune.trial_steps)
