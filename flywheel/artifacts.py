@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -201,3 +201,28 @@ class JsonFile(BaseModel):
             return cls.from_json(path.read_text())
         except ValueError as exc:
             raise DataError(f"{path}: not a {cls.__name__} ({exc})") from None
+
+
+J = TypeVar("J", bound=JsonFile)
+
+# The stand-in for a report whose subject does not exist (no champion to evaluate): KFP
+# needs every declared output written, and a reader must tell "none" from a lost file.
+ABSENT: dict[str, bool] = {"absent": True}
+
+
+def write_absent(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ABSENT))
+    return path
+
+
+def load_unless_absent(cls: type[J], path: str | Path) -> J | None:
+    """`cls.load(path)`, or None where `write_absent` wrote the file."""
+    path = Path(path)
+    try:
+        if json.loads(path.read_text()) == ABSENT:
+            return None
+    except (OSError, ValueError):
+        pass  # missing or not JSON: `load` says which, naming the file
+    return cls.load(path)

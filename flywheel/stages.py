@@ -10,17 +10,25 @@ testable as a plain function.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from flywheel import ledger
-from flywheel.config import Profile, validate_profile
+from flywheel.config import Profile
+from flywheel.profiles import (
+    champion_model_dir,
+    load,
+    record_source,
+    staged_source,
+    with_champion_tokenizer,
+    with_data_location,
+    with_params,
+)
 
 if TYPE_CHECKING:
     from flywheel.data.stats import DataStats
@@ -32,8 +40,6 @@ if TYPE_CHECKING:
     from flywheel.tune.report import TuneResult
 
 log = logging.getLogger(__name__)
-
-PROFILE_PARAM = "pipeline parameter 'profile'"
 
 
 # The results of the runners that return more than one library object; the others return
@@ -58,104 +64,6 @@ class GateResult:
 class RunSummary:
     markdown: str
     facts: dict[str, Any]
-
-
-def load(profile: dict[str, Any] | Profile) -> Profile:
-    if isinstance(profile, Profile):
-        return profile
-    return validate_profile(profile, PROFILE_PARAM)
-
-
-def with_data_location(profile: Profile, data_location: str) -> Profile:
-    """The `data_location` run knob: a path, URI or dataset name replacing the profile's source.
-
-    A directory or file means `files`; anything else is handed to `datasets` (`hf`), which
-    accepts a save_to_disk path or a hub name. An s3:// or gs:// URI is looked at in its
-    store (this is the step's first contact with it, so an unreadable store fails here,
-    naming data_location): a save_to_disk layout means `hf`, other objects `files`; `prepare`
-    copies them in. Empty keeps the profile's source.
-    """
-    from flywheel import storage
-
-    if not data_location:
-        return profile
-    data = profile.model_dump()
-    if storage.is_remote(data_location):
-        url = profile.storage.endpoint_url
-        storage.check_readable(data_location, "data_location", url)
-        hf = any(storage.has_entry(data_location, n, "data_location", url) for n in _HF_MARKERS)
-        kind = "hf" if hf else "files"
-    else:
-        if storage.is_uri(data_location):  # file:///abs/path -> /abs/path
-            data_location = storage.parse(data_location, "data_location").path
-        exists = Path(data_location).exists()
-        kind = "files" if exists and not _is_hf_dir(data_location) else "hf"
-    data["data"]["source"].update(kind=kind, path=data_location)
-    return validate_profile(data, f"{PROFILE_PARAM} with data_location={data_location!r}")
-
-
-# What `Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in a directory.
-_HF_MARKERS = ("dataset_info.json", "dataset_dict.json")
-
-
-def _is_hf_dir(path: str) -> bool:
-    return any((Path(path) / name).exists() for name in _HF_MARKERS)
-
-
-@contextlib.contextmanager
-def staged_source(profile: Profile) -> Iterator[Profile]:
-    """The profile with an s3:// or gs:// `data.source.path` copied to a local temporary
-    directory (removed afterwards; file:// becomes its path), so the data stage's readers
-    stay local-file readers. Pass the result to `record_source` to keep the URI."""
-    from flywheel import storage
-
-    uri = profile.data.source.path
-    if uri is None or not storage.is_uri(uri):
-        yield profile
-        return
-    with storage.staged(uri, "data.source.path", profile.storage.endpoint_url) as local:
-        data = profile.model_dump()
-        data["data"]["source"]["path"] = local
-        yield validate_profile(data, PROFILE_PARAM)
-
-
-def record_source(dataset_dir: Path, source: str | None) -> None:
-    """The manifest names where the corpus lives (a URI), not the temporary copy read."""
-    from flywheel import storage
-    from flywheel.artifacts import MANIFEST, DatasetManifest
-
-    if source is None or not storage.is_remote(source):
-        return
-    if not (Path(dataset_dir) / MANIFEST).is_file():
-        return
-    manifest = DatasetManifest.read(dataset_dir)
-    manifest.config.get("source", {})["path"] = source
-    manifest.write(dataset_dir)
-
-
-def with_params(profile: Profile, params: dict[str, Any] | None) -> Profile:
-    """Merge tuned parameters (train field -> value) into the training config."""
-    if not params:
-        return profile
-    data = profile.model_dump()
-    data["train"].update(params)
-    return validate_profile(data, f"{PROFILE_PARAM} with tuned params {params}")
-
-
-def with_champion_tokenizer(profile: Profile) -> Profile:
-    """A run that will warm-start from the champion tokenizes with the champion's tokenizer.
-
-    The data stage otherwise trains a fresh BPE every run, and a warm-started model would
-    read token ids that now mean other strings. An explicit `data.tokenizer.base` wins.
-    """
-    if profile.data.tokenizer.base is not None:
-        return profile
-    champion = champion_model_dir(profile)
-    if champion is None:
-        return profile
-    data = profile.model_dump()
-    data["data"]["tokenizer"]["base"] = str(champion)
-    return validate_profile(data, f"{PROFILE_PARAM} with the champion's tokenizer")
 
 
 def plan(profile: dict[str, Any], run_id: str) -> PlanResult:
@@ -212,14 +120,9 @@ def tune(
     """The tune step; `flywheel tune` calls it too, with its progress bar."""
     from flywheel.artifacts import DatasetManifest
     from flywheel.tune import tune as run_study
+    from flywheel.tune.space import dataset_study
 
-    p = load(profile)
-    # One study per prepared dataset: a retrain on new data starts a fresh study instead of
-    # taking "best" over trials that saw other data; the same data resumes its study.
-    data_hash = DatasetManifest.read(dataset_dir).content_hash
-    data = p.model_dump()
-    data["tune"]["study_name"] = f"{p.tune.study_name}-{data_hash[:12]}"
-    p = validate_profile(data, PROFILE_PARAM)
+    p = dataset_study(load(profile), DatasetManifest.read(dataset_dir).content_hash)
     # Trials start where the train step will: the champion when the profile warm-starts.
     init_from = champion_model_dir(p)
     with ledger.stage(p, run_id, "tune") as entry:
@@ -236,18 +139,6 @@ def tune(
     return result
 
 
-def champion_model_dir(profile: Profile) -> Path | None:
-    """The champion's model, downloaded, when the profile warm-starts and one exists."""
-    if not profile.model.warm_start:
-        return None
-    from flywheel.registry import Registry
-
-    registry = Registry(profile)
-    if registry.champion() is None:
-        return None
-    return registry.download("champion")
-
-
 def train(
     profile: dict[str, Any] | Profile,
     dataset_dir: str | Path,
@@ -262,6 +153,7 @@ def train(
     """The train step; `flywheel train` calls it too, with its progress bar and, from
     --init-from, a model to start from instead of the champion."""
     from flywheel.artifacts import DatasetManifest
+    from flywheel.tracking import log_dataset_samples
     from flywheel.train import train as train_model
 
     p = with_params(load(profile), params)
@@ -284,24 +176,10 @@ def train(
             run_key=run_id,  # a retried train step continues from its checkpoints
         )
         if result.mlflow_run_id:
-            _log_reference_sample(p, result.mlflow_run_id, Path(dataset_dir))
+            log_dataset_samples(p, result.mlflow_run_id, Path(dataset_dir))
         entry.metrics.update(result.metrics())
         entry.tags["training_run_id"] = result.mlflow_run_id or ""
     return result
-
-
-def _log_reference_sample(profile: Profile, training_run_id: str, dataset_dir: Path) -> None:
-    """Keep the drift reference with the training run, where the monitor finds it by lineage."""
-    import mlflow
-
-    from flywheel.artifacts import REFERENCE_TEXT, TEST_TEXT
-    from flywheel.tracking import tracking_uri
-
-    client = mlflow.MlflowClient(tracking_uri(profile))
-    # The held-out split too: the monitor scores the champion on it (performance drift).
-    for sample in (dataset_dir / REFERENCE_TEXT, dataset_dir / TEST_TEXT):
-        if sample.is_file():
-            client.log_artifact(training_run_id, str(sample), "data")
 
 
 # Typed per call: a model evaluated always has a report; the champion may be absent.
@@ -333,6 +211,7 @@ def evaluate(
     Writes the report as JSON (or `{"absent": true}` when there is no champion) and returns
     the report or None.
     """
+    from flywheel.artifacts import write_absent
     from flywheel.evaluate import evaluate as evaluate_model
 
     p = load(profile)
@@ -343,20 +222,13 @@ def evaluate(
 
             model = Registry(p).champion_uri()
             if model is None:
-                Path(out_json).write_text(json.dumps({"absent": True}))
+                write_absent(out_json)
                 entry.tags["absent"] = True
                 return None
         report = evaluate_model(p, model, Path(dataset_dir))
         Path(out_json).write_text(report.model_dump_json(indent=2))
         entry.metrics.update(report.metrics(""))
     return report
-
-
-def read_report(path: str | Path) -> EvalReport | None:
-    from flywheel.evaluate import EvalReport
-
-    data = json.loads(Path(path).read_text())
-    return None if data.get("absent") else EvalReport.model_validate(data)
 
 
 def gate(
@@ -370,16 +242,17 @@ def gate(
     run_id: str,
 ) -> GateResult:
     """Decide (pure), then register the candidate with its lineage and verdict."""
-    from flywheel.artifacts import DatasetManifest
+    from flywheel.artifacts import DatasetManifest, load_unless_absent
+    from flywheel.evaluate import EvalReport
     from flywheel.gate import decide_promotion
     from flywheel.registry import Registry, lineage_tags, model_card
 
     p = load(profile)
     with ledger.stage(p, run_id, "gate") as entry:
-        challenger = read_report(challenger_json)
+        challenger = load_unless_absent(EvalReport, challenger_json)
         if challenger is None:
             raise ValueError(f"{challenger_json}: the challenger has no evaluation report")
-        champion = read_report(champion_json)
+        champion = load_unless_absent(EvalReport, champion_json)
         decision = decide_promotion(challenger, champion, p.gate)
         decision_md = decision.to_markdown(challenger, champion)
         manifest = DatasetManifest.read(dataset_dir)
@@ -422,58 +295,17 @@ def promote(profile: dict[str, Any], version: str, reason: str, run_id: str) -> 
     return moved
 
 
-def run_facts(profile: Profile, run_id: str) -> dict[str, Any]:
-    """What one pipeline run did, read back from the ledger (no side effects)."""
-    stages = ledger.collect(profile, run_id)
-    facts: dict[str, Any] = {"pipeline_run_id": run_id}
-    prep = stages.get("prepare-data", {}).get("metrics", {})
-    for key in ("docs_read", "docs_kept", "docs_rejected", "tokens_train"):
-        if key in prep:
-            facts[key] = int(prep[key])
-    trained = stages.get("train", {}).get("metrics", {})
-    for key in ("first_loss", "final_loss", "tokens_per_s"):
-        if key in trained:
-            facts[key] = round(trained[key], 4)
-    gated = stages.get("gate", {})
-    for key, digits in (
-        ("challenger_bits_per_byte", 4),
-        ("champion_bits_per_byte", 4),
-        ("delta_bits_per_byte_paired_abs", 4),
-        ("delta_bits_per_byte_ci_low", 4),
-        ("delta_bits_per_byte_ci_high", 4),
-        ("challenger_perplexity", 3),
-        ("champion_perplexity", 3),
-    ):
-        if key in gated.get("metrics", {}):
-            facts[key.removeprefix("delta_")] = round(gated["metrics"][key], digits)
-    for key in ("verdict", "version"):
-        if key in gated.get("tags", {}):
-            facts[key] = gated["tags"][key]
-    if gated:
-        facts["alias"] = "champion" if "promote" in stages else "challenger"
-    facts["stage_seconds"] = {
-        stage: round(entry["metrics"]["stage_seconds"], 2)
-        for stage, entry in stages.items()
-        if "stage_seconds" in entry.get("metrics", {})
-    }
-    return facts
-
-
 def summarize(profile: dict[str, Any], run_id: str, state: str, error: str) -> RunSummary:
     """The exit handler's summary (Markdown + the facts), also recorded in the ledger."""
+    from flywheel import summary
+
     p = load(profile)
-    facts = {**run_facts(p, run_id), "state": state}
-    lines = [f"# Run summary: {run_id}", "", f"**State:** {state}", ""]
+    facts = {**summary.run_facts(p, run_id), "state": state}
     if error:
         facts["error"] = error
-        lines += [f"**Error:** {error}", ""]
-    lines += ["| what | value |", "|---|---|"]
-    lines += [
-        f"| {k} | {v} |" for k, v in facts.items() if k not in ("state", "error", "stage_seconds")
-    ]
     with ledger.stage(p, run_id, "summary", timed=False) as entry:
         entry.tags["state"] = state
-    return RunSummary("\n".join(lines) + "\n", facts)
+    return RunSummary(summary.markdown(run_id, facts), facts)
 
 
 # ---------------------------------------------------------------------------- monitor

@@ -39,7 +39,7 @@ def run_and_report(name: str, profile: Profile, arguments: dict, *, json_out: bo
     (`monitor_document`), also when a task failed, before the error line.
     """
     from flywheel.kfp.local import run_local
-    from flywheel.stages import run_facts
+    from flywheel.summary import run_facts
     from flywheel.tracking import tracking_uri
 
     show = err_console if json_out else console

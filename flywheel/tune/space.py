@@ -135,6 +135,14 @@ def asha_schedule(trial_steps: int) -> tuple[int, int]:
     return max(1, trial_steps // 4), 2
 
 
+def dataset_study(profile: Profile, data_hash: str) -> Profile:
+    """One study per prepared dataset: a retrain on new data starts a fresh study instead of
+    taking "best" over trials that saw other data; the same data resumes its study."""
+    data = profile.model_dump()
+    data["tune"]["study_name"] = f"{profile.tune.study_name}-{data_hash[:12]}"
+    return validate_profile(data, f"tune.study_name for dataset {data_hash[:12]}")
+
+
 def storage_url(profile: Profile) -> str:
     """tune.storage (an RDB URL on a cluster), else SQLite under the state directory."""
     if profile.tune.storage:

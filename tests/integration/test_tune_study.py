@@ -167,7 +167,7 @@ def test_a_study_where_every_trial_fails_fails_with_the_first_error(workdir, dat
 
 @pytest.fixture(scope="module")
 def trained(study, dataset, workdir):
-    from flywheel.stages import with_params
+    from flywheel.profiles import with_params
     from flywheel.train import train
 
     _, r, _ = study

@@ -71,3 +71,18 @@ def test_a_malformed_manifest_is_one_line_naming_the_file_and_field(tmp_path, co
 def test_a_directory_without_a_manifest_is_not_a_dataset(tmp_path):
     with pytest.raises(DataError, match="not a prepared dataset"):
         A.DatasetManifest.read(tmp_path)
+
+
+def test_an_absent_report_reads_as_none_and_a_present_one_as_its_model(tmp_path):
+    class Report(A.JsonFile):
+        score: float
+
+    A.write_absent(tmp_path / "absent.json")
+    assert A.load_unless_absent(Report, tmp_path / "absent.json") is None
+    Report(score=1.5).save(tmp_path / "present.json")
+    assert A.load_unless_absent(Report, tmp_path / "present.json") == Report(score=1.5)
+    (tmp_path / "other.json").write_text('{"absent": false}')
+    with pytest.raises(DataError, match=r"other\.json: not a Report"):
+        A.load_unless_absent(Report, tmp_path / "other.json")
+    with pytest.raises(DataError, match=r"missing\.json: Report not found"):
+        A.load_unless_absent(Report, tmp_path / "missing.json")

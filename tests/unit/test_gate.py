@@ -472,7 +472,7 @@ def test_the_run_summary_shows_bits_per_byte_and_the_paired_difference(state_dir
     # through a real MLflow store in a temporary state directory.
     from flywheel import ledger
     from flywheel.config import Profile
-    from flywheel.stages import run_facts
+    from flywheel.summary import run_facts
 
     profile = Profile()
     ch = report(scaled(docs(), 0.97, noise=0.05))

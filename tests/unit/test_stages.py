@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from flywheel import ledger, stages
+from flywheel import artifacts, ledger, stages
 from flywheel.config import Profile
+from flywheel.evaluate import EvalReport
 
 
 def test_plan_returns_its_result_and_marks_the_run_started(state_dir):
@@ -23,7 +24,7 @@ def test_evaluating_an_absent_champion_writes_the_sentinel_and_records_it(state_
     out = tmp_path / "champion.json"
     assert stages.evaluate(p.to_param(), None, tmp_path / "no-dataset", out, "run-1") is None
     assert json.loads(out.read_text()) == {"absent": True}
-    assert stages.read_report(out) is None
+    assert artifacts.load_unless_absent(EvalReport, out) is None
     entry = ledger.collect(p, "run-1")["evaluate-champion"]
     assert entry["tags"]["absent"] == "True" and "stage_seconds" in entry["metrics"]
 

@@ -149,7 +149,7 @@ def test_load_window_reads_a_file_uri(tmp_path):
 
 
 def test_data_location_file_uri_means_files(tmp_path):
-    from flywheel.stages import with_data_location
+    from flywheel.profiles import with_data_location
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -159,7 +159,7 @@ def test_data_location_file_uri_means_files(tmp_path):
 
 
 def test_data_location_malformed_uri_is_a_config_error():
-    from flywheel.stages import with_data_location
+    from flywheel.profiles import with_data_location
 
     with pytest.raises(ConfigError, match=r"^data_location: unknown scheme 'ftp://'"):
         with_data_location(load_profile(None, []), "ftp://host/corpus")

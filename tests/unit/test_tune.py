@@ -273,7 +273,7 @@ def test_html_without_importances_says_why(tmp_path):
 
 
 def test_best_params_merge_into_the_training_config(profile):
-    from flywheel.stages import with_params
+    from flywheel.profiles import with_params
 
     merged = with_params(profile, _result(TRIALS, {}).best_params)
     assert merged.train.lr == 0.003 and merged.train.warmup_steps == 2
