@@ -32,14 +32,17 @@ Bits per byte counts the same bytes for both.
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel import artifacts
 from flywheel.artifacts import JsonFile
-from flywheel.config import GatePolicy
+from flywheel.config import GatePolicy, Profile
 from flywheel.evaluate.paired import accuracy_pairs, paired_bootstrap
 from flywheel.evaluate.report import EvalReport
 
@@ -372,3 +375,63 @@ def _ci(ci: tuple[float, float] | None) -> str:
 
 def _margins(policy: GatePolicy) -> str:
     return ", ".join(f"{m} {margin(policy, m):.1%}" for m in ("bits_per_byte", "accuracy"))
+
+
+def model_card(
+    profile: Profile,
+    model_dir: Path,
+    manifest: dict[str, Any],
+    report: EvalReport,
+    decision: Decision | None = None,
+    champion: EvalReport | None = None,
+    *,
+    base: str | None = None,
+) -> str:
+    """The Markdown card attached to a registered version: base model, data manifest,
+    training config, metrics and this gate's decision (`Decision.to_markdown`). `base`
+    overrides what the training summary says."""
+    info: dict[str, Any] = {}
+    path = Path(model_dir) / artifacts.TRAINING_INFO
+    if path.is_file():
+        try:
+            info = json.loads(path.read_text())
+        except ValueError:
+            info = {}
+    model_cfg = info.get("model") or profile.model.model_dump(mode="json")
+    if base is None:
+        base = model_cfg.get("base") or (
+            f"fresh {model_cfg.get('arch', '?')} ({model_cfg.get('n_layer', '?')} layers, "
+            f"{model_cfg.get('n_embd', '?')} wide, context {model_cfg.get('context', '?')})"
+        )
+        if model_cfg.get("warm_start"):
+            base += "; warm-started from the champion when one existed"
+    data = {k: v for k, v in manifest.items() if not isinstance(v, dict | list)}
+    lines = [
+        f"# {profile.registry.model_name}",
+        "",
+        f"- **Base model:** {base}",
+        f"- **Data manifest:** `{manifest.get('content_hash', 'unknown')}`",
+        "",
+        "## Data",
+        "",
+        "```json",
+        json.dumps(data, indent=2, default=str),
+        "```",
+        "",
+        "## Training",
+        "",
+        "```json",
+        json.dumps(
+            {"train": info.get("train"), "summary": info.get("summary")}, indent=2, default=str
+        )[:2000],
+        "```",
+        "",
+        "## Metrics (held-out documents)",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v:.6g} |" for k, v in report.metrics().items()]
+    if decision is not None:
+        lines += ["", decision.to_markdown(report, champion)]
+    return "\n".join(lines) + "\n"

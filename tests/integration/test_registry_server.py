@@ -49,13 +49,16 @@ def test_lifecycle_through_a_tracking_server(mlflow_server, models, tmp_path, mo
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reg = Registry(_profile(tmp_path / "state", mlflow_server, "server-lm"))
     first_dir, second_dir = models
-    v1 = reg.register_candidate(
-        first_dir, tags=lineage_tags(data_hash="h1", trigger_reason="first"), model_card="# v1"
-    )
+    first = lineage_tags(data_hash="h1", training_run_id="t1", pipeline_run_id="p1")
+    v1 = reg.register_candidate(first_dir, tags=first, model_card="# v1")
     v2 = reg.register_candidate(
         second_dir, tags=lineage_tags(data_hash="h1", trigger_reason="drift"), model_card="# v2"
     )
     assert (v1, v2) == ("1", "2")
+    # A retried gate finds its version through the server's tag filter: no third version.
+    assert reg.register_candidate(first_dir, tags=first, model_card="# v1") == "1"
+    assert [v.version for v in reg.versions()] == ["1", "2"]
+    assert reg.version("challenger").version == "1"
     info = reg.version("2")
     assert info.source.startswith("mlflow-artifacts:/")  # proxied through the server
     assert info.tags["flywheel.flavor"] == "transformers"

@@ -131,8 +131,12 @@ def test_refusals(reg):
     with pytest.raises(RegistryError, match="no champion to roll back"):
         reg.rollback(reason="r", actor="x")
     reg.promote("1", reason="r", actor="x")
+    # Promoting the champion again changes nothing (a retry succeeds, no history entry)...
+    assert reg.promote("1", reason="again", actor="x") is None
+    assert reg.promote("champion", reason="again", actor="x", kind="manual") is None
+    # ...but a rollback onto it is a mistake worth saying.
     with pytest.raises(RegistryError, match="already the champion"):
-        reg.promote("1", reason="r", actor="x")
+        reg.rollback(to="1", reason="r", actor="x")
     with pytest.raises(RegistryError, match="no earlier champion"):
         reg.rollback(reason="r", actor="x")
     # A version created outside flywheel has no lineage: it cannot become champion.
