@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import sys
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -20,6 +22,14 @@ ReasonOpt = Annotated[
 ActorOpt = Annotated[
     str | None, typer.Option("--actor", help="who (default: user@host)", show_default=False)
 ]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="one JSON document on stdout instead of the table")
+]
+
+
+def _print_json(doc: dict[str, Any]) -> None:
+    # Plain stdout, not the rich console: no wrapping or markup inside the document.
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _registry(profile, overrides):
@@ -39,12 +49,18 @@ def _fmt(tags: dict[str, str], key: str) -> str:
 
 
 @models_app.command("list")
-def list_versions(overrides: OverridesArg = None, profile: ProfileOpt = None) -> None:
+def list_versions(
+    overrides: OverridesArg = None, profile: ProfileOpt = None, json_out: JsonOpt = False
+) -> None:
     """Every version with its aliases, verdict, metrics and lineage."""
     from flywheel.registry import TAG_DATA_HASH, TAG_FLAVOR, TAG_TRIGGER, TAG_VERDICT
 
     reg = _registry(profile, overrides)
     rows = reg.versions()
+    if json_out:
+        versions = [v.model_dump(mode="json") for v in rows]
+        _print_json({"model": reg.name, "tracking_uri": reg.uri, "versions": versions})
+        return
     t = Table(title=f"{reg.name} @ {reg.uri}", header_style="bold")
     for col in ("ver", "aliases", "verdict", "bpb", "ppl", "acc", "data", "trigger", "created"):
         t.add_column(col, justify="right" if col in ("bpb", "ppl", "acc") else "left")
@@ -67,10 +83,16 @@ def list_versions(overrides: OverridesArg = None, profile: ProfileOpt = None) ->
 
 
 @models_app.command("history")
-def history(overrides: OverridesArg = None, profile: ProfileOpt = None) -> None:
+def history(
+    overrides: OverridesArg = None, profile: ProfileOpt = None, json_out: JsonOpt = False
+) -> None:
     """Every move of the champion alias, oldest first."""
     reg = _registry(profile, overrides)
     entries = reg.history()
+    if json_out:
+        moves = [e.model_dump(mode="json", by_alias=True) for e in entries]
+        _print_json({"model": reg.name, "tracking_uri": reg.uri, "history": moves})
+        return
     t = Table(title=f"{reg.name}: champion history", header_style="bold")
     for col in ("#", "time (UTC)", "kind", "from", "to", "actor", "reason"):
         t.add_column(col)
@@ -95,11 +117,15 @@ def promote(
     overrides: OverridesArg = None,
     profile: ProfileOpt = None,
 ) -> None:
-    """Make VERSION the champion by hand (recorded as a manual promotion)."""
+    """Make VERSION the champion by hand (recorded as a manual promotion). Already the
+    champion: nothing changes and it exits 0, so automation can retry it."""
     from flywheel.registry import default_actor
 
     reg = _registry(profile, overrides)
     e = reg.promote(version, reason=reason, actor=actor or default_actor(), kind="manual")
+    if e is None:
+        console.print(f"{reg.name}: version {version} is already the champion; nothing changed")
+        return
     console.print(f"{reg.name}: champion {e.from_version or '(none)'} -> {e.to_version} (#{e.seq})")
 
 

@@ -295,6 +295,26 @@ def test_cli_list_history_promote_rollback(reg, capsys, monkeypatch):
     assert "error:" in capsys.readouterr().err
     assert reg.history()[-1].kind == "rollback"
     assert CHAMPION in reg.version("2").aliases
+    # Promoting the champion again succeeds and changes nothing: automation can retry it.
+    n = len(reg.history())
+    main(["models", "promote", "2", "--reason", "retry", state])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines == [f"{reg.name}: version 2 is already the champion; nothing changed"]
+    assert len(reg.history()) == n and reg.champion().version == "2"
+    # --json: one JSON document on stdout, the same facts as the tables.
+    main(["models", "list", "--json", state])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == reg.name and [v["version"] for v in doc["versions"]] == ["1", "2", "3"]
+    assert doc["versions"][1]["aliases"] == ["champion"]
+    assert doc["versions"][2]["tags"]["data_manifest_hash"] == "hash-abc"
+    main(["models", "history", "--json", state])
+    moves = json.loads(capsys.readouterr().out)["history"]
+    assert [(m["seq"], m["kind"], m["from"], m["to"]) for m in moves] == [
+        (1, "manual", None, "2"),
+        (2, "manual", "2", "3"),
+        (3, "rollback", "3", "2"),
+    ]
+    assert moves[2]["reason"] == "bad outputs" and moves[0]["actor"] == "carol"
 
 
 def test_rollback_target_undoes_rollbacks_like_a_stack():
