@@ -23,7 +23,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from flywheel import artifacts as A
+from flywheel import artifacts
 from flywheel.errors import DataError
 
 # Dropped documents (filters, dedup) with block, reason and detail: not part of the
@@ -31,7 +31,7 @@ from flywheel.errors import DataError
 DROPPED = "dropped.jsonl"
 # Left by a failed run beside its reports: the error, and the mark that this stage wrote it.
 FAILED = "failed.json"
-REPORTS = (A.REJECTS, DROPPED)
+REPORTS = (artifacts.REJECTS, DROPPED)
 # Inside a working directory: who made it (host, pid), so a later run can tell a crashed
 # run's leftovers from a running one's.
 OWNER = ".flywheel-owner.json"
@@ -41,8 +41,8 @@ _WORK = re.compile(r"^\..*\.incoming-(\d+)-[0-9a-f]{8}$")
 _LEGACY_WORK = re.compile(r"^\.incoming-(\d+)$")  # the CLI's own name before this module
 _SHARD = re.compile(r"^part-\d{5}\.parquet$")
 _TOKENIZER_FILE = re.compile(r"^[\w.-]+\.(json|txt|model|jinja)$")
-_TOP_FILES = {A.MANIFEST, *REPORTS, FAILED}
-_TEXT_FILES = {Path(A.TEST_TEXT).name, Path(A.REFERENCE_TEXT).name}
+_TOP_FILES = {artifacts.MANIFEST, *REPORTS, FAILED}
+_TEXT_FILES = {Path(artifacts.TEST_TEXT).name, Path(artifacts.REFERENCE_TEXT).name}
 
 
 class OutputDirError(DataError):
@@ -63,11 +63,17 @@ def foreign_entries(path: Path, limit: int = 3) -> list[str]:
             found.append(name)
         elif entry.is_file() and name in _TOP_FILES:
             continue
-        elif entry.is_dir() and name in (*A.SPLITS, A.TEXT_DIR, A.TOKENIZER_DIR):
-            pattern = {A.TEXT_DIR: None, A.TOKENIZER_DIR: _TOKENIZER_FILE}.get(name, _SHARD)
+        elif entry.is_dir() and name in (
+            *artifacts.SPLITS,
+            artifacts.TEXT_DIR,
+            artifacts.TOKENIZER_DIR,
+        ):
+            pattern = {artifacts.TEXT_DIR: None, artifacts.TOKENIZER_DIR: _TOKENIZER_FILE}.get(
+                name, _SHARD
+            )
             for child in sorted(entry.iterdir()):
                 ok = child.is_file() and not child.is_symlink()
-                if name == A.TEXT_DIR:
+                if name == artifacts.TEXT_DIR:
                     ok = ok and child.name in _TEXT_FILES
                 else:
                     ok = ok and bool(pattern and pattern.match(child.name))
@@ -110,9 +116,9 @@ def kind_of(path: Path) -> str:
         return "empty"
     if foreign_entries(path, limit=1):
         return "foreign"
-    if _is_manifest(path / A.MANIFEST):
+    if _is_manifest(path / artifacts.MANIFEST):
         return "dataset"
-    if not (path / A.MANIFEST).exists() and _is_failure_note(path / FAILED):
+    if not (path / artifacts.MANIFEST).exists() and _is_failure_note(path / FAILED):
         return "failed"
     return "foreign"
 
@@ -313,7 +319,7 @@ class Workspace:
 
 def _clear_stage_entries(path: Path) -> None:
     """Remove what this stage writes in `path` (only its names; `kind_of` vouched for them)."""
-    for name in (*A.SPLITS, A.TEXT_DIR, A.TOKENIZER_DIR):
+    for name in (*artifacts.SPLITS, artifacts.TEXT_DIR, artifacts.TOKENIZER_DIR):
         shutil.rmtree(path / name, ignore_errors=True)
     for name in _TOP_FILES:
         (path / name).unlink(missing_ok=True)

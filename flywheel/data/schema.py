@@ -1,9 +1,9 @@
-"""The row contract every data block shares.
+"""The row contract every data step shares.
 
-A batch is a `pandas.DataFrame` with (at least) these columns. A block never deletes a
-row it judges; it writes `block`, `reason` and `detail` on it, so the stage can count
-every drop and write every reject with its cause. Rows whose `reason` is non-empty pass
-through later blocks untouched until `keep_only` takes them out.
+A batch is a `pandas.DataFrame` with (at least) these columns. A step never deletes a
+row it judges; it writes `dropped_by` (its own name), `reason` and `detail` on it, so the
+stage can count every drop and write every reject with its cause. Rows whose `reason` is
+non-empty pass through later steps untouched until `keep_only` takes them out.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import pandas as pd
 from flywheel.errors import DataError
 
 # Columns of a document row as it leaves a source.
-DOC_COLUMNS = ("id", "source", "timestamp", "text", "block", "reason", "detail", "digest")
+DOC_COLUMNS = ("id", "source", "timestamp", "text", "dropped_by", "reason", "detail", "digest")
 
-# `block` names, in pipeline order; `read` marks rejects (bad input), the rest are drops.
+# `dropped_by` values (step names), in pipeline order; `read` marks rejects (bad input), the rest are drops.
 READ = "read"
 NORMALIZE = "normalize"
 QUALITY = "quality"
 EXACT_DEDUP = "exact_dedup"
 NEAR_DEDUP = "near_dedup"
-PIPELINE_BLOCKS = (READ, NORMALIZE, QUALITY, EXACT_DEDUP, NEAR_DEDUP)
+PIPELINE_STEPS = (READ, NORMALIZE, QUALITY, EXACT_DEDUP, NEAR_DEDUP)
 
 # Reject reasons (bad input). Each one has a unit test that produces it.
 UNDECODABLE = "undecodable_bytes"
@@ -42,21 +42,21 @@ UNPARSABLE_MODULE = "unparsable_module"
 INVALID_UNICODE = "invalid_unicode"
 
 
-class BlockFailure(DataError):
-    """A block raised on a batch. The message names the block and the row that fails alone.
+class StepFailure(DataError):
+    """A step raised on a batch. The message names the step and the row that fails alone.
 
     Raised inside Ray workers: Ray delivers it to the driver as text inside its own
-    exception, which `block_failure_message` reads back.
+    exception, which `step_failure_message` reads back.
     """
 
 
-_FAILURE = re.compile(r"BlockFailure: (.+)")
+_FAILURE = re.compile(r"StepFailure: (.+)")
 _DETAIL_CHARS = 300
 
 
-def block_failure_message(exc: BaseException) -> str | None:
-    """The one-line BlockFailure message carried by `exc` (Ray's wrapper or the error itself)."""
-    if isinstance(exc, BlockFailure):
+def step_failure_message(exc: BaseException) -> str | None:
+    """The one-line StepFailure message carried by `exc` (Ray's wrapper or the error itself)."""
+    if isinstance(exc, StepFailure):
         return str(exc)
     found = _FAILURE.findall(str(exc))
     return found[-1].strip() if found else None
@@ -72,13 +72,13 @@ def _where(row: pd.Series) -> str:
     return "a row"
 
 
-_TEXT_COLUMNS = ("id", "source", "text", "block", "reason", "detail", "digest")
+_TEXT_COLUMNS = ("id", "source", "text", "dropped_by", "reason", "detail", "digest")
 
 
 def _contract_problem(row: pd.Series) -> str | None:
     """How a row breaks the row contract (a text column that is not storable text), if it does.
 
-    Checked first when a block fails: one such value makes Ray store the whole column as
+    Checked first when a step fails: one such value makes Ray store the whole column as
     pickled objects, and then every row fails alike, so retrying row by row would blame
     the first row instead of the bad one.
     """
@@ -101,11 +101,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _guarded(call):
-    """Wrap a block's `__call__`: an exception becomes a BlockFailure naming block and row.
+    """Wrap a step's `__call__`: an exception becomes a StepFailure naming step and row.
 
-    A row-wise block is run again row by row on an untouched copy of the batch to find the
-    first row that fails alone (blocks mark rows in place, so the batch itself may be half
-    done); a keyed block names the group. Costs one batch copy per call (object columns copy
+    A row-wise step is run again row by row on an untouched copy of the batch to find the
+    first row that fails alone (steps mark rows in place, so the batch itself may be half
+    done); a keyed step names the group. Costs one batch copy per call (object columns copy
     references, not strings).
     """
 
@@ -114,7 +114,7 @@ def _guarded(call):
         pristine = batch.copy()
         try:
             return call(self, batch)
-        except BlockFailure:
+        except StepFailure:
             raise
         except Exception as exc:
             name = type(self).__name__
@@ -131,20 +131,20 @@ def _guarded(call):
                 except Exception as row_exc:
                     where, cause = _where(pristine.iloc[i]), row_exc
                     break
-            raise BlockFailure(f"data block {name} failed on {where}: {_one_line(cause)}") from exc
+            raise StepFailure(f"data step {name} failed on {where}: {_one_line(cause)}") from exc
 
     return guarded
 
 
-class Block:
-    """Base of the blocks: `__call__(batch: pd.DataFrame) -> pd.DataFrame`.
+class Step:
+    """Base of the data steps: `__call__(batch: pd.DataFrame) -> pd.DataFrame`.
 
     Gives instances a `__name__` (the class name), which Ray uses to name operators.
     """
 
     __name__ = property(lambda self: type(self).__name__)  # type: ignore[assignment]
     # Each output row comes from one input row, so a failing batch can be retried row by
-    # row to name the culprit. Keyed blocks (map_groups) set False.
+    # row to name the culprit. Keyed steps (map_groups) set False.
     row_wise = True
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -159,25 +159,25 @@ class Block:
 def doc_frame(rows: list[dict]) -> pd.DataFrame:
     """A batch with exactly DOC_COLUMNS (string columns; timestamp may be None)."""
     frame = pd.DataFrame(rows, columns=list(DOC_COLUMNS))
-    for col in ("id", "source", "text", "block", "reason", "detail", "digest"):
+    for col in ("id", "source", "text", "dropped_by", "reason", "detail", "digest"):
         frame[col] = frame[col].fillna("").astype(str)
     frame["timestamp"] = frame["timestamp"].astype(object).where(frame["timestamp"].notna(), None)
     return frame
 
 
 def pending(batch: pd.DataFrame) -> pd.Series:
-    """Rows no block has dropped yet."""
+    """Rows no step has dropped yet."""
     return batch["reason"] == ""
 
 
 def mark(
-    batch: pd.DataFrame, mask: pd.Series, block: str, reason: str | pd.Series, detail=""
+    batch: pd.DataFrame, mask: pd.Series, step: str, reason: str | pd.Series, detail=""
 ) -> None:
     """Drop `mask` rows (in place) with a reason, leaving rows already dropped alone."""
     mask = mask & pending(batch)
     if not mask.any():
         return
-    batch.loc[mask, "block"] = block
+    batch.loc[mask, "dropped_by"] = step
     batch.loc[mask, "reason"] = reason[mask] if isinstance(reason, pd.Series) else reason
     batch.loc[mask, "detail"] = detail[mask] if isinstance(detail, pd.Series) else detail
 
@@ -187,4 +187,4 @@ def keep_only(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def dropped_only(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch.loc[~pending(batch), ["id", "source", "block", "reason", "detail"]]
+    return batch.loc[~pending(batch), ["id", "source", "dropped_by", "reason", "detail"]]

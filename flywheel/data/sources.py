@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from flywheel.config import SourceConfig
-from flywheel.data import schema as S
+from flywheel.data import schema
 from flywheel.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -127,13 +127,13 @@ def doc_row(id_: str, source: str, text: str, timestamp: str | None = None) -> d
     for field, value in (("text", text), ("id", id_), ("source", source), ("timestamp", timestamp)):
         problem = unencodable(value) if value is not None else None
         if problem:
-            return reject_row(id_, source, S.INVALID_UNICODE, f"{field}: {problem}")
+            return reject_row(id_, source, schema.INVALID_UNICODE, f"{field}: {problem}")
     return {
         "id": id_,
         "source": source,
         "timestamp": timestamp,
         "text": text,
-        "block": "",
+        "dropped_by": "",
         "reason": "",
         "detail": "",
         "digest": digest(id_, source, timestamp, text),
@@ -148,7 +148,7 @@ def reject_row(id_: str, source: str, reason: str, detail: str = "") -> dict:
         "source": source,
         "timestamp": None,
         "text": "",
-        "block": S.READ,
+        "dropped_by": schema.READ,
         "reason": reason,
         "detail": detail,
         "digest": digest(id_, source, reason, detail),
@@ -158,15 +158,15 @@ def reject_row(id_: str, source: str, reason: str, detail: str = "") -> dict:
 def record_row(record: Any, id_: str, source: str, cfg: SourceConfig) -> dict:
     """One record (a JSON object, a parquet or `datasets` row) -> a doc row or a reject."""
     if not isinstance(record, dict):
-        return reject_row(id_, source, S.NOT_AN_OBJECT, f"got {type(record).__name__}")
+        return reject_row(id_, source, schema.NOT_AN_OBJECT, f"got {type(record).__name__}")
     if cfg.id_field and not _missing(record.get(cfg.id_field)):
         id_ = str(record[cfg.id_field])
     text = record.get(cfg.text_field)
     if _missing(text):
-        return reject_row(id_, source, S.MISSING_TEXT, f"no '{cfg.text_field}' value")
+        return reject_row(id_, source, schema.MISSING_TEXT, f"no '{cfg.text_field}' value")
     if not isinstance(text, str):
         return reject_row(
-            id_, source, S.NON_STRING_TEXT, f"'{cfg.text_field}' is {type(text).__name__}"
+            id_, source, schema.NON_STRING_TEXT, f"'{cfg.text_field}' is {type(text).__name__}"
         )
     ts = _timestamp(record.get(cfg.timestamp_field)) if cfg.timestamp_field else None
     # Named by the record's own field names, so the reject says what to fix in the file.
@@ -174,7 +174,7 @@ def record_row(record: Any, id_: str, source: str, cfg: SourceConfig) -> dict:
     for field, value in fields:
         problem = unencodable(value) if field and value is not None else None
         if problem:
-            return reject_row(id_, source, S.INVALID_UNICODE, f"'{field}': {problem}")
+            return reject_row(id_, source, schema.INVALID_UNICODE, f"'{field}': {problem}")
     return doc_row(id_, source, text, ts)
 
 
@@ -183,7 +183,7 @@ def guarded_record_row(record: Any, id_: str, source: str, cfg: SourceConfig) ->
     try:
         return record_row(record, id_, source, cfg)
     except Exception as exc:
-        return reject_row(id_, source, S.UNREADABLE_RECORD, f"{type(exc).__name__}: {exc}")
+        return reject_row(id_, source, schema.UNREADABLE_RECORD, f"{type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------------ pydocs
@@ -207,7 +207,7 @@ def read_module_docstrings(root: Path, relpath: str) -> list[dict]:
     try:
         tree = ast.parse((root / relpath).read_bytes(), filename=relpath)
     except (SyntaxError, ValueError, OSError) as exc:
-        return [reject_row(f"pydocs:{relpath}", source, S.UNPARSABLE_MODULE, str(exc))]
+        return [reject_row(f"pydocs:{relpath}", source, schema.UNPARSABLE_MODULE, str(exc))]
     rows = []
 
     def visit(node: ast.AST, prefix: str) -> None:
@@ -245,10 +245,10 @@ def read_text_file(root: Path, relpath: str) -> list[dict]:
     name = printable(relpath)
     data = (root / relpath).read_bytes()
     if not data.strip():
-        return [reject_row(name, name, S.EMPTY_FILE, f"{len(data)} bytes")]
+        return [reject_row(name, name, schema.EMPTY_FILE, f"{len(data)} bytes")]
     text, error = _decode_utf16(data) if _utf16(data) else _decode(data, "file")
     if text is None:
-        return [reject_row(name, name, S.UNDECODABLE, error)]
+        return [reject_row(name, name, schema.UNDECODABLE, error)]
     return [doc_row(name, name, text.removeprefix("\ufeff"))]
 
 
@@ -287,19 +287,19 @@ def read_jsonl_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
     name = printable(relpath)
     data = (root / relpath).read_bytes()
     if not data.strip():
-        return [reject_row(name, name, S.EMPTY_FILE, f"{len(data)} bytes")]
+        return [reject_row(name, name, schema.EMPTY_FILE, f"{len(data)} bytes")]
     rows = []
     for lineno, line, error in _jsonl_lines(data):
         id_ = f"{name}:{lineno}"
         if line is None:
-            rows.append(reject_row(id_, name, S.UNDECODABLE, error))
+            rows.append(reject_row(id_, name, schema.UNDECODABLE, error))
             continue
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
             # RecursionError: a line of ~100k nested brackets is valid JSON Python cannot parse.
             detail = exc if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-            rows.append(reject_row(id_, name, S.MALFORMED_JSON, f"line {lineno}: {detail}"))
+            rows.append(reject_row(id_, name, schema.MALFORMED_JSON, f"line {lineno}: {detail}"))
             continue
         rows.append(guarded_record_row(record, id_, name, cfg))
     return rows
@@ -313,9 +313,9 @@ def read_parquet_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]
         table = pq.read_table(root / relpath)
         records = table.to_pylist()  # invalid UTF-8 in a string column fails here
     except Exception as exc:  # pyarrow raises several types for a corrupt file
-        return [reject_row(name, name, S.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}")]
+        return [reject_row(name, name, schema.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}")]
     if not records:
-        return [reject_row(name, name, S.EMPTY_FILE, "0 rows")]
+        return [reject_row(name, name, schema.EMPTY_FILE, "0 rows")]
     return [
         guarded_record_row(record, f"{name}:{i}", name, cfg) for i, record in enumerate(records)
     ]
@@ -332,15 +332,17 @@ def read_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
         if suffix == ".parquet":
             return read_parquet_file(root, relpath, cfg)
     except OSError as exc:
-        return [reject_row(name, name, S.UNREADABLE_FILE, str(exc))]
+        return [reject_row(name, name, schema.UNREADABLE_FILE, str(exc))]
     supported = ", ".join(TEXT_SUFFIXES + RECORD_SUFFIXES)
-    return [reject_row(name, name, S.UNSUPPORTED_FILE, f"'{suffix}' is not one of {supported}")]
+    return [
+        reject_row(name, name, schema.UNSUPPORTED_FILE, f"'{suffix}' is not one of {supported}")
+    ]
 
 
 # ------------------------------------------------------------------------ blocks
 
 
-class ReadUnits(S.Block):
+class ReadUnits(schema.Step):
     """Block: a batch of units (column `unit`) -> document rows (DOC_COLUMNS)."""
 
     def __init__(self, cfg: SourceConfig):
@@ -358,11 +360,11 @@ class ReadUnits(S.Block):
                 return read_module_docstrings(self.root, unit)
             return read_file(self.root, unit, self.cfg)
         except Exception as exc:  # a reader bug or an input it does not foresee: one unit's rows
-            return [reject_row(unit, unit, S.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}")]
+            return [reject_row(unit, unit, schema.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}")]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = [row for unit in batch["unit"] for row in self.read(unit)]
-        return S.doc_frame(rows)
+        return schema.doc_frame(rows)
 
 
 def unit_rows(units: list[str]) -> list[dict]:
@@ -370,7 +372,7 @@ def unit_rows(units: list[str]) -> list[dict]:
     return [{"unit": os.fsencode(u)} for u in units]
 
 
-class RecordsToDocs(S.Block):
+class RecordsToDocs(schema.Step):
     """Block: a batch of `datasets` records (+ `__row`) -> document rows."""
 
     def __init__(self, cfg: SourceConfig, source: str):
@@ -388,7 +390,7 @@ class RecordsToDocs(S.Block):
             guarded_record_row(_plain(rec), f"{self.source}:{i}", self.source, self.cfg)
             for i, rec in zip(rows_idx, records, strict=True)
         ]
-        return S.doc_frame(rows)
+        return schema.doc_frame(rows)
 
 
 def _plain(record: dict) -> dict:

@@ -28,11 +28,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flywheel import artifacts as A
+from flywheel import artifacts
 from flywheel.config import DataConfig, Profile
-from flywheel.data import blocks as B
-from flywheel.data import output, sources, tokenizer
-from flywheel.data import schema as S
+from flywheel.data import output, schema, sources, steps, tokenizer
 from flywheel.data.output import DROPPED
 from flywheel.data.stats import DataStats
 from flywheel.errors import DataError, FlywheelError
@@ -45,7 +43,7 @@ Progress = Callable[[str, dict], None]
 PIPELINE_VERSION = 1
 BLOCKS_PER_SHARD = 8192  # 8192 x 128 tokens x 4 bytes = 4 MiB before compression
 UNITS_PER_BATCH = 8
-META_COLUMNS = ["id", "source", "block", "reason", "detail"]
+META_COLUMNS = ["id", "source", "dropped_by", "reason", "detail"]
 
 
 @contextlib.contextmanager
@@ -104,16 +102,16 @@ def clean(ds, cfg: DataConfig):
     """normalize > quality > content key; every row kept, judged ones marked."""
     kw = {"batch_format": "pandas", "batch_size": cfg.batch_size}
     return (
-        ds.map_batches(B.Normalize(), **kw)
-        .map_batches(B.QualityFilter(cfg.filters), **kw)
-        .map_batches(B.ContentKey(), **kw)
+        ds.map_batches(steps.Normalize(), **kw)
+        .map_batches(steps.QualityFilter(cfg.filters), **kw)
+        .map_batches(steps.ContentKey(), **kw)
     )
 
 
 def exact_dedup(ds, cfg: DataConfig):
-    ds = ds.map_batches(S.keep_only, batch_format="pandas")
+    ds = ds.map_batches(schema.keep_only, batch_format="pandas")
     if cfg.dedup.exact:
-        ds = ds.groupby("bucket").map_groups(B.ExactDedup(), batch_format="pandas")
+        ds = ds.groupby("bucket").map_groups(steps.ExactDedup(), batch_format="pandas")
     return ds
 
 
@@ -141,7 +139,7 @@ def _pairs_by(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
                 "other": batch[other].astype(str),
                 "minhash": [b""] * len(batch),
                 "peer": list(batch["peer"]) if "peer" in batch else [b""] * len(batch),
-                "bucket": B._bucket(keys),
+                "bucket": steps._bucket(keys),
             }
         )
 
@@ -158,14 +156,16 @@ def near_duplicate_edges(docs, cfg: DataConfig) -> pd.DataFrame:
     Steps 2-3 are a join of pairs with signatures written as two groupbys: the
     signatures never gather in one process, and only candidate pairs move twice.
     """
-    sigs = docs.map_batches(S.keep_only, batch_format="pandas").map_batches(
+    sigs = docs.map_batches(schema.keep_only, batch_format="pandas").map_batches(
         _sig_rows, batch_format="pandas"
     )
     sigs = sigs.materialize()
     pairs = (
-        sigs.map_batches(B.LshBands(cfg.dedup), batch_format="pandas", batch_size=cfg.batch_size)
+        sigs.map_batches(
+            steps.LshBands(cfg.dedup), batch_format="pandas", batch_size=cfg.batch_size
+        )
         .groupby("bucket")
-        .map_groups(B.BandCandidates(), batch_format="pandas")
+        .map_groups(steps.BandCandidates(), batch_format="pandas")
         .materialize()
     )
     empty = pd.DataFrame(
@@ -176,12 +176,12 @@ def near_duplicate_edges(docs, cfg: DataConfig) -> pd.DataFrame:
     with_b = (
         sigs.union(pairs.map_batches(_pairs_by("b"), batch_format="pandas"))
         .groupby("bucket")
-        .map_groups(B.AttachSignature(), batch_format="pandas")
+        .map_groups(steps.AttachSignature(), batch_format="pandas")
     )
     edges = (
         sigs.union(with_b.map_batches(_pairs_by("a"), batch_format="pandas"))
         .groupby("bucket")
-        .map_groups(B.VerifyPairs(cfg.dedup.threshold), batch_format="pandas")
+        .map_groups(steps.VerifyPairs(cfg.dedup.threshold), batch_format="pandas")
     )
     found = edges.to_pandas()
     return found if len(found) else empty
@@ -195,7 +195,7 @@ def _meta(ds, columns: list[str]) -> pd.DataFrame:
 def _content_hash(cfg: DataConfig, digests: pd.Series) -> str:
     inputs = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
     payload = {
-        "schema_version": A.SCHEMA_VERSION,
+        "schema_version": artifacts.SCHEMA_VERSION,
         "pipeline_version": PIPELINE_VERSION,
         # batch_size changes how work is cut, never the output; where the corpus lies
         # (source.path) is not content: the digests already cover every row's id, source
@@ -265,7 +265,9 @@ def write_blocks(blocks: np.ndarray, split_dir: Path) -> list[str]:
         offsets = pa.array(np.arange(0, (len(part) + 1) * size, size, dtype=np.int32))
         column = pa.ListArray.from_arrays(offsets, pa.array(part.reshape(-1), type=pa.int32()))
         name = f"part-{i:05d}.parquet"
-        pq.write_table(pa.table({A.TOKEN_COLUMN: column}), split_dir / name, compression="zstd")
+        pq.write_table(
+            pa.table({artifacts.TOKEN_COLUMN: column}), split_dir / name, compression="zstd"
+        )
         names.append(f"{split_dir.name}/{name}")
     return names
 
@@ -346,7 +348,7 @@ def prepare(
         stats = run(units, base)
     except BaseException as exc:
         # A block that raised inside Ray arrives as Ray's exception with ours as text.
-        message = None if isinstance(exc, FlywheelError) else S.block_failure_message(exc)
+        message = None if isinstance(exc, FlywheelError) else schema.step_failure_message(exc)
         error: BaseException = DataError(message) if message else exc
         try:
             run.write_dropped()
@@ -384,7 +386,7 @@ class _Run:
         if self.dropped_written or not self.judged:
             return
         judged_all = pd.concat(self.judged, ignore_index=True)
-        columns = ("id", "source", "block", "reason", "detail")
+        columns = ("id", "source", "dropped_by", "reason", "detail")
         _write_rejects(self.work / DROPPED, judged_all, columns)
         self.dropped_written = True
 
@@ -413,11 +415,11 @@ class _Run:
                 cleaned = clean(read_documents(cfg, units), cfg).materialize()
                 meta = _meta(cleaned, [*META_COLUMNS, "digest"])
                 rows_read = len(meta)
-                rejects = meta[meta["block"] == S.READ]
+                rejects = meta[meta["dropped_by"] == schema.READ]
                 content_hash = self.content_hash = _content_hash(cfg, meta["digest"])
-                _write_rejects(out_dir / A.REJECTS, rejects)
+                _write_rejects(out_dir / artifacts.REJECTS, rejects)
                 info.update(rows=rows_read, rejected=len(rejects))
-            judged.append(meta[(meta["reason"] != "") & (meta["block"] != S.READ)])
+            judged.append(meta[(meta["reason"] != "") & (meta["dropped_by"] != schema.READ)])
             check_rejects(rejects, rows_read, cfg.max_reject_share)
             if not (meta["reason"] == "").any():
                 raise DataError(
@@ -430,13 +432,13 @@ class _Run:
                 deduped = exact_dedup(cleaned, cfg)
                 if cfg.dedup.near:
                     deduped = deduped.map_batches(
-                        B.MinHashSignature(cfg.dedup),
+                        steps.MinHashSignature(cfg.dedup),
                         batch_format="pandas",
                         batch_size=cfg.batch_size,
                     )
                 deduped = deduped.materialize()
                 exact = _meta(
-                    deduped.map_batches(S.dropped_only, batch_format="pandas"), META_COLUMNS
+                    deduped.map_batches(schema.dropped_only, batch_format="pandas"), META_COLUMNS
                 )
                 judged.append(exact)
                 info.update(exact_duplicates=len(exact))
@@ -444,18 +446,20 @@ class _Run:
             if cfg.dedup.near:
                 with step("near_dedup") as info:
                     edges = near_duplicate_edges(deduped, cfg)
-                    drops = B.duplicate_components(edges)
+                    drops = steps.duplicate_components(edges)
                     info.update(candidate_edges=len(edges), near_duplicates=len(drops))
 
             # -- split
             with step("split") as info:
                 final = (
-                    deduped.map_batches(S.keep_only, batch_format="pandas")
+                    deduped.map_batches(schema.keep_only, batch_format="pandas")
                     .map_batches(
-                        B.ApplyDrops(drops), batch_format="pandas", batch_size=cfg.batch_size
+                        steps.ApplyDrops(drops), batch_format="pandas", batch_size=cfg.batch_size
                     )
                     .map_batches(
-                        B.AssignSplit(cfg.split), batch_format="pandas", batch_size=cfg.batch_size
+                        steps.AssignSplit(cfg.split),
+                        batch_format="pandas",
+                        batch_size=cfg.batch_size,
                     )
                 )
                 if "minhash" in deduped.columns():
@@ -467,12 +471,12 @@ class _Run:
                 key_to_id = dict(zip(kept["key"], kept["id"], strict=True))
                 near = near.assign(detail=near["detail"].map(lambda d: _name_kept(d, key_to_id)))
                 judged.append(near)
-                docs = kept["split"].value_counts().reindex(list(A.SPLITS), fill_value=0)
-                info.update(docs={s: int(docs[s]) for s in A.SPLITS})
+                docs = kept["split"].value_counts().reindex(list(artifacts.SPLITS), fill_value=0)
+                info.update(docs={s: int(docs[s]) for s in artifacts.SPLITS})
 
             # -- tokenizer
             with step("tokenizer") as info:
-                tok_dir = out_dir / A.TOKENIZER_DIR
+                tok_dir = out_dir / artifacts.TOKENIZER_DIR
                 if base is not None:
                     tok = base
                 else:
@@ -496,10 +500,10 @@ class _Run:
             # -- tokenize + pack + write
             with step("tokenize") as info:
                 tokens = (
-                    final.map_batches(S.keep_only, batch_format="pandas")
+                    final.map_batches(schema.keep_only, batch_format="pandas")
                     .select_columns(["key", "split", "text"])
                     .map_batches(
-                        B.Tokenize(tok.backend_tokenizer.to_str()),
+                        steps.Tokenize(tok.backend_tokenizer.to_str()),
                         batch_format="pandas",
                         batch_size=cfg.batch_size,
                     )
@@ -508,9 +512,9 @@ class _Run:
                 info.update(tokens=int(tokens["n_tokens"].sum()))
 
         with step("write") as info:
-            pack = B.Pack(cfg.block_size, tok_info["eos_token_id"])
+            pack = steps.Pack(cfg.block_size, tok_info["eos_token_id"])
             splits: dict[str, dict] = {}
-            for split in A.SPLITS:
+            for split in artifacts.SPLITS:
                 part = tokens[tokens["split"] == split].sort_values("key")
                 blocks, tail = pack.blocks(part)
                 if len(blocks) == 0 and _share(cfg, split) > 0:
@@ -527,11 +531,15 @@ class _Run:
                     "files": files,
                 }
             text_rows = _texts_for(final, kept, cfg.reference_sample_docs)
-            (out_dir / A.TEXT_DIR).mkdir(exist_ok=True)
+            (out_dir / artifacts.TEXT_DIR).mkdir(exist_ok=True)
             test_docs = text_rows[text_rows["split"] == "test"]
             ref_docs = text_rows[text_rows["ref"]]
-            pq.write_table(_text_table(test_docs), out_dir / A.TEST_TEXT, compression="zstd")
-            pq.write_table(_text_table(ref_docs), out_dir / A.REFERENCE_TEXT, compression="zstd")
+            pq.write_table(
+                _text_table(test_docs), out_dir / artifacts.TEST_TEXT, compression="zstd"
+            )
+            pq.write_table(
+                _text_table(ref_docs), out_dir / artifacts.REFERENCE_TEXT, compression="zstd"
+            )
 
             judged_all = pd.concat(judged, ignore_index=True)
             self.write_dropped()
@@ -539,13 +547,13 @@ class _Run:
             by_source = rejects["source"].value_counts().sort_index()
             dropped_by_reason = {
                 f"{block}:{reason}": int(n)
-                for block in S.PIPELINE_BLOCKS
-                for reason, n in judged_all[judged_all["block"] == block]["reason"]
+                for block in schema.PIPELINE_STEPS
+                for reason, n in judged_all[judged_all["dropped_by"] == block]["reason"]
                 .value_counts()
                 .sort_index()
                 .items()
             }
-            dropped = judged_all["block"].value_counts()
+            dropped = judged_all["dropped_by"].value_counts()
             stats = DataStats(
                 content_hash=content_hash,
                 out_dir=str(out_dir),
@@ -553,7 +561,9 @@ class _Run:
                 docs_kept=len(kept),
                 rejected={str(k): int(v) for k, v in rejected.items()},
                 rejected_by_source={str(k): int(v) for k, v in by_source.items()},
-                dropped={b: int(dropped.get(b, 0)) for b in S.PIPELINE_BLOCKS if b != S.READ},
+                dropped={
+                    b: int(dropped.get(b, 0)) for b in schema.PIPELINE_STEPS if b != schema.READ
+                },
                 dropped_by_reason=dropped_by_reason,
                 docs={s: v["docs"] for s, v in splits.items()},
                 tokens={s: v["tokens"] for s, v in splits.items()},
@@ -565,7 +575,7 @@ class _Run:
             )
             manifest = _manifest(cfg, stats, splits, tok_info, len(test_docs), len(ref_docs))
             # Written last: a directory with a manifest is a complete dataset.
-            A.DatasetManifest.model_validate(manifest).write(out_dir)
+            artifacts.DatasetManifest.model_validate(manifest).write(out_dir)
             info.update(blocks=stats.blocks)
 
         stats.seconds = round(time.perf_counter() - t_start, 3)
@@ -576,7 +586,7 @@ class _Run:
 def _reason_counts(meta: pd.DataFrame) -> str:
     """'quality too_short 38, read malformed_json 2': why rows went, most first."""
     judged = meta[meta["reason"] != ""]
-    counts = (judged["block"] + " " + judged["reason"]).value_counts().sort_index()
+    counts = (judged["dropped_by"] + " " + judged["reason"]).value_counts().sort_index()
     counts = counts.sort_values(ascending=False, kind="stable")
     return ", ".join(f"{what} {n:,}" for what, n in counts.items()) or "nothing judged"
 
@@ -624,12 +634,12 @@ def _manifest(
     cfg: DataConfig, stats: DataStats, splits: dict, tok_info: dict, n_test: int, n_ref: int
 ) -> dict:
     return {
-        "schema_version": A.SCHEMA_VERSION,
+        "schema_version": artifacts.SCHEMA_VERSION,
         "pipeline_version": PIPELINE_VERSION,
         "content_hash": stats.content_hash,
         "config": cfg.model_dump(mode="json"),
         "block_size": cfg.block_size,
-        "token_column": A.TOKEN_COLUMN,
+        "token_column": artifacts.TOKEN_COLUMN,
         # Flat per-split totals (the same numbers as under `splits`) for quick readers.
         "vocab_size": tok_info["vocab_size"],
         "docs": stats.docs,
@@ -637,15 +647,15 @@ def _manifest(
         "blocks": stats.blocks,
         "splits": splits,
         "tokenizer": {
-            "path": A.TOKENIZER_DIR,
+            "path": artifacts.TOKENIZER_DIR,
             "trained": stats.tokenizer_trained,
             "base": cfg.tokenizer.base,
             **tok_info,
         },
         "text": {
-            "test": A.TEST_TEXT,
+            "test": artifacts.TEST_TEXT,
             "test_docs": n_test,
-            "reference": A.REFERENCE_TEXT,
+            "reference": artifacts.REFERENCE_TEXT,
             "reference_docs": n_ref,
         },
         "counts": {
@@ -655,7 +665,7 @@ def _manifest(
             "blocks": _block_counts(stats),
         },
         "rejects": {
-            "file": A.REJECTS,
+            "file": artifacts.REJECTS,
             "by_reason": stats.rejected,
             "by_source": stats.rejected_by_source,
         },
@@ -671,8 +681,8 @@ def _block_counts(stats: DataStats) -> list[dict]:
     """read / kept / dropped-by-reason per block, in pipeline order."""
     out = []
     n = stats.docs_read
-    for block in S.PIPELINE_BLOCKS:
-        if block == S.READ:
+    for block in schema.PIPELINE_STEPS:
+        if block == schema.READ:
             dropped = dict(stats.rejected)
         else:
             prefix = f"{block}:"

@@ -1,11 +1,12 @@
-"""The data blocks. One contract: `block(batch: pd.DataFrame) -> pd.DataFrame`.
+"""The data steps. One contract: `step(batch: pd.DataFrame) -> pd.DataFrame`.
 
-Each block is small and runs under Ray Data `map_batches(batch_format="pandas")` (or
+Each step is small and runs under Ray Data `map_batches(batch_format="pandas")` (or
 `groupby(...).map_groups` for the ones that need all rows of a key together); the stage
-in `flywheel.data.stage` wires them. Blocks that judge documents mark rows (see
-`schema.mark`) instead of deleting them, so every drop is counted with its reason.
-State that is expensive to build (MinHash permutations, a tokenizer) lives in a callable
-class, built once per Ray actor.
+in `flywheel.data.stage` wires them. Steps that judge documents mark rows (see
+`schema.mark`: the `dropped_by` column names the step) instead of deleting them, so every
+drop is counted with its reason. State that is expensive to build (a tokenizer) lives in a
+callable class, built once per Ray worker. ("Block" is kept for Ray's meaning: a chunk of
+a Ray dataset; a packed run of `data.block_size` training tokens is a "sequence".)
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-import zlib
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from flywheel import artifacts
 from flywheel.config import DedupConfig, FilterConfig, SplitConfig
-from flywheel.data import schema as S
+from flywheel.data import schema
 
 # Groups for the keyed shuffles. Ray's map_groups calls Python once per group, so keying
 # on the band hash itself (~100k distinct values) costs ~1 ms per group; keying on a
@@ -31,7 +34,6 @@ _SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newlines
 _TRAILING = re.compile(r"[^\S\n]+\n")
 _BLANKS = re.compile(r"\n{3,}")
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
-_WORD = re.compile(r"\w+")
 
 
 def _bucket(keys: pd.Series) -> pd.Series:
@@ -61,9 +63,9 @@ def normalize_text(text: str) -> str:
     return _BLANKS.sub("\n\n", text).strip()
 
 
-class Normalize(S.Block):
+class Normalize(schema.Step):
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        todo = S.pending(batch)
+        todo = schema.pending(batch)
         batch.loc[todo, "text"] = batch.loc[todo, "text"].map(normalize_text)
         return batch
 
@@ -82,7 +84,7 @@ def repeated_line_share(text: str) -> float:
     return (1 - len(set(lines)) / len(lines)) if lines else 0.0
 
 
-class QualityFilter(S.Block):
+class QualityFilter(schema.Step):
     """Length bounds, alphabetic share, repeated-line share (thresholds in `data.filters`)."""
 
     def __init__(self, cfg: FilterConfig):
@@ -90,30 +92,38 @@ class QualityFilter(S.Block):
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         cfg = self.cfg
-        todo = S.pending(batch)
+        todo = schema.pending(batch)
         text = batch["text"].where(todo, "")
         n = text.str.len()
-        S.mark(
-            batch, todo & (n < cfg.min_chars), S.QUALITY, "too_short", n.map(lambda v: f"{v} chars")
+        schema.mark(
+            batch,
+            todo & (n < cfg.min_chars),
+            schema.QUALITY,
+            "too_short",
+            n.map(lambda v: f"{v} chars"),
         )
-        S.mark(
-            batch, todo & (n > cfg.max_chars), S.QUALITY, "too_long", n.map(lambda v: f"{v} chars")
+        schema.mark(
+            batch,
+            todo & (n > cfg.max_chars),
+            schema.QUALITY,
+            "too_long",
+            n.map(lambda v: f"{v} chars"),
         )
-        todo = S.pending(batch)
+        todo = schema.pending(batch)
         alpha = text.where(todo, "").map(alpha_share)
-        S.mark(
+        schema.mark(
             batch,
             todo & (alpha < cfg.min_alpha_share),
-            S.QUALITY,
+            schema.QUALITY,
             "low_alpha_share",
             alpha.map(lambda v: f"alpha share {v:.2f}"),
         )
-        todo = S.pending(batch)
+        todo = schema.pending(batch)
         rep = text.where(todo, "").map(repeated_line_share)
-        S.mark(
+        schema.mark(
             batch,
             todo & (rep > cfg.max_repeated_line_share),
-            S.QUALITY,
+            schema.QUALITY,
             "repeated_lines",
             rep.map(lambda v: f"repeated-line share {v:.2f}"),
         )
@@ -123,7 +133,7 @@ class QualityFilter(S.Block):
 # ------------------------------------------------------------------------ dedup
 
 
-class ContentKey(S.Block):
+class ContentKey(schema.Step):
     """`key`: the hash of the normalized text (exact-duplicate identity, split hash input)."""
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -134,7 +144,7 @@ class ContentKey(S.Block):
         return batch
 
 
-class ExactDedup(S.Block):
+class ExactDedup(schema.Step):
     """Per group of buckets: keep the smallest id of each `key`, mark the rest.
 
     Runs under `groupby("bucket").map_groups`, so every copy of a text is in one call.
@@ -144,84 +154,158 @@ class ExactDedup(S.Block):
     row_wise = False
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        todo = batch[S.pending(batch)].sort_values(["key", "id"])
+        todo = batch[schema.pending(batch)].sort_values(["key", "id"])
         first = todo.groupby("key")["id"].transform("first")
         dup = first != todo["id"]
         mask = pd.Series(False, index=batch.index)
         mask[dup[dup].index] = True
         detail = pd.Series("", index=batch.index)
         detail[dup[dup].index] = "copy of " + first[dup]
-        S.mark(batch, mask, S.EXACT_DEDUP, "exact_duplicate", detail)
+        schema.mark(batch, mask, schema.EXACT_DEDUP, "exact_duplicate", detail)
         return batch
 
 
-def shingles(text: str, size: int) -> set[bytes]:
-    words = _WORD.findall(text.lower())
-    if len(words) < size:
-        # Short texts are one shingle; an empty set would give every such text the
-        # same (all-max) signature and make them look like duplicates of each other.
-        return {" ".join(words).encode() or text.encode()}
-    return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
+# Odd 64-bit constants (splitmix64's); the arithmetic below wraps modulo 2**64 on purpose.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_BASE = np.uint64(0x100000001B3)  # FNV's prime: the base of the polynomials below
+# Words as Python's `\w+` sees them (letters, digits, underscore), in RE2's syntax.
+_NON_WORD = r"[^\pL\pN_]+"
 
 
-class MinHashSignature(S.Block):
-    """`minhash`: datasketch MinHash (num_perm uint32 values) of word shingles, as bytes."""
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, vectorised: every input bit moves every output bit."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def _string_hashes(strings: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each (non-empty) string over its UTF-8 bytes, with no Python loop."""
+    if len(strings) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int32)
+    offsets = offsets[strings.offset : strings.offset + len(strings) + 1].astype(np.int64)
+    data = np.frombuffer(strings.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    # Each byte's distance from its word's end is its power of the base.
+    from_end = np.repeat(starts + lengths, lengths) - 1 - np.arange(len(data))
+    powers = np.full(int(lengths.max()), _BASE, dtype=np.uint64)
+    powers[0] = 1
+    powers = np.cumprod(powers, dtype=np.uint64)
+    sums = np.add.reduceat(data.astype(np.uint64) * powers[from_end], starts)
+    return _mix64(sums ^ (lengths.astype(np.uint64) * _GOLDEN))
+
+
+def _chain(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
+    """The hash of a sequence of word hashes (order matters)."""
+    h = first
+    for w in rest:
+        h = _mix64(h * _BASE + w)
+    return h
+
+
+def shingle_hashes(texts: list[str], size: int, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of each text's word `size`-grams (lowercased), as one flat array and
+    row offsets (row i is `hashes[offsets[i]:offsets[i + 1]]`), computed for the whole batch
+    in pyarrow and NumPy: per-document Python here was the stage's largest cost.
+
+    A text of fewer than `size` words is one shingle of all its words; a text with no word
+    at all is one shingle from its content `key` (an empty set would give every such text
+    the same all-max signature and make them look like duplicates of each other).
+    """
+    n = len(texts)
+    words = pc.split_pattern_regex(pc.utf8_lower(pa.array(texts, type=pa.string())), _NON_WORD)
+    doc = pc.list_parent_indices(words).to_numpy()
+    flat = pc.list_flatten(words)
+    nonempty = pc.greater(pc.binary_length(flat), 0)
+    flat, doc = flat.filter(nonempty), doc[nonempty.to_numpy(zero_copy_only=False)]
+    word = _string_hashes(flat)
+    count = np.bincount(doc, minlength=n)
+    parts: list[tuple[np.ndarray, np.ndarray]] = []  # (document index, hash)
+    if len(word) >= size:
+        last = len(word) - size + 1
+        whole = doc[:last] == doc[size - 1 :]  # the n-gram does not cross a document
+        grams = _chain(*(word[j : j + last] for j in range(size)))
+        parts.append((doc[:last][whole], grams[whole]))
+    starts = np.r_[0, np.cumsum(count)]
+    for i in np.flatnonzero(count < size):  # rare: short texts, one shingle each
+        if count[i]:
+            h = _chain(*(word[j : j + 1] for j in range(starts[i], starts[i + 1])))
+        else:
+            h = np.array([int(keys[i][:16], 16)], dtype=np.uint64)
+        parts.append((np.array([i]), h))
+    docs = np.concatenate([d for d, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
+    hashes = np.concatenate([h for _, h in parts]) if parts else np.zeros(0, dtype=np.uint64)
+    order = np.argsort(docs, kind="stable")
+    offsets = np.r_[0, np.cumsum(np.bincount(docs, minlength=n))].astype(np.uint64)
+    return hashes[order], offsets
+
+
+class MinHashSignature(schema.Step):
+    """`minhash`: a MinHash signature (num_perm uint32 values, as bytes) of word shingles.
+
+    rensa (Rust) computes the signatures of a whole batch from the flat shingle hashes in
+    one call; its Jaccard estimate is the share of equal values, as before.
+    """
 
     def __init__(self, cfg: DedupConfig, seed: int = 1):
-        from datasketch import MinHash
-
         self.cfg = cfg
         self.seed = seed
-        # Permutations are derived from the seed; build them once, not once per document.
-        self.permutations = MinHash(num_perm=cfg.num_perm, seed=seed).permutations
 
-    def signature(self, text: str) -> bytes:
-        from datasketch import MinHash
+    def signatures(self, texts: list[str], keys: list[str]) -> np.ndarray:
+        """(len(texts), num_perm) uint32 signatures."""
+        from rensa import RMinHash
 
-        m = MinHash(
-            num_perm=self.cfg.num_perm,
-            seed=self.seed,
-            permutations=self.permutations,
-            scheme="affine32",
-            # The base hash only has to spread shingles over 32 bits before the 128
-            # permutations; zlib's C crc32 is 5x faster here than datasketch's default
-            # (a Python wrapper around sha1), which made MinHash the stage's top cost.
-            hashfunc=zlib.crc32,
+        if not texts:
+            return np.zeros((0, self.cfg.num_perm), dtype=np.uint32)
+        hashes, offsets = shingle_hashes(texts, self.cfg.shingle_size, keys)
+        matrix = RMinHash.digest_matrix_from_flat_token_hashes(
+            hashes, offsets, self.cfg.num_perm, self.seed
         )
-        m.update_batch(list(shingles(text, self.cfg.shingle_size)))
-        return m.hashvalues.astype("<u4").tobytes()
+        return np.asarray(matrix.to_rows(), dtype="<u4")
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        todo = S.pending(batch)
-        batch["minhash"] = [
-            self.signature(t) if k else b"" for t, k in zip(batch["text"], todo, strict=True)
-        ]
+        todo = schema.pending(batch).to_numpy()
+        sigs = self.signatures(batch["text"][todo].tolist(), batch["key"][todo].tolist())
+        column = np.full(len(batch), b"", dtype=object)
+        column[todo] = [row.tobytes() for row in sigs]
+        batch["minhash"] = column
         return batch
 
 
-class LshBands(S.Block):
+def band_hashes(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """(n, bands) int64: the hash of each band's slice of each signature (band index salted
+    in, so equal slices in different bands do not meet)."""
+    rows = signatures.shape[1] // bands
+    sig = signatures.astype(np.uint64)
+    out = np.empty((len(sig), bands), dtype=np.uint64)
+    for b in range(bands):
+        h = np.full(len(sig), np.uint64(b + 1) * _GOLDEN, dtype=np.uint64)
+        for j in range(b * rows, (b + 1) * rows):
+            h = _mix64(h * _BASE + sig[:, j])
+        out[:, b] = h
+    return out.view(np.int64)
+
+
+class LshBands(schema.Step):
     """One row per (document, band): `band` = hash of the band's slice of the signature."""
 
     def __init__(self, cfg: DedupConfig):
         self.bands = cfg.bands
-        self.rows = cfg.num_perm // cfg.bands
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        keys, bands = [], []
-        width = self.rows * 4
-        for key, sig in zip(batch["key"], batch["minhash"], strict=True):
-            for b in range(self.bands):
-                h = hashlib.blake2b(
-                    sig[b * width : (b + 1) * width], digest_size=8, person=b.to_bytes(4, "little")
-                )
-                keys.append(key)
-                bands.append(int.from_bytes(h.digest(), "little", signed=True))
-        out = pd.DataFrame({"key": keys, "band": np.array(bands, dtype=np.int64)})
+        sigs = np.frombuffer(b"".join(batch["minhash"]), dtype="<u4").reshape(len(batch), -1)
+        band = band_hashes(sigs, self.bands).reshape(-1)
+        out = pd.DataFrame({"key": np.repeat(batch["key"].to_numpy(), self.bands), "band": band})
         out["bucket"] = (out["band"] % NUM_BUCKETS).astype("int64")
         return out
 
 
-class BandCandidates(S.Block):
+class BandCandidates(schema.Step):
     """Per group: candidate pairs (a < b) of documents that share a band.
 
     All pairs inside a band of up to `max_all_pairs` members; a larger band (boilerplate
@@ -250,7 +334,7 @@ class BandCandidates(S.Block):
         return out.rename(columns={"key_a": "a", "key_b": "b"}).reset_index(drop=True)
 
 
-class AttachSignature(S.Block):
+class AttachSignature(schema.Step):
     """Per group of `key` buckets: pair rows (sig empty) get the signature of their `key`.
 
     Input rows are either signatures (`key`, `minhash`, `other` == "") or pair rows
@@ -269,7 +353,7 @@ class AttachSignature(S.Block):
         return pd.DataFrame({"a": joined["other"], "b": joined["key"], "peer": joined["minhash"]})
 
 
-class VerifyPairs(S.Block):
+class VerifyPairs(schema.Step):
     """Per group: estimated Jaccard of each candidate pair; keep pairs >= threshold."""
 
     row_wise = False
@@ -326,7 +410,7 @@ def duplicate_components(edges: pd.DataFrame) -> dict[str, str]:
     return {k: find(k) for k in parent if find(k) != k}
 
 
-class ApplyDrops(S.Block):
+class ApplyDrops(schema.Step):
     """Mark documents whose key is in `drops` ({key: kept key}) as near-duplicates."""
 
     def __init__(self, drops: dict[str, str], kept_ids: dict[str, str] | None = None):
@@ -339,7 +423,7 @@ class ApplyDrops(S.Block):
         kept = batch["key"].map(self.drops)
         mask = kept.notna()
         detail = kept.where(mask, "").map(lambda k: f"near-duplicate of {self.kept_ids.get(k, k)}")
-        S.mark(batch, mask, S.NEAR_DEDUP, "near_duplicate", detail)
+        schema.mark(batch, mask, schema.NEAR_DEDUP, "near_duplicate", detail)
         return batch
 
 
@@ -352,7 +436,7 @@ def split_point(key: str, salt: str) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-class AssignSplit(S.Block):
+class AssignSplit(schema.Step):
     """`split` by content hash: the same text lands in the same split on every run."""
 
     def __init__(self, cfg: SplitConfig):
@@ -370,8 +454,8 @@ class AssignSplit(S.Block):
 # ---------------------------------------------------------------------- tokenize
 
 
-class Tokenize(S.Block):
-    """`input_ids` (int32) and `n_tokens` for each text, with the injected tokenizer.
+class Tokenize(schema.Step):
+    """`input_ids` (list<int32>) and `n_tokens` for each text, with the injected tokenizer.
 
     Holds the tokenizer as its serialized JSON (small, picklable) and builds the Rust
     tokenizer on first use in each worker process. Ray runs it as tasks: an actor pool
@@ -394,16 +478,23 @@ class Tokenize(S.Block):
             self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
         return self._tokenizer
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        encoded = self.tokenizer.encode_batch(list(batch["text"]), add_special_tokens=False)
-        ids = [np.asarray(e.ids, dtype=np.int32) for e in encoded]
-        out = batch[["key", "split"]].copy()
-        out["input_ids"] = ids
-        out["n_tokens"] = np.array([len(i) for i in ids], dtype=np.int64)
-        return out
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:  # type: ignore[override]
+        # encode_batch_fast: no character offsets, which nothing here uses (~25% faster).
+        encoded = self.tokenizer.encode_batch_fast(list(batch["text"]), add_special_tokens=False)
+        # Straight into an Arrow list<int32> column: no per-document NumPy array or Python
+        # list survives the batch, and Ray stores the column as is.
+        ids = pa.array([e.ids for e in encoded], type=pa.list_(pa.int32()))
+        return pa.table(
+            {
+                "key": pa.array(batch["key"].tolist(), type=pa.string()),
+                "split": pa.array(batch["split"].tolist(), type=pa.string()),
+                artifacts.TOKEN_COLUMN: ids,
+                "n_tokens": pc.list_value_length(ids).cast(pa.int64()),
+            }
+        )
 
 
-class Pack(S.Block):
+class Pack(schema.Step):
     """Documents (sorted) -> fixed-length blocks: doc EOS doc EOS ..., tail dropped.
 
     The tail shorter than one block is dropped (it is counted as `tail_tokens`): padding

@@ -41,9 +41,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flywheel.config import DataConfig, SourceConfig, TokenizerConfig, load_profile
-from flywheel.data import blocks as B
-from flywheel.data import schema as S
-from flywheel.data import sources, tokenizer
+from flywheel.data import schema, sources, steps, tokenizer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,7 +57,7 @@ def build_corpus(n_docs: int) -> pd.DataFrame:
         paras = doc["text"].split("\n\n")
         text = "\n\n".join(paras[k % len(paras) :] + paras[: k % len(paras)]) if k else doc["text"]
         rows.append(sources.doc_row(f"{doc['id']}#{k}", doc["source"], text))
-    return S.doc_frame(rows)
+    return schema.doc_frame(rows)
 
 
 class Steps:
@@ -67,17 +65,17 @@ class Steps:
 
     def __init__(self, cfg: DataConfig, tokenizer_json: str):
         self.blocks = [
-            B.Normalize(),
-            B.QualityFilter(cfg.filters),
-            B.ContentKey(),
-            B.MinHashSignature(cfg.dedup),
+            steps.Normalize(),
+            steps.QualityFilter(cfg.filters),
+            steps.ContentKey(),
+            steps.MinHashSignature(cfg.dedup),
         ]
-        self.tokenize = B.Tokenize(tokenizer_json)
+        self.tokenize = steps.Tokenize(tokenizer_json)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         for block in self.blocks:
             batch = block(batch)
-        kept = S.keep_only(batch).assign(split="train")
+        kept = schema.keep_only(batch).assign(split="train")
         return self.tokenize(kept)
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flywheel import artifacts as A
+from flywheel import artifacts
 from flywheel.config import RayConfig, load_profile
-from flywheel.data import output, prepare
-from flywheel.data import schema as S
+from flywheel.data import output, prepare, schema
 from flywheel.errors import DataError
 
 pytestmark = pytest.mark.integration
@@ -67,13 +66,13 @@ def incoming(root: Path) -> list[Path]:
 
 ODD = {
     # record line -> expected reason (None: read as a document)
-    r'{"text": "\ud800 starts with a lone surrogate, valid JSON all the same"}': S.INVALID_UNICODE,
+    r'{"text": "\ud800 starts with a lone surrogate, valid JSON all the same"}': schema.INVALID_UNICODE,
     r'{"text": "a surrogate pair \ud83d\ude00 is one character, and fine to keep here"}': None,
-    '{"text": null}': S.MISSING_TEXT,
-    '{"text": 12345}': S.NON_STRING_TEXT,
-    '{"text": {"nested": "object"}}': S.NON_STRING_TEXT,
-    '{"text": ["a", "list"]}': S.NON_STRING_TEXT,
-    '["not", "an", "object"]': S.NOT_AN_OBJECT,
+    '{"text": null}': schema.MISSING_TEXT,
+    '{"text": 12345}': schema.NON_STRING_TEXT,
+    '{"text": {"nested": "object"}}': schema.NON_STRING_TEXT,
+    '{"text": ["a", "list"]}': schema.NON_STRING_TEXT,
+    '["not", "an", "object"]': schema.NOT_AN_OBJECT,
 }
 
 
@@ -96,17 +95,17 @@ def odd_corpus(tmp_path_factory) -> Path:
 def test_odd_records_are_rejects_not_a_crash(odd_corpus, tmp_path):
     out = tmp_path / "ds"
     stats = prepare(_profile(odd_corpus), out)
-    rejects = [json.loads(line) for line in (out / A.REJECTS).read_text().splitlines()]
+    rejects = [json.loads(line) for line in (out / artifacts.REJECTS).read_text().splitlines()]
     got = {(r["source"], r["reason"]) for r in rejects}
     assert got == {("records.jsonl", reason) for reason in ODD.values() if reason} | {
-        ("more.jsonl", S.UNDECODABLE)
+        ("more.jsonl", schema.UNDECODABLE)
     }
-    surrogate = next(r for r in rejects if r["reason"] == S.INVALID_UNICODE)
+    surrogate = next(r for r in rejects if r["reason"] == schema.INVALID_UNICODE)
     assert surrogate["id"] == "records.jsonl:21"  # line 21, after 20 good records
     assert surrogate["detail"] == "'text': lone surrogate U+D800 at character 0"
-    manifest = A.read_manifest(out)
+    manifest = artifacts.read_manifest(out)
     assert manifest["rejects"]["by_reason"] == stats.rejected
-    assert stats.rejected[S.INVALID_UNICODE] == 1 and stats.rejected_total == len(rejects) == 7
+    assert stats.rejected[schema.INVALID_UNICODE] == 1 and stats.rejected_total == len(rejects) == 7
     # Read as documents: the BOM-led first record, the surrogate pair, the UTF-16 file and
     # the file whose name is not UTF-8 (named printably, as in every report).
     assert stats.docs_read - stats.rejected_total == 20 + 1 + 20 + 1 + 1
@@ -117,7 +116,7 @@ def test_odd_records_are_rejects_not_a_crash(odd_corpus, tmp_path):
 def test_a_block_failing_inside_ray_names_block_and_row():
     import ray
 
-    from flywheel.data import blocks as B
+    from flywheel.data import steps
 
     rows = [{"id": f"f.jsonl:{i}", "source": "f.jsonl", "text": f"text {i}"} for i in range(4)]
 
@@ -129,14 +128,14 @@ def test_a_block_failing_inside_ray_names_block_and_row():
         return batch
 
     ds = (
-        ray.data.from_pandas(S.doc_frame(rows))
+        ray.data.from_pandas(schema.doc_frame(rows))
         .map_batches(poison, batch_format="pandas")
-        .map_batches(B.QualityFilter(load_profile(None).data.filters), batch_format="pandas")
+        .map_batches(steps.QualityFilter(load_profile(None).data.filters), batch_format="pandas")
     )
     with pytest.raises(Exception) as err:  # Ray's own exception class, holding ours as text
         ds.materialize()
-    assert S.block_failure_message(err.value) == (
-        "data block QualityFilter failed on row 'f.jsonl:2' from f.jsonl (its text is int, "
+    assert schema.step_failure_message(err.value) == (
+        "data step QualityFilter failed on row 'f.jsonl:2' from f.jsonl (its text is int, "
         "not text): AttributeError: Can only use .str accessor with string values!"
     )
 
@@ -162,17 +161,17 @@ def test_everything_filtered_says_why_and_where(tmp_path, state_dir, capsys):
     assert errors[0] == (
         "error: data.source: no document survived reading and filtering (4 rows read; "
         "quality too_short 3, read malformed_json 1); check data.filters and the source; "
-        f"every rejected and dropped row, with its reason: {kept / A.REJECTS}, "
+        f"every rejected and dropped row, with its reason: {kept / artifacts.REJECTS}, "
         f"{kept / output.DROPPED}"
     )
     dropped = pd.read_json(kept / output.DROPPED, lines=True)
     assert dropped["reason"].tolist() == ["too_short"] * 3
     assert dropped["detail"].tolist() == ["4 chars", "5 chars", "3 chars"]
-    assert [json.loads(x)["reason"] for x in (kept / A.REJECTS).read_text().splitlines()] == [
-        S.MALFORMED_JSON
-    ]
+    assert [
+        json.loads(x)["reason"] for x in (kept / artifacts.REJECTS).read_text().splitlines()
+    ] == [schema.MALFORMED_JSON]
     assert json.loads((kept / output.FAILED).read_text())["stage"] == "prepare-data"
-    assert not (kept / A.MANIFEST).exists() and not incoming(tmp_path)
+    assert not (kept / artifacts.MANIFEST).exists() and not incoming(tmp_path)
 
 
 def test_an_earlier_dataset_is_replaced_only_by_a_complete_one(tmp_path):
@@ -187,7 +186,7 @@ def test_an_earlier_dataset_is_replaced_only_by_a_complete_one(tmp_path):
     with pytest.raises(DataError, match="no document survived") as err:
         prepare(_profile(corpus, "data.filters.min_chars=199999"), out)
     assert str(tmp_path / "ds.failed" / output.DROPPED) in str(err.value)
-    assert A.read_manifest(out)["content_hash"] == first.content_hash
+    assert artifacts.read_manifest(out)["content_hash"] == first.content_hash
     assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == shards
     # The same inputs again: replaced by an identical dataset (same bytes, same names).
     again = prepare(_profile(corpus), out)

@@ -17,22 +17,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flywheel import artifacts as A
+from flywheel import artifacts
 from flywheel.config import RayConfig, load_profile
-from flywheel.data import prepare, sources
-from flywheel.data import schema as S
+from flywheel.data import prepare, schema, sources
 from flywheel.errors import DataError
 
 pytestmark = pytest.mark.integration
 
 BLOCK = 32
 EXPECTED_REJECTS = {
-    S.MALFORMED_JSON: 1,
-    S.MISSING_TEXT: 1,
-    S.NON_STRING_TEXT: 1,
-    S.EMPTY_FILE: 1,
-    S.UNDECODABLE: 1,
-    S.UNSUPPORTED_FILE: 1,
+    schema.MALFORMED_JSON: 1,
+    schema.MISSING_TEXT: 1,
+    schema.NON_STRING_TEXT: 1,
+    schema.EMPTY_FILE: 1,
+    schema.UNDECODABLE: 1,
+    schema.UNSUPPORTED_FILE: 1,
 }
 
 
@@ -142,49 +141,49 @@ def test_counts(prepared):
     near = drops[drops["id"].isin(pair)]
     assert near["reason"].tolist() == ["near_duplicate"]
     assert near["detail"].iloc[0] == f"near-duplicate of {(pair - {near['id'].iloc[0]}).pop()}"
-    assert stats.dropped["quality"] == (drops["block"] == "quality").sum() > 0
+    assert stats.dropped["quality"] == (drops["dropped_by"] == "quality").sum() > 0
     dropped = sum(stats.dropped.values())
     assert stats.docs_read == stats.docs_kept + dropped + sum(EXPECTED_REJECTS.values())
     assert stats.docs_kept == sum(stats.docs.values())
-    assert all(stats.docs[s] > 0 and stats.blocks[s] > 0 for s in A.SPLITS)
-    assert all(stats.tokens[s] == stats.blocks[s] * BLOCK for s in A.SPLITS)
+    assert all(stats.docs[s] > 0 and stats.blocks[s] > 0 for s in artifacts.SPLITS)
+    assert all(stats.tokens[s] == stats.blocks[s] * BLOCK for s in artifacts.SPLITS)
 
 
 def test_manifest_and_layout(prepared):
     stats, out, _ = prepared
-    manifest = A.read_manifest(out)
+    manifest = artifacts.read_manifest(out)
     assert manifest["content_hash"] == stats.content_hash
     assert manifest["block_size"] == BLOCK
     assert manifest["counts"]["rejected"] == 6
     chain = manifest["counts"]["blocks"]
-    assert [b["name"] for b in chain] == list(S.PIPELINE_BLOCKS)
+    assert [b["name"] for b in chain] == list(schema.PIPELINE_STEPS)
     assert all(a["kept"] == b["read"] for a, b in itertools.pairwise(chain))
     assert chain[-1]["kept"] == stats.docs_kept
-    for split in A.SPLITS:
-        files = A.split_files(out, split)
+    for split in artifacts.SPLITS:
+        files = artifacts.split_files(out, split)
         assert [f"{split}/{f.name}" for f in files] == manifest["splits"][split]["files"]
         table = pq.read_table(files[0])
-        assert table.column_names == [A.TOKEN_COLUMN]
-        lengths = pa.compute.list_value_length(table.column(A.TOKEN_COLUMN))
+        assert table.column_names == [artifacts.TOKEN_COLUMN]
+        lengths = pa.compute.list_value_length(table.column(artifacts.TOKEN_COLUMN))
         assert set(lengths.to_pylist()) == {BLOCK}
-    test_text = pq.read_table(out / A.TEST_TEXT).to_pandas()
+    test_text = pq.read_table(out / artifacts.TEST_TEXT).to_pandas()
     assert list(test_text.columns) == ["id", "source", "timestamp", "text"]
     assert len(test_text) == stats.docs["test"] == manifest["text"]["test_docs"]
-    ref = pq.read_table(out / A.REFERENCE_TEXT).to_pandas()
+    ref = pq.read_table(out / artifacts.REFERENCE_TEXT).to_pandas()
     assert len(ref) == 20
     assert not set(ref["id"]) & set(test_text["id"])
 
 
 def test_rejects_file(prepared):
     _, out, _ = prepared
-    lines = [json.loads(x) for x in (out / A.REJECTS).read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / artifacts.REJECTS).read_text().splitlines()]
     assert {(r["source"], r["reason"]) for r in lines} == {
-        ("empty.txt", S.EMPTY_FILE),
-        ("latin1.txt", S.UNDECODABLE),
-        ("notes.csv", S.UNSUPPORTED_FILE),
-        ("records.jsonl", S.MALFORMED_JSON),
-        ("records.jsonl", S.MISSING_TEXT),
-        ("records.jsonl", S.NON_STRING_TEXT),
+        ("empty.txt", schema.EMPTY_FILE),
+        ("latin1.txt", schema.UNDECODABLE),
+        ("notes.csv", schema.UNSUPPORTED_FILE),
+        ("records.jsonl", schema.MALFORMED_JSON),
+        ("records.jsonl", schema.MISSING_TEXT),
+        ("records.jsonl", schema.NON_STRING_TEXT),
     }
     assert all(set(r) == {"id", "source", "reason", "detail"} and r["detail"] for r in lines)
 
@@ -193,18 +192,18 @@ def test_tokens_eos_between_documents(prepared):
     from transformers import AutoTokenizer
 
     stats, out, _ = prepared
-    tok = AutoTokenizer.from_pretrained(out / A.TOKENIZER_DIR)
+    tok = AutoTokenizer.from_pretrained(out / artifacts.TOKENIZER_DIR)
     assert tok.eos_token_id is not None and tok.pad_token_id is not None
     flat = np.concatenate(
         [
             np.concatenate(pq.read_table(f).column(0).to_numpy(zero_copy_only=False))
-            for f in A.split_files(out, "train")
+            for f in artifacts.split_files(out, "train")
         ]
     )
     eos = int((flat == tok.eos_token_id).sum())
     assert 0 <= stats.docs["train"] - eos < BLOCK  # one EOS per document, bar the tail
     # A train document (from the reference sample) appears verbatim, followed by EOS.
-    ref = pq.read_table(out / A.REFERENCE_TEXT).to_pandas()["text"]
+    ref = pq.read_table(out / artifacts.REFERENCE_TEXT).to_pandas()["text"]
     hay = flat.tobytes()
     found = sum(
         np.asarray(
@@ -229,7 +228,7 @@ def test_reproducible_bytes(prepared, corpus, tmp_path):
     ]
     # The manifest records batch_size (a knob that changes no output), so it alone may differ.
     assert differing in ([], ["manifest.json"])
-    left, right = (json.loads((d / A.MANIFEST).read_text()) for d in (out, tmp_path / "b"))
+    left, right = (json.loads((d / artifacts.MANIFEST).read_text()) for d in (out, tmp_path / "b"))
     left["config"].pop("batch_size"), right["config"].pop("batch_size")
     assert left == right
 
@@ -246,8 +245,8 @@ def test_too_many_rejects_names_worst_source(tmp_path):
         DataError, match=r"worst source: junk.jsonl \(3 rejected, mostly malformed_json\)"
     ):
         prepare(_profile(bad, "data.max_reject_share=0.5"), tmp_path / "out")
-    assert len((tmp_path / "out" / A.REJECTS).read_text().splitlines()) == 4
-    assert not (tmp_path / "out" / A.MANIFEST).exists()
+    assert len((tmp_path / "out" / artifacts.REJECTS).read_text().splitlines()) == 4
+    assert not (tmp_path / "out" / artifacts.MANIFEST).exists()
 
 
 def test_hf_dataset_from_disk(tmp_path):
@@ -272,10 +271,10 @@ def test_hf_dataset_from_disk(tmp_path):
         tmp_path / "out",
     )
     assert stats.docs_read == 41
-    assert stats.rejected == {S.MISSING_TEXT: 1}
+    assert stats.rejected == {schema.MISSING_TEXT: 1}
     assert stats.rejected_by_source == {f"hf:{tmp_path / 'hf'}[train]": 1}
     assert stats.docs_kept == 40 - sum(stats.dropped.values())
-    test_ids = pd.read_parquet(tmp_path / "out" / A.TEST_TEXT)["id"]
+    test_ids = pd.read_parquet(tmp_path / "out" / artifacts.TEST_TEXT)["id"]
     assert test_ids.str.match(r"u\d+$").all()
 
 
@@ -293,6 +292,6 @@ def test_cli_prepare_default_out_dir(corpus, state_dir, capsys):
     out = capsys.readouterr().out
     made = list((state_dir / "datasets").iterdir())
     assert len(made) == 1 and len(made[0].name) == 12
-    assert A.read_manifest(made[0])["content_hash"].startswith(made[0].name)
+    assert artifacts.read_manifest(made[0])["content_hash"].startswith(made[0].name)
     assert "documents read" in out and "rejected: malformed_json" in out
     assert f"wrote {made[0]}" in out.replace("\n", "")

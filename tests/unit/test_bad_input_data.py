@@ -22,11 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flywheel import artifacts as A
+from flywheel import artifacts
 from flywheel.config import SourceConfig, load_profile
-from flywheel.data import blocks as B
-from flywheel.data import output, sources
-from flywheel.data import schema as S
+from flywheel.data import output, schema, sources, steps
 from flywheel.data.stage import prepare
 from flywheel.errors import ConfigError, DataError
 
@@ -123,7 +121,7 @@ def test_a_manifest_among_other_files_does_not_make_a_dataset(tmp_path):
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)
     (out / "train" / "part-00000.parquet").write_bytes(b"x")
-    (out / A.MANIFEST).write_text(json.dumps({"schema_version": 1, "content_hash": "ab"}))
+    (out / artifacts.MANIFEST).write_text(json.dumps({"schema_version": 1, "content_hash": "ab"}))
     assert output.kind_of(out) == "dataset"
     (out / "README.md").write_text("mine")
     assert output.kind_of(out) == "foreign"
@@ -131,7 +129,7 @@ def test_a_manifest_among_other_files_does_not_make_a_dataset(tmp_path):
         output.check_target(out, [])
     # A manifest this stage did not write (no content hash) is not one of ours either.
     (out / "README.md").unlink()
-    (out / A.MANIFEST).write_text('{"owner": "me"}')
+    (out / artifacts.MANIFEST).write_text('{"owner": "me"}')
     assert output.kind_of(out) == "foreign"
 
 
@@ -158,8 +156,10 @@ def test_output_in_a_hidden_folder_of_the_source_is_allowed(corpus):
 def _fake_dataset(path: Path, marker: str) -> None:
     (path / "train").mkdir(parents=True)
     (path / "train" / "part-00000.parquet").write_text(marker)
-    (path / A.REJECTS).write_text("")
-    (path / A.MANIFEST).write_text(json.dumps({"schema_version": 1, "content_hash": marker}))
+    (path / artifacts.REJECTS).write_text("")
+    (path / artifacts.MANIFEST).write_text(
+        json.dumps({"schema_version": 1, "content_hash": marker})
+    )
 
 
 def test_publish_replaces_only_an_earlier_output_and_leaves_no_working_dir(tmp_path):
@@ -169,7 +169,7 @@ def test_publish_replaces_only_an_earlier_output_and_leaves_no_working_dir(tmp_p
     assert work.path.parent == tmp_path and work.path.name.startswith(".ds.incoming-")
     _fake_dataset(work.path, "new")
     work.publish(final)
-    assert json.loads((final / A.MANIFEST).read_text())["content_hash"] == "new"
+    assert json.loads((final / artifacts.MANIFEST).read_text())["content_hash"] == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no .incoming, no .replaced
 
 
@@ -189,20 +189,20 @@ def test_a_failed_run_keeps_its_reports_and_the_last_good_dataset(tmp_path):
     before = snapshot(final)
     work = output.Workspace(tmp_path, "ds", final=final)
     (work.path / "train").mkdir()
-    (work.path / A.REJECTS).write_text('{"id": "a"}\n')
+    (work.path / artifacts.REJECTS).write_text('{"id": "a"}\n')
     (work.path / output.DROPPED).write_text('{"id": "b"}\n')
     assert work.reports_dir(final) == tmp_path / "ds.failed"
     kept = work.fail(final, "data: nothing left")
     assert kept == tmp_path / "ds.failed"
     assert snapshot(final) == before  # the good dataset is not the price of a failure
     assert sorted(p.name for p in kept.iterdir()) == sorted(
-        [A.REJECTS, output.DROPPED, output.FAILED]
+        [artifacts.REJECTS, output.DROPPED, output.FAILED]
     )
     assert json.loads((kept / output.FAILED).read_text())["error"] == "data: nothing left"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.failed"]
     # The next failure replaces that report folder (it is the stage's own), nothing else.
     again = output.Workspace(tmp_path, "ds", final=final)
-    (again.path / A.REJECTS).write_text("")
+    (again.path / artifacts.REJECTS).write_text("")
     assert again.fail(final, "second") == kept
     assert json.loads((kept / output.FAILED).read_text())["error"] == "second"
 
@@ -257,7 +257,11 @@ def test_a_mounted_output_under_a_read_only_parent(tmp_path):
         assert work.path.parent == final
         _fake_dataset(work.path, "new")
         work.publish(final)
-        assert sorted(p.name for p in final.iterdir()) == [A.MANIFEST, A.REJECTS, "train"]
+        assert sorted(p.name for p in final.iterdir()) == [
+            artifacts.MANIFEST,
+            artifacts.REJECTS,
+            "train",
+        ]
     finally:
         parent.chmod(0o755)
 
@@ -273,7 +277,7 @@ def _read(tmp_path: Path, name: str, data: bytes, **kw) -> pd.DataFrame:
 
 def _storable(frame: pd.DataFrame) -> None:
     """What Ray does between blocks: the batch must become Arrow without a fallback."""
-    pa.Table.from_pandas(frame[list(S.DOC_COLUMNS)], preserve_index=False)
+    pa.Table.from_pandas(frame[list(schema.DOC_COLUMNS)], preserve_index=False)
 
 
 def test_lone_surrogate_in_text_id_or_timestamp_is_a_reject(tmp_path):
@@ -285,7 +289,7 @@ def test_lone_surrogate_in_text_id_or_timestamp_is_a_reject(tmp_path):
     ]
     out = _read(tmp_path, "s.jsonl", "\n".join(lines).encode(), id_field="id", timestamp_field="ts")
     _storable(out)
-    assert out["reason"].tolist() == [S.INVALID_UNICODE] * 3 + [""]
+    assert out["reason"].tolist() == [schema.INVALID_UNICODE] * 3 + [""]
     assert out["detail"].tolist()[:3] == [
         "'text': lone surrogate U+D800 at character 0",
         "'id': lone surrogate U+DFFF at character 1",
@@ -298,18 +302,18 @@ def test_lone_surrogate_in_text_id_or_timestamp_is_a_reject(tmp_path):
 @pytest.mark.parametrize(
     ("record", "reason", "detail"),
     [
-        ('{"text": null}', S.MISSING_TEXT, "no 'text' value"),
-        ("{}", S.MISSING_TEXT, "no 'text' value"),
-        ('{"text": NaN}', S.MISSING_TEXT, "no 'text' value"),
-        ('{"text": 42}', S.NON_STRING_TEXT, "'text' is int"),
-        ('{"text": 1e999}', S.NON_STRING_TEXT, "'text' is float"),
-        ('{"text": true}', S.NON_STRING_TEXT, "'text' is bool"),
-        ('{"text": ["a", "b"]}', S.NON_STRING_TEXT, "'text' is list"),
-        ('{"text": {"body": "x"}}', S.NON_STRING_TEXT, "'text' is dict"),
-        ('"just a string"', S.NOT_AN_OBJECT, "got str"),
-        ("[1, 2]", S.NOT_AN_OBJECT, "got list"),
-        ("[" * 100_000 + "]" * 100_000, S.MALFORMED_JSON, "line 1: nested too deeply"),
-        ('{"text": "x"', S.MALFORMED_JSON, "line 1: Expecting ',' delimiter"),
+        ('{"text": null}', schema.MISSING_TEXT, "no 'text' value"),
+        ("{}", schema.MISSING_TEXT, "no 'text' value"),
+        ('{"text": NaN}', schema.MISSING_TEXT, "no 'text' value"),
+        ('{"text": 42}', schema.NON_STRING_TEXT, "'text' is int"),
+        ('{"text": 1e999}', schema.NON_STRING_TEXT, "'text' is float"),
+        ('{"text": true}', schema.NON_STRING_TEXT, "'text' is bool"),
+        ('{"text": ["a", "b"]}', schema.NON_STRING_TEXT, "'text' is list"),
+        ('{"text": {"body": "x"}}', schema.NON_STRING_TEXT, "'text' is dict"),
+        ('"just a string"', schema.NOT_AN_OBJECT, "got str"),
+        ("[1, 2]", schema.NOT_AN_OBJECT, "got list"),
+        ("[" * 100_000 + "]" * 100_000, schema.MALFORMED_JSON, "line 1: nested too deeply"),
+        ('{"text": "x"', schema.MALFORMED_JSON, "line 1: Expecting ',' delimiter"),
     ],
 )
 def test_each_odd_record_is_rejected_with_its_reason(tmp_path, record, reason, detail):
@@ -317,7 +321,7 @@ def test_each_odd_record_is_rejected_with_its_reason(tmp_path, record, reason, d
     _storable(out)
     assert len(out) == 1
     row = out.iloc[0]
-    assert (row.block, row.reason, row.source) == (S.READ, reason, "r.jsonl")
+    assert (row.dropped_by, row.reason, row.source) == (schema.READ, reason, "r.jsonl")
     assert row.detail.startswith(detail)
 
 
@@ -338,7 +342,7 @@ def test_odd_but_valid_encodings_are_read(tmp_path):
 def test_one_undecodable_line_rejects_that_line_only(tmp_path):
     data = json.dumps({"text": TEXT}).encode() + b"\n" + b'{"text": "caf\xe9"}\n'
     out = _read(tmp_path, "mixed.jsonl", data)
-    assert out["reason"].tolist() == ["", S.UNDECODABLE]
+    assert out["reason"].tolist() == ["", schema.UNDECODABLE]
     assert out["detail"].iloc[1] == "line 2: invalid continuation byte at byte 13"
 
 
@@ -365,7 +369,7 @@ def test_parquet_with_odd_columns(tmp_path):
     cfg = SourceConfig(kind="files", path=str(tmp_path), id_field="id")
     out = sources.ReadUnits(cfg)(pd.DataFrame(sources.unit_rows(["p.parquet"])))
     _storable(out)
-    assert out["reason"].tolist() == [S.NON_STRING_TEXT, S.MISSING_TEXT]
+    assert out["reason"].tolist() == [schema.NON_STRING_TEXT, schema.MISSING_TEXT]
     assert out["id"].tolist() == ["p.parquet:0", "2.0"]  # NaN id: the row's own position
 
 
@@ -382,7 +386,7 @@ def test_a_reader_that_raises_rejects_that_file_only(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "read_text_file", flaky)
     cfg = SourceConfig(kind="files", path=str(tmp_path))
     out = sources.ReadUnits(cfg)(pd.DataFrame(sources.unit_rows(["a.txt", "b.txt"])))
-    assert out["reason"].tolist() == [S.UNREADABLE_FILE, ""]
+    assert out["reason"].tolist() == [schema.UNREADABLE_FILE, ""]
     assert out["detail"].iloc[0] == "MemoryError: too big"
 
 
@@ -390,24 +394,26 @@ def test_a_reader_that_raises_rejects_that_file_only(tmp_path, monkeypatch):
 
 
 def _docs(texts: list) -> pd.DataFrame:
-    frame = S.doc_frame([sources.doc_row(f"d{i}", f"f{i}.jsonl", "x") for i in range(len(texts))])
+    frame = schema.doc_frame(
+        [sources.doc_row(f"d{i}", f"f{i}.jsonl", "x") for i in range(len(texts))]
+    )
     frame["text"] = pd.Series(texts, dtype=object)  # what Ray's pickled-object fallback gives
     return frame
 
 
 def test_a_block_failure_names_the_block_and_the_row():
     batch = _docs([TEXT, 7, TEXT])
-    with pytest.raises(S.BlockFailure) as err:
-        B.QualityFilter(load_profile(None).data.filters)(batch)
+    with pytest.raises(schema.StepFailure) as err:
+        steps.QualityFilter(load_profile(None).data.filters)(batch)
     msg = str(err.value)
     assert msg.startswith(
-        "data block QualityFilter failed on row 'd1' from f1.jsonl (its text is int, not text): "
+        "data step QualityFilter failed on row 'd1' from f1.jsonl (its text is int, not text): "
         "TypeError: "
     )
     assert "\n" not in msg and isinstance(err.value, DataError)
 
 
-class Picky(S.Block):
+class Picky(schema.Step):
     """A block with a bug that only one text triggers."""
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -416,10 +422,10 @@ class Picky(S.Block):
 
 
 def test_a_row_that_alone_fails_is_found_by_retrying_row_by_row():
-    with pytest.raises(S.BlockFailure) as err:
+    with pytest.raises(schema.StepFailure) as err:
         Picky()(_docs([TEXT, TEXT, "boom", TEXT]))
     assert str(err.value) == (
-        "data block Picky failed on row 'd2' from f2.jsonl: ValueError: invalid literal for "
+        "data step Picky failed on row 'd2' from f2.jsonl: ValueError: invalid literal for "
         "int() with base 10: 'boom'"
     )
     assert Picky.__name__ == "Picky" and len(Picky()(_docs([TEXT]))) == 1
@@ -428,24 +434,24 @@ def test_a_row_that_alone_fails_is_found_by_retrying_row_by_row():
 def test_a_keyed_block_failure_names_the_group():
     batch = pd.DataFrame({"id": ["a", "b"], "source": ["s", "s"], "reason": ["", ""]})
     with pytest.raises(
-        S.BlockFailure,
+        schema.StepFailure,
         match=r"ExactDedup failed on a group of 2 rows \(first: row 'a' from s\): KeyError",
     ):
-        B.ExactDedup()(batch)
+        steps.ExactDedup()(batch)
 
 
 def test_the_message_survives_rays_wrapping():
     # Ray hands the driver its own exception whose text holds the worker's traceback.
     text = (
         'ray::MapBatches(QualityFilter)() (pid=1, ip=1.2.3.4)\n  File "x.py", line 3\n'
-        "flywheel.data.schema.BlockFailure: data block QualityFilter failed on row 'd1' from "
+        "flywheel.data.schema.StepFailure: data step QualityFilter failed on row 'd1' from "
         "f.jsonl: AttributeError: boom\n\nThe above exception was the direct cause of ...\n"
         "ray.exceptions.UserCodeException: UDF failed to process a data block."
     )
-    assert S.block_failure_message(RuntimeError(text)) == (
-        "data block QualityFilter failed on row 'd1' from f.jsonl: AttributeError: boom"
+    assert schema.step_failure_message(RuntimeError(text)) == (
+        "data step QualityFilter failed on row 'd1' from f.jsonl: AttributeError: boom"
     )
-    assert S.block_failure_message(RuntimeError("unrelated")) is None
+    assert schema.step_failure_message(RuntimeError("unrelated")) is None
 
 
 # ---------------------------------------- case 6: base paths and hub ids, at load

@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flywheel.config import SourceConfig
-from flywheel.data import schema as S
-from flywheel.data import sources
+from flywheel.data import schema, sources
 from flywheel.errors import DataError
 
 
@@ -27,7 +26,7 @@ def _read(tmp_path: Path, name: str, data: bytes, **kw) -> pd.DataFrame:
 
 def test_text_file_is_one_document(tmp_path):
     out = _read(tmp_path, "a.md", "\ufeffCafé au lait\n".encode())
-    assert list(out.columns) == list(S.DOC_COLUMNS)
+    assert list(out.columns) == list(schema.DOC_COLUMNS)
     row = out.iloc[0]
     assert (row.id, row.source, row.reason, row.text) == ("a.md", "a.md", "", "Café au lait\n")
     assert row.timestamp is None
@@ -37,19 +36,19 @@ def test_text_file_is_one_document(tmp_path):
 @pytest.mark.parametrize(
     ("name", "data", "reason"),
     [
-        ("empty.txt", b"", S.EMPTY_FILE),
-        ("blank.txt", b"  \n\n", S.EMPTY_FILE),
-        ("latin1.txt", "déjà vu".encode("latin-1"), S.UNDECODABLE),
-        ("empty.jsonl", b"\n", S.EMPTY_FILE),
-        ("data.csv", b"a,b\n", S.UNSUPPORTED_FILE),
-        ("broken.parquet", b"PAR1 not really", S.UNREADABLE_FILE),
+        ("empty.txt", b"", schema.EMPTY_FILE),
+        ("blank.txt", b"  \n\n", schema.EMPTY_FILE),
+        ("latin1.txt", "déjà vu".encode("latin-1"), schema.UNDECODABLE),
+        ("empty.jsonl", b"\n", schema.EMPTY_FILE),
+        ("data.csv", b"a,b\n", schema.UNSUPPORTED_FILE),
+        ("broken.parquet", b"PAR1 not really", schema.UNREADABLE_FILE),
     ],
 )
 def test_bad_files_are_rejected_with_reason(tmp_path, name, data, reason):
     out = _read(tmp_path, name, data)
     assert len(out) == 1
     row = out.iloc[0]
-    assert (row.block, row.reason, row.source, row.id) == (S.READ, reason, name, name)
+    assert (row.dropped_by, row.reason, row.source, row.id) == (schema.READ, reason, name, name)
     assert row.detail
 
 
@@ -67,12 +66,12 @@ def test_jsonl_lines_each_judged(tmp_path):
     out = _read(tmp_path, "d.jsonl", data, id_field="id", timestamp_field="ts")
     assert out["reason"].tolist() == [
         "",
-        S.MALFORMED_JSON,
-        S.MISSING_TEXT,
-        S.NON_STRING_TEXT,
-        S.MISSING_TEXT,
-        S.NOT_AN_OBJECT,
-        S.UNDECODABLE,
+        schema.MALFORMED_JSON,
+        schema.MISSING_TEXT,
+        schema.NON_STRING_TEXT,
+        schema.MISSING_TEXT,
+        schema.NOT_AN_OBJECT,
+        schema.UNDECODABLE,
     ]
     good = out.iloc[0]
     assert (good.id, good.timestamp, good.text) == ("x1", "2024-01-02", "good one")
@@ -89,7 +88,7 @@ def test_parquet_rows(tmp_path):
     out = sources.ReadUnits(_cfg(tmp_path, timestamp_field="when"))(
         pd.DataFrame({"unit": ["p.parquet"]})
     )
-    assert out["reason"].tolist() == ["", S.MISSING_TEXT]
+    assert out["reason"].tolist() == ["", schema.MISSING_TEXT]
     assert out["timestamp"].tolist() == ["2024-05-01", None]
     assert out["id"].tolist() == ["p.parquet:0", "p.parquet:1"]
 
@@ -97,7 +96,7 @@ def test_parquet_rows(tmp_path):
 def test_parquet_with_non_string_column(tmp_path):
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
     out = sources.ReadUnits(_cfg(tmp_path))(pd.DataFrame({"unit": ["n.parquet"]}))
-    assert out["reason"].tolist() == [S.NON_STRING_TEXT] * 2
+    assert out["reason"].tolist() == [schema.NON_STRING_TEXT] * 2
 
 
 def test_list_units_sorted_and_skips_hidden(tmp_path):
@@ -135,19 +134,19 @@ def test_module_docstrings_nested_and_unparsable(tmp_path):
     docs = sources.read_module_docstrings(tmp_path, "m.py")
     assert [d["id"] for d in docs] == ["pydocs:m.py", "pydocs:m.py:A", "pydocs:m.py:A.f"]
     bad = sources.read_module_docstrings(tmp_path, "bad.py")
-    assert bad[0]["reason"] == S.UNPARSABLE_MODULE
+    assert bad[0]["reason"] == schema.UNPARSABLE_MODULE
 
 
 def test_records_to_docs_validates_each_record():
     cfg = SourceConfig(kind="hf", path="x", id_field="uid")
     batch = pd.DataFrame({"text": ["ok", None, 3.5], "uid": ["u0", None, "u2"], "__row": [0, 1, 2]})
     out = sources.RecordsToDocs(cfg, "hf:x[train]")(batch)
-    assert out["reason"].tolist() == ["", S.MISSING_TEXT, S.NON_STRING_TEXT]
+    assert out["reason"].tolist() == ["", schema.MISSING_TEXT, schema.NON_STRING_TEXT]
     assert out["id"].tolist() == ["u0", "hf:x[train]:1", "u2"]
     missing = sources.RecordsToDocs(SourceConfig(kind="hf", path="x", text_field="body"), "s")(
         pd.DataFrame({"text": ["a"], "__row": [0]})
     )
-    assert missing["reason"].tolist() == [S.MISSING_TEXT]
+    assert missing["reason"].tolist() == [schema.MISSING_TEXT]
 
 
 def test_digest_changes_with_content():

@@ -1,15 +1,16 @@
-"""Each data block on an in-memory batch (no Ray): the block contract is DataFrame -> DataFrame."""
+"""Each data step on an in-memory batch (no Ray): the block contract is DataFrame -> DataFrame."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from flywheel.config import DedupConfig, FilterConfig, SplitConfig
-from flywheel.data import blocks as B
-from flywheel.data import schema as S
-from flywheel.data import sources
+from flywheel.data import schema, sources, steps
 
 LOREM = (
     "The quick brown fox jumps over the lazy dog while the cat watches from the warm "
@@ -20,7 +21,7 @@ LOREM = (
 
 def docs(*texts: str, ids: list[str] | None = None) -> pd.DataFrame:
     ids = ids or [f"d{i}" for i in range(len(texts))]
-    return S.doc_frame([sources.doc_row(i, "src", t) for i, t in zip(ids, texts, strict=True)])
+    return schema.doc_frame([sources.doc_row(i, "src", t) for i, t in zip(ids, texts, strict=True)])
 
 
 # --------------------------------------------------------------------- normalize
@@ -41,13 +42,13 @@ def docs(*texts: str, ids: list[str] | None = None) -> pd.DataFrame:
     ],
 )
 def test_normalize_text(raw, clean):
-    assert B.normalize_text(raw) == clean
+    assert steps.normalize_text(raw) == clean
 
 
 def test_normalize_leaves_judged_rows_alone():
     batch = docs("Cafe\u0301  x", "Cafe\u0301  y")
-    S.mark(batch, batch["id"] == "d1", S.QUALITY, "too_short")
-    out = B.Normalize()(batch)
+    schema.mark(batch, batch["id"] == "d1", schema.QUALITY, "too_short")
+    out = steps.Normalize()(batch)
     assert out["text"].tolist() == ["Café x", "Cafe\u0301  y"]
 
 
@@ -65,7 +66,7 @@ def test_quality_filter_reasons():
         "1234567890 " * 5 + "abc",
         "same line\n" * 5 + "another line\n",
     )
-    out = B.QualityFilter(cfg)(batch)
+    out = steps.QualityFilter(cfg)(batch)
     assert out["reason"].tolist() == [
         "",
         "too_short",
@@ -73,50 +74,59 @@ def test_quality_filter_reasons():
         "low_alpha_share",
         "repeated_lines",
     ]
-    assert set(out.loc[out["reason"] != "", "block"]) == {S.QUALITY}
+    assert set(out.loc[out["reason"] != "", "dropped_by"]) == {schema.QUALITY}
     assert out.loc[1, "detail"] == "9 chars"
     assert out.loc[3, "detail"] == "alpha share 0.06"  # 3 letters of 53
     assert "repeated-line share 0.67" in out.loc[4, "detail"]
 
 
 def test_quality_filter_does_not_overwrite_a_reject():
-    batch = S.doc_frame([sources.reject_row("r", "f.jsonl", S.MALFORMED_JSON, "line 1")])
-    out = B.QualityFilter(FilterConfig())(batch)
-    assert (out.loc[0, "block"], out.loc[0, "reason"]) == (S.READ, S.MALFORMED_JSON)
+    batch = schema.doc_frame([sources.reject_row("r", "f.jsonl", schema.MALFORMED_JSON, "line 1")])
+    out = steps.QualityFilter(FilterConfig())(batch)
+    assert (out.loc[0, "dropped_by"], out.loc[0, "reason"]) == (schema.READ, schema.MALFORMED_JSON)
 
 
 def test_alpha_and_repeated_share():
-    assert B.alpha_share("ab 12") == 0.5
-    assert B.alpha_share("   ") == 0.0
-    assert B.repeated_line_share("a\na\nb\n\n") == pytest.approx(1 / 3)
+    assert steps.alpha_share("ab 12") == 0.5
+    assert steps.alpha_share("   ") == 0.0
+    assert steps.repeated_line_share("a\na\nb\n\n") == pytest.approx(1 / 3)
 
 
 # ------------------------------------------------------------------------ dedup
 
 
 def test_content_key_and_bucket():
-    out = B.ContentKey()(docs("same", "same", "other"))
+    out = steps.ContentKey()(docs("same", "same", "other"))
     assert out.loc[0, "key"] == out.loc[1, "key"] != out.loc[2, "key"]
     assert len(out.loc[0, "key"]) == 32
-    assert out["bucket"].between(0, B.NUM_BUCKETS - 1).all()
+    assert out["bucket"].between(0, steps.NUM_BUCKETS - 1).all()
 
 
 def test_exact_dedup_keeps_smallest_id():
-    batch = B.ContentKey()(docs("dup text", "unique", "dup text", ids=["z", "a", "b"]))
-    out = B.ExactDedup()(batch)
+    batch = steps.ContentKey()(docs("dup text", "unique", "dup text", ids=["z", "a", "b"]))
+    out = steps.ExactDedup()(batch)
     assert out["reason"].tolist() == ["exact_duplicate", "", ""]
     assert out.loc[0, "detail"] == "copy of b"
 
 
-def test_shingles():
-    assert B.shingles("One two three", 5) == {b"one two three"}
-    assert B.shingles("a b c d e f", 5) == {b"a b c d e", b"b c d e f"}
-    assert B.shingles("!!!", 5) == {b"!!!"}  # no words: the text itself, never an empty set
+def test_shingle_hashes():
+    texts = ["a b c d e f", "A, b; c d e!", "One two three", "one two three", "!!!", "?"]
+    keys = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
+    hashes, offsets = steps.shingle_hashes(texts, 5, keys)
+    rows = [set(hashes[offsets[i] : offsets[i + 1]].tolist()) for i in range(len(texts))]
+    assert [len(r) for r in rows] == [2, 1, 1, 1, 1, 1]
+    assert rows[1] < rows[0]  # same words, other case and punctuation: the same 5-gram
+    assert rows[2] == rows[3]  # fewer words than the size: one shingle of all of them
+    assert rows[0].isdisjoint(rows[2])
+    assert rows[4] != rows[5]  # no words: never the same shingle for different texts
+    # Shifting the words changes the n-grams: order matters inside a shingle.
+    shifted, _ = steps.shingle_hashes(["b c d e a"], 5, keys[:1])
+    assert not set(shifted.tolist()) & rows[0]
 
 
 def _sigs(*texts: str, cfg: DedupConfig | None = None) -> pd.DataFrame:
     cfg = cfg or DedupConfig()
-    return B.MinHashSignature(cfg)(B.ContentKey()(docs(*texts)))
+    return steps.MinHashSignature(cfg)(steps.ContentKey()(docs(*texts)))
 
 
 def test_minhash_estimates_jaccard():
@@ -133,26 +143,26 @@ def test_minhash_estimates_jaccard():
 
 
 def test_minhash_skips_judged_rows():
-    batch = B.ContentKey()(docs(LOREM, "x"))
-    S.mark(batch, batch["id"] == "d1", S.QUALITY, "too_short")
-    out = B.MinHashSignature(DedupConfig())(batch)
+    batch = steps.ContentKey()(docs(LOREM, "x"))
+    schema.mark(batch, batch["id"] == "d1", schema.QUALITY, "too_short")
+    out = steps.MinHashSignature(DedupConfig())(batch)
     assert out.loc[1, "minhash"] == b""
 
 
 def test_lsh_bands_rows():
     cfg = DedupConfig(num_perm=64, bands=16)
-    out = B.LshBands(cfg)(_sigs(LOREM, LOREM + " extra", cfg=cfg))
+    out = steps.LshBands(cfg)(_sigs(LOREM, LOREM + " extra", cfg=cfg))
     assert len(out) == 2 * 16
     assert out["band"].dtype == np.int64
-    assert out["bucket"].between(0, B.NUM_BUCKETS - 1).all()
+    assert out["bucket"].between(0, steps.NUM_BUCKETS - 1).all()
 
 
 def test_band_candidates_all_pairs_and_star():
     small = pd.DataFrame({"band": [1, 1, 1, 2, 3], "key": ["c", "a", "b", "a", "d"], "bucket": 0})
-    out = B.BandCandidates()(small)
+    out = steps.BandCandidates()(small)
     assert sorted(map(tuple, out[["a", "b"]].values)) == [("a", "b"), ("a", "c"), ("b", "c")]
     big = pd.DataFrame({"band": [7] * 5, "key": list("edcba"), "bucket": 0})
-    out = B.BandCandidates(max_all_pairs=3)(big)
+    out = steps.BandCandidates(max_all_pairs=3)(big)
     assert sorted(map(tuple, out[["a", "b"]].values)) == [
         ("a", "b"),
         ("a", "c"),
@@ -173,29 +183,29 @@ def test_attach_and_verify_join_signatures():
     pairs = pd.DataFrame(
         {"key": [k1, k2], "other": [k0, k0], "minhash": [b""] * 2, "peer": [b""] * 2}
     )
-    with_b = B.AttachSignature()(pd.concat([sig_rows, pairs], ignore_index=True))
+    with_b = steps.AttachSignature()(pd.concat([sig_rows, pairs], ignore_index=True))
     assert set(with_b["b"]) == {k1, k2}
     step2 = pd.DataFrame(
         {"key": with_b["a"], "other": with_b["b"], "minhash": [b""] * 2, "peer": with_b["peer"]}
     )
-    edges = B.VerifyPairs(0.7)(pd.concat([sig_rows, step2], ignore_index=True))
+    edges = steps.VerifyPairs(0.7)(pd.concat([sig_rows, step2], ignore_index=True))
     assert list(zip(edges["a"], edges["b"], strict=True)) == [(k0, k1)]
     assert edges["jaccard"].iloc[0] > 0.7
-    none = B.VerifyPairs(0.7)(sig_rows)
+    none = steps.VerifyPairs(0.7)(sig_rows)
     assert none.empty and list(none.columns) == ["a", "b", "jaccard"]
 
 
 def test_duplicate_components_keep_smallest_key():
     edges = pd.DataFrame({"a": ["b", "c", "x"], "b": ["c", "d", "y"]})
-    assert B.duplicate_components(edges) == {"c": "b", "d": "b", "y": "x"}
-    assert B.duplicate_components(pd.DataFrame({"a": [], "b": []})) == {}
+    assert steps.duplicate_components(edges) == {"c": "b", "d": "b", "y": "x"}
+    assert steps.duplicate_components(pd.DataFrame({"a": [], "b": []})) == {}
 
 
 def test_apply_drops():
-    batch = B.ContentKey()(docs("one", "two"))
-    out = B.ApplyDrops({batch.loc[1, "key"]: "k0"})(batch)
+    batch = steps.ContentKey()(docs("one", "two"))
+    out = steps.ApplyDrops({batch.loc[1, "key"]: "k0"})(batch)
     assert out["reason"].tolist() == ["", "near_duplicate"]
-    assert out.loc[1, "block"] == S.NEAR_DEDUP
+    assert out.loc[1, "dropped_by"] == schema.NEAR_DEDUP
     assert out.loc[1, "detail"] == "near-duplicate of k0"
 
 
@@ -203,14 +213,14 @@ def test_apply_drops():
 
 
 def test_split_is_deterministic_and_salted():
-    batch = B.ContentKey()(docs(*[f"document number {i}" for i in range(2000)]))
+    batch = steps.ContentKey()(docs(*[f"document number {i}" for i in range(2000)]))
     cfg = SplitConfig(validation_share=0.1, test_share=0.2)
-    out = B.AssignSplit(cfg)(batch.copy())
+    out = steps.AssignSplit(cfg)(batch.copy())
     shares = out["split"].value_counts(normalize=True)
     assert shares["test"] == pytest.approx(0.2, abs=0.03)
     assert shares["validation"] == pytest.approx(0.1, abs=0.03)
-    assert out["split"].tolist() == B.AssignSplit(cfg)(batch.copy())["split"].tolist()
-    salted = B.AssignSplit(SplitConfig(validation_share=0.1, test_share=0.2, salt="other"))(
+    assert out["split"].tolist() == steps.AssignSplit(cfg)(batch.copy())["split"].tolist()
+    salted = steps.AssignSplit(SplitConfig(validation_share=0.1, test_share=0.2, salt="other"))(
         batch.copy()
     )
     assert salted["split"].tolist() != out["split"].tolist()
@@ -230,11 +240,12 @@ def tok():
 def test_tokenize_block(tok):
     import pickle
 
-    block = B.Tokenize(tok.backend_tokenizer.to_str())
+    block = steps.Tokenize(tok.backend_tokenizer.to_str())
     batch = pd.DataFrame({"key": ["k0", "k1"], "split": ["train", "test"], "text": [LOREM, "fox"]})
-    out = pickle.loads(pickle.dumps(block))(batch)  # Ray ships the block pickled
-    assert list(out.columns) == ["key", "split", "input_ids", "n_tokens"]
-    assert out["input_ids"].iloc[0].dtype == np.int32
+    table = pickle.loads(pickle.dumps(block))(batch)  # Ray ships the step pickled
+    assert table.column_names == ["key", "split", "input_ids", "n_tokens"]
+    assert table.schema.field("input_ids").type == pa.list_(pa.int32())  # arrays, not lists
+    out = table.to_pandas()
     assert tok.decode(out["input_ids"].iloc[0].tolist()) == LOREM
     assert out["n_tokens"].tolist() == [len(i) for i in out["input_ids"]]
     assert tok.eos_token_id not in out["input_ids"].iloc[0]
@@ -242,10 +253,10 @@ def test_tokenize_block(tok):
 
 def test_pack_exact_blocks_with_eos():
     batch = pd.DataFrame({"input_ids": [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)]})
-    blocks, tail = B.Pack(block_size=3, eos_id=0).blocks(batch)
+    blocks, tail = steps.Pack(block_size=3, eos_id=0).blocks(batch)
     assert blocks.tolist() == [[1, 2, 3], [0, 4, 5]]
     assert tail == 1  # the final EOS does not fill a block
-    frame = B.Pack(block_size=4, eos_id=0)(batch)
+    frame = steps.Pack(block_size=4, eos_id=0)(batch)
     assert frame["input_ids"].map(len).tolist() == [4]
-    empty, tail = B.Pack(4, 0).blocks(pd.DataFrame({"input_ids": []}))
+    empty, tail = steps.Pack(4, 0).blocks(pd.DataFrame({"input_ids": []}))
     assert empty.shape == (0, 4) and tail == 0
