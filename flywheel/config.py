@@ -566,6 +566,14 @@ class GatePolicy(_Strict):
         "promotion; needs eval.prompts",
     )
 
+    regression_margin: float = Field(
+        0.02,
+        ge=0,
+        description="no forgetting: with a regression set (documents of the champion's "
+        "domain), reject a challenger whose paired bits-per-byte interval there lies wholly "
+        "above +this share of the champion's",
+    )
+
     @model_validator(mode="after")
     def _margin_keys(self) -> GatePolicy:
         unknown = sorted(set(self.margins) - {"bits_per_byte", "accuracy"})

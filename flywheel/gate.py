@@ -79,6 +79,11 @@ class Decision(JsonFile):
         "bits_per_byte_ci_low/high: the paired interval of the difference",
     )
     paired: PairedTest | None = None
+    regression: PairedTest | None = Field(
+        None,
+        description="the paired test on the pinned regression set (the champion's domain); "
+        "None: no regression set was evaluated",
+    )
     has_champion: bool
     policy: GatePolicy
 
@@ -116,6 +121,19 @@ class Decision(JsonFile):
         lines += ["", f"Evaluated on {size}; data `{challenger.data_hash or 'unknown'}`.", ""]
         if self.paired:
             lines += ["### Paired comparison (same documents)", "", *self._paired_lines(), ""]
+        if self.regression:
+            r = self.regression
+            lines += [
+                "### Regression set (the champion's domain)",
+                "",
+                "| n docs | challenger | champion | difference | "
+                f"{r.confidence:.0%} paired interval | rejected above |",
+                "|---:|---:|---:|---:|---|---:|",
+                f"| {r.n_docs} | {r.challenger_bits_per_byte:.4f} | {r.champion_bits_per_byte:.4f} "
+                f"| {r.diff:+.4f} ({_pct(r.diff_rel)}) | [{r.ci[0]:+.4f}, {r.ci[1]:+.4f}] | "
+                f"{r.threshold:+.4f} |",
+                "",
+            ]
         lines += ["### Reasons", ""] + [f"- {r}" for r in self.reasons]
         if challenger.generation:
             lines += ["", "### Generation checks (challenger)", ""]
@@ -169,9 +187,18 @@ def margin(policy: GatePolicy, metric: str) -> float:
 
 
 def decide_promotion(
-    challenger: EvalReport, champion: EvalReport | None, policy: GatePolicy
+    challenger: EvalReport,
+    champion: EvalReport | None,
+    policy: GatePolicy,
+    regression: tuple[EvalReport, EvalReport] | None = None,
 ) -> Decision:
-    """Promote or reject `challenger` against `champion` (None: no model in production)."""
+    """Promote or reject `challenger` against `champion` (None: no model in production).
+
+    `regression`: (challenger, champion) evaluated on the pinned regression set, documents
+    of the champion's own domain. A retrain on a drifted window is gated on that window's
+    held-out split, where a model that forgot the old domain still wins; the regression
+    set catches it (rule 8: rejected when significantly worse there by more than
+    `gate.regression_margin`)."""
     fails: list[str] = []
     passes: list[str] = []
     deltas: dict[str, float] = {}
@@ -195,6 +222,9 @@ def decide_promotion(
         passes.append("no champion in production: the absolute bounds decide")
     else:
         paired = _compare(challenger, champion, policy, passes, fails, deltas)
+    reg = None
+    if regression is not None and champion is not None:
+        reg = _regression(*regression, policy, passes, fails, deltas)
 
     promote = not fails
     return Decision(
@@ -203,6 +233,7 @@ def decide_promotion(
         reasons=fails + passes,
         deltas=deltas,
         paired=paired,
+        regression=reg,
         has_champion=champion is not None,
         policy=policy,
     )
@@ -352,6 +383,65 @@ def _compare(
             "champion_better_docs": pairs.champion_better,
             "mcnemar_p": pairs.p_value,
         }
+    )
+
+
+def _regression(
+    ch: EvalReport,
+    cp: EvalReport,
+    policy: GatePolicy,
+    passes: list[str],
+    fails: list[str],
+    deltas: dict[str, float],
+) -> PairedTest | None:
+    """Rule 8: no forgetting. The paired bits-per-byte difference on the regression set,
+    rejected when its whole interval lies above +regression_margin of the champion's."""
+    where = "regression set (the champion's domain)"
+    if ch.docs is None or cp.docs is None:
+        fails.append(f"{where}: a report has no per-document scores, cannot compare paired")
+        return None
+    ch_at = {d: i for i, d in enumerate(ch.docs.ids)}
+    common = [(ch_at[d], j) for j, d in enumerate(cp.docs.ids) if d in ch_at]
+    if len(common) < 2:
+        fails.append(f"{where}: only {len(common)} document(s) scored by both models")
+        return None
+    i, j = (np.array(x) for x in zip(*common, strict=True))
+    diff = paired_bootstrap(
+        np.array(ch.docs.bits)[i],
+        np.array(ch.docs.bytes)[i],
+        np.array(cp.docs.bits)[j],
+        np.array(cp.docs.bytes)[j],
+        policy.bootstrap_samples,
+        policy.confidence,
+        policy.seed,
+    )
+    deltas["regression_bits_per_byte_rel"] = diff.rel
+    deltas["regression_ci_low"], deltas["regression_ci_high"] = diff.low, diff.high
+    m = policy.regression_margin
+    threshold = m * diff.champion
+    shown = (
+        f"{where}: paired difference {diff.diff:+.4f} bits/byte ({_pct(diff.rel)}), "
+        f"{policy.confidence:.0%} interval [{diff.low:+.4f}, {diff.high:+.4f}] over "
+        f"{diff.n_docs} documents; rejected when the whole interval lies above +{m:.1%} of "
+        f"the champion's ({threshold:+.4f})"
+    )
+    if not math.isfinite(diff.low):
+        fails.append(f"{shown}: the interval is not finite")
+    elif diff.low > threshold:
+        fails.append(f"{shown}: significantly worse, the challenger forgot the champion's domain")
+    else:
+        passes.append(f"{shown}: no forgetting beyond the margin")
+    return PairedTest(
+        n_docs=diff.n_docs,
+        challenger_bits_per_byte=diff.challenger,
+        champion_bits_per_byte=diff.champion,
+        diff=diff.diff,
+        diff_rel=diff.rel,
+        ci=(diff.low, diff.high),
+        confidence=policy.confidence,
+        samples=policy.bootstrap_samples,
+        threshold=threshold,
+        accuracy_compared=False,
     )
 
 
