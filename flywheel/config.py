@@ -320,10 +320,19 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    zero_stage: int = Field(2, ge=0, le=3)
-    deepspeed_config: str = Field(
-        "configs/deepspeed/zero2.json",
-        description="a path, or configs/... naming a file shipped with the package",
+    # One setting for the ZeRO stage: zero_stage picks a packaged DeepSpeed JSON, or
+    # deepspeed_config names your own (whose zero_optimization.stage is then the stage).
+    zero_stage: int | None = Field(
+        None,
+        ge=0,
+        le=3,
+        description="ZeRO stage; picks the packaged configs/deepspeed/zero<N>.json "
+        "(unset: 2, or the stage in train.deepspeed_config)",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="your own DeepSpeed JSON instead of zero_stage's packaged one: a path, or "
+        "configs/... naming a file shipped with the package",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU"
@@ -353,6 +362,12 @@ class TrainConfig(_Strict):
             )
         if self.warmup_steps > self.max_steps:
             raise ValueError("train.warmup_steps must not exceed train.max_steps")
+        if self.deepspeed_config is not None and self.zero_stage is not None:
+            raise ValueError(
+                "train.deepspeed_config: give train.zero_stage (picks a packaged DeepSpeed "
+                "config) or train.deepspeed_config (your own file, which sets the stage), "
+                "not both"
+            )
         return self
 
     @property

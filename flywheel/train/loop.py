@@ -225,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=f"step{step}")
             if final:
-                weights = _model_state_for_export(engine, t.zero_stage)
+                weights = _model_state_for_export(engine, plan.zero_stage)
                 if rank == 0:
                     engine.module.save_pretrained(os.path.join(tmp, HF_DIR), state_dict=weights)
             if rank == 0:

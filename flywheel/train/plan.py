@@ -34,6 +34,8 @@ _OWNED_KEYS = (
     ("bf16.enabled", "train.precision"),
     ("fp16.enabled", "train.precision (fp16 is not offered: bf16 or fp32)"),
 )
+DEFAULT_ZERO_STAGE = 2
+PACKAGED_DEEPSPEED = "configs/deepspeed/zero{stage}.json"
 # The optimizer and schedule are built in code from the profile (torch AdamW + LambdaLR):
 # DeepSpeed's own Adam on CPU needs a JIT-compiled C++ op, torch's runs everywhere.
 _FORBIDDEN_SECTIONS = {
@@ -74,6 +76,8 @@ class TrainPlan(BaseModel):
     backend: Literal["gloo", "nccl"]
     deepspeed_config_path: str
     deepspeed: dict[str, Any]
+    zero_stage: int
+    """The stage run: train.zero_stage's, or the one in your own train.deepspeed_config."""
     model_source: ModelSource
     dataset: DatasetInfo
     tokenizer_matches_model: bool | None = None
@@ -139,7 +143,7 @@ def deepspeed_config(profile: Profile, raw: dict[str, Any], source: str) -> dict
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": profile.train.grad_clip,
-        "zero_optimization.stage": profile.train.zero_stage,
+        "zero_optimization.stage": zero_stage(profile, raw, source),
         "bf16.enabled": prec == "bf16",
         "fp16.enabled": False,
     }
@@ -155,10 +159,30 @@ def deepspeed_config(profile: Profile, raw: dict[str, Any], source: str) -> dict
     return cfg
 
 
+def zero_stage(profile: Profile, raw: dict[str, Any], source: str) -> int:
+    """train.zero_stage (unset: 2), or the stage your own train.deepspeed_config sets
+    (DeepSpeed's default, 0, when it sets none)."""
+    t = profile.train
+    if t.deepspeed_config is None:
+        return DEFAULT_ZERO_STAGE if t.zero_stage is None else t.zero_stage
+    stage = _get(raw, "zero_optimization.stage")
+    if stage is None:
+        return 0
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return int(stage)
+
+
 def load_deepspeed_json(profile: Profile) -> tuple[dict[str, Any], str]:
-    path = config_file(profile.train.deepspeed_config)
+    """Your own train.deepspeed_config, else the packaged JSON train.zero_stage picks."""
+    t = profile.train
+    if t.deepspeed_config is not None:
+        field, path = "train.deepspeed_config", config_file(t.deepspeed_config)
+    else:
+        stage = DEFAULT_ZERO_STAGE if t.zero_stage is None else t.zero_stage
+        field, path = "train.zero_stage", config_file(PACKAGED_DEEPSPEED.format(stage=stage))
     if not path.is_file():
-        raise ConfigError(f"train.deepspeed_config: {path} not found")
+        raise ConfigError(f"{field}: {path} not found")
     try:
         return json.loads(path.read_text()), str(path)
     except json.JSONDecodeError as exc:
@@ -448,6 +472,7 @@ def make_plan(profile: Profile, dataset_dir: str | Path, init_from: str | None =
         backend="nccl" if profile.train.scaling.use_gpu else "gloo",
         deepspeed_config_path=source,
         deepspeed=ds,
+        zero_stage=ds["zero_optimization"]["stage"],
         model_source=model_source,
         dataset=data,
         tokenizer_matches_model=matches,

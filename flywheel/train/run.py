@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flywheel import artifacts, storage
+from flywheel import artifacts, contracts, storage
 from flywheel.config import Profile
 from flywheel.errors import ConfigError, FlywheelError, StorageError
 from flywheel.progress import Progress, StageDone, TrainPlanned, TrainStarted, TrainStep, ignore
@@ -163,7 +163,7 @@ def _mlflow_run(
     client = MlflowClient(uri)
     all_tags = {"flywheel.stage": "train", **tags}
     if plan.dataset.content_hash:
-        all_tags["flywheel.data_hash"] = plan.dataset.content_hash
+        all_tags[contracts.TAG_DATA_HASH] = plan.dataset.content_hash
     if plan.tokenizer_matches_model is False:
         all_tags["flywheel.tokenizer_mismatch"] = "true"
     commit = tracking.git_commit()
@@ -427,7 +427,7 @@ def train(
             tokens_per_step=plan.tokens_per_step,
             max_steps=plan.max_steps,
             precision=plan.precision,
-            zero_stage=profile.train.zero_stage,
+            zero_stage=plan.zero_stage,
             model=plan.model_source.kind,
             resume_step=resume_step,
         )
@@ -483,7 +483,7 @@ def train(
         curve = out_dir / LOSS_CURVE
         subtitle = (
             f"{plan.model_source.kind} model, {plan.world_size} workers x micro {plan.micro_batch} "
-            f"x accum {plan.grad_accum}, ZeRO-{profile.train.zero_stage}, {plan.precision}; "
+            f"x accum {plan.grad_accum}, ZeRO-{plan.zero_stage}, {plan.precision}; "
             f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {state['step']} steps"
         )
         curve.write_text(loss_curve_html(history, f"training loss — {run_name}", subtitle))

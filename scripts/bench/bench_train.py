@@ -59,7 +59,6 @@ GPU_OVERRIDES = [
     "train.scaling.num_workers=1",
     "train.scaling.use_gpu=true",
     "train.zero_stage=2",
-    "train.deepspeed_config=configs/deepspeed/zero2.json",
     "train.lr=6e-4",
     "train.checkpoint_every=1000",
 ]

@@ -31,7 +31,6 @@ def test_bf16_zero_on_one_gpu(state_dir, tmp_path, stage):
             "train.scaling.use_gpu=true",
             "train.scaling.num_workers=1",
             f"train.zero_stage={stage}",
-            f"train.deepspeed_config=configs/deepspeed/zero{stage}.json",
         ],
     )
     plan = make_plan(profile, ds)

@@ -182,8 +182,7 @@ from flywheel.tune.space import check_space
 
 dataset = sys.argv[1]
 for stage in (0, 1, 2, 3):
-    p = load_profile(None, [*sys.argv[2:], f"train.zero_stage={stage}",
-                            f"train.deepspeed_config=configs/deepspeed/zero{stage}.json"])
+    p = load_profile(None, [*sys.argv[2:], f"train.zero_stage={stage}"])
     plan = make_plan(p, dataset)
     assert plan.deepspeed["zero_optimization"]["stage"] == stage, plan.deepspeed
     print("plan", stage, plan.deepspeed_config_path)

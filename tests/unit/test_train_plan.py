@@ -64,11 +64,9 @@ def test_non_dividing_global_batch_fails_in_train_before_ray(profile, dataset, t
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_shipped_deepspeed_json_fills_from_the_profile(state_dir, stage):
-    p = load_profile(
-        None,
-        [f"train.zero_stage={stage}", f"train.deepspeed_config=configs/deepspeed/zero{stage}.json"],
-    )
+    p = load_profile(None, [f"train.zero_stage={stage}"])
     raw, source = P.load_deepspeed_json(p)
+    assert source.endswith(f"zero{stage}.json")
     assert "auto" not in json.dumps(raw)
     cfg = P.deepspeed_config(p, raw, source)
     assert cfg["train_batch_size"] == 16
@@ -113,15 +111,40 @@ def test_deepspeed_json_contradicting_the_profile(profile, raw, match):
         P.deepspeed_config(profile, raw, "x.json")
 
 
-def test_zero_stage_against_the_wrong_json_fails_in_train_before_ray(state_dir, dataset, tmp_path):
+def test_zero_stage_alone_picks_the_packaged_json(state_dir, dataset):
+    # Was a ConfigError at plan time: zero_stage=3 against the default zero2.json.
     p = load_profile(None, ["data.block_size=32", "model.context=32", "train.zero_stage=3"])
-    with pytest.raises(ConfigError, match=r"zero2.json: zero_optimization.stage = 2 contradicts"):
-        train(p, dataset, tmp_path / "m")
-    assert not _ray_started()
+    plan = P.make_plan(p, dataset)
+    assert plan.zero_stage == 3 and plan.deepspeed["zero_optimization"]["stage"] == 3
+    assert plan.deepspeed_config_path.endswith("zero3.json")
+
+
+def test_zero_stage_and_deepspeed_config_together_is_a_config_error(state_dir, tmp_path):
+    own = tmp_path / "ds.json"
+    own.write_text('{"zero_optimization": {"stage": 1}}')
+    with pytest.raises(
+        ConfigError, match=r"train.deepspeed_config: give train.zero_stage .* not both"
+    ):
+        load_profile(None, ["train.zero_stage=3", f"train.deepspeed_config={own}"])
+
+
+def test_your_own_deepspeed_json_sets_the_stage(state_dir, dataset, tmp_path):
+    own = tmp_path / "ds.json"
+    own.write_text('{"zero_optimization": {"stage": 1}}')
+    overrides = ["data.block_size=32", "model.context=32", "train.zero_stage=null"]
+    p = load_profile(None, [*overrides, f"train.deepspeed_config={own}"])
+    plan = P.make_plan(p, dataset)
+    assert plan.zero_stage == 1 and plan.deepspeed_config_path == str(own)
+    own.write_text('{"zero_optimization": {"stage": 5}}')
+    with pytest.raises(ConfigError, match=r"ds.json: zero_optimization.stage must be 0, 1, 2 or 3"):
+        P.make_plan(p, dataset)
+    own.write_text("{}")  # no stage: DeepSpeed's default
+    assert P.make_plan(p, dataset).zero_stage == 0
 
 
 def test_deepspeed_json_missing_or_broken(profile, tmp_path):
     p = profile.model_copy(deep=True)
+    p.train.zero_stage = None  # a file of your own sets the stage itself
     p.train.deepspeed_config = str(tmp_path / "nope.json")
     with pytest.raises(ConfigError, match=r"train.deepspeed_config: .*not found"):
         P.load_deepspeed_json(p)
