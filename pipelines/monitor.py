@@ -20,7 +20,7 @@ PIPELINE_NAME = "flywheel-monitor"
 
 def build(profile: Profile):
     c = components.build(profile.kfp.image)
-    kfp = profile.kfp
+    kfp_config = profile.kfp
     retrain = retrain_pipeline.build(profile)
     default_profile = profile.to_param()
 
@@ -34,7 +34,7 @@ def build(profile: Profile):
             c.drift_check(profile=profile, window=window, run_id=run_id),
             "drift-check",
             "Drift check (Evidently)",
-            kfp,
+            kfp_config,
         )
         with dsl.If(drift.outputs["Output"] != "", name="drifted-and-cooled-down"):
             nested = retrain(
@@ -48,7 +48,7 @@ def build(profile: Profile):
                 c.no_retrain(profile=profile, run_id=run_id),
                 "no-retrain",
                 "No retrain",
-                kfp,
+                kfp_config,
             )
 
     return monitor

@@ -26,10 +26,12 @@ from flywheel.kfp import platform
 PIPELINE_NAME = "flywheel-retrain"
 
 
-def configure(task: dsl.PipelineTask, name: str, display: str, kfp: KfpConfig) -> dsl.PipelineTask:
+def configure(
+    task: dsl.PipelineTask, name: str, display: str, kfp_config: KfpConfig
+) -> dsl.PipelineTask:
     """Display name, resources, retries, caching and Kubernetes settings for one task, from
     the profile. `name` is the task's key in `kfp.resources` (one of `flywheel.config.TASKS`)."""
-    res = kfp.for_task(name)
+    res = kfp_config.for_task(name)
     task.set_display_name(display)
     # Request what the task is given as its limit: a training pod that is scheduled on a node
     # that cannot hold its limit gets OOM-killed mid-run instead of waiting for room.
@@ -40,32 +42,34 @@ def configure(task: dsl.PipelineTask, name: str, display: str, kfp: KfpConfig) -
     if res.retries:
         task.set_retry(num_retries=res.retries)
     task.set_caching_options(enable_caching=res.caching)
-    return platform.apply(task, name, kfp)
+    return platform.apply(task, name, kfp_config)
 
 
 def build(profile: Profile):
     """The retrain pipeline function for this profile's image and resources."""
     c = components.build(profile.kfp.image)
-    kfp = profile.kfp
+    kfp_config = profile.kfp
     default_profile = profile.to_param()
 
     def retrain_body(profile: dict, trigger_reason: str, data_location: str, run_id: str):
-        plan = configure(c.plan(profile=profile, run_id=run_id), "plan", "Validate profile", kfp)
+        plan = configure(
+            c.plan(profile=profile, run_id=run_id), "plan", "Validate profile", kfp_config
+        )
         prep = configure(
             c.prepare_data(profile=profile, data_location=data_location, run_id=run_id),
             "prepare-data",
             "Prepare data (Ray Data)",
-            kfp,
+            kfp_config,
         ).after(plan)
         with dsl.If(plan.output == True, name="tune-enabled"):  # noqa: E712 (a KFP condition, not Python)
             tuned = configure(
                 c.tune(profile=profile, dataset=prep.outputs["dataset"], run_id=run_id),
                 "tune",
                 "Tune (Optuna on Ray)",
-                kfp,
+                kfp_config,
             )
         with dsl.Else(name="tune-disabled"):
-            untuned = configure(c.skip_tune(), "skip-tune", "Tuning disabled", kfp)
+            untuned = configure(c.skip_tune(), "skip-tune", "Tuning disabled", kfp_config)
         trained = configure(
             c.train(
                 profile=profile,
@@ -76,7 +80,7 @@ def build(profile: Profile):
             ),
             "train",
             "Train (DeepSpeed on Ray Train)",
-            kfp,
+            kfp_config,
         )
         challenger = configure(
             c.evaluate(
@@ -87,7 +91,7 @@ def build(profile: Profile):
             ),
             "evaluate",
             "Evaluate challenger",
-            kfp,
+            kfp_config,
         )
         # The champion is evaluated fresh, on the same split, after training: the model
         # the gate compares against is the one in production now, not at registration.
@@ -95,7 +99,7 @@ def build(profile: Profile):
             c.evaluate_champion(profile=profile, dataset=prep.outputs["dataset"], run_id=run_id),
             "evaluate-champion",
             "Evaluate champion",
-            kfp,
+            kfp_config,
         ).after(trained)
         gate = configure(
             c.gate(
@@ -110,7 +114,7 @@ def build(profile: Profile):
             ),
             "gate",
             "Gate: challenger vs champion",
-            kfp,
+            kfp_config,
         )
         with dsl.If(gate.outputs["Output"] != "", name="promote-if-better"):
             configure(
@@ -122,7 +126,7 @@ def build(profile: Profile):
                 ),
                 "promote",
                 "Promote to champion",
-                kfp,
+                kfp_config,
             )
 
     @dsl.pipeline(
@@ -136,7 +140,7 @@ def build(profile: Profile):
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         summary = configure(
-            c.summary(profile=profile, run_id=run_id), "summary", "Run summary", kfp
+            c.summary(profile=profile, run_id=run_id), "summary", "Run summary", kfp_config
         )
         with dsl.ExitHandler(summary, name="retrain"):
             retrain_body(profile, trigger_reason, data_location, run_id)
