@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from flywheel import contracts
 from flywheel.errors import ConfigError
 from flywheel.ray_address import parse_address
 
@@ -749,32 +750,34 @@ MemoryQuantity = Annotated[
 # The task names of both pipelines: the keys of `kfp.resources` (besides 'default') and what
 # `tasks:` lists in `kfp.kubernetes` may name. pipelines/*.py configure every task by one of these.
 TASKS = (
-    "plan",
-    "prepare-data",
-    "tune",
-    "skip-tune",
-    "train",
-    "evaluate",
-    "evaluate-champion",
-    "gate",
-    "promote",
-    "summary",
-    "drift-check",
-    "no-retrain",
+    contracts.PLAN,
+    contracts.PREPARE_DATA,
+    contracts.TUNE,
+    contracts.SKIP_TUNE,
+    contracts.TRAIN,
+    contracts.EVALUATE,
+    contracts.EVALUATE_CHAMPION,
+    contracts.GATE,
+    contracts.PROMOTE,
+    contracts.SUMMARY,
+    contracts.DRIFT_CHECK,
+    contracts.NO_RETRAIN,
 )
 # Tasks whose effect is outside their outputs. A cached replay returns the old outputs and
 # skips the effect, so `caching: true` on them is refused when the profile loads.
 SIDE_EFFECT_TASKS = {
-    "plan": "records the run's start, which the monitor reads to see a retrain in flight",
-    "evaluate-champion": "evaluates whichever model is champion now, not the one of a past run",
-    "gate": "registers the candidate as a model version",
-    "promote": "moves the champion alias",
-    "summary": "writes the run summary",
-    "drift-check": "reads the registry and the cooldown as they are now",
-    "no-retrain": "records why this monitor run started no retrain",
+    contracts.PLAN: "records the run's start, which the monitor reads to see a retrain in flight",
+    contracts.EVALUATE_CHAMPION: (
+        "evaluates whichever model is champion now, not the one of a past run"
+    ),
+    contracts.GATE: "registers the candidate as a model version",
+    contracts.PROMOTE: "moves the champion alias",
+    contracts.SUMMARY: "writes the run summary",
+    contracts.DRIFT_CHECK: "reads the registry and the cooldown as they are now",
+    contracts.NO_RETRAIN: "records why this monitor run started no retrain",
 }
 # A task without its own entry takes the first of these that exists, then 'default'.
-_RESOURCE_FALLBACK = {"evaluate-champion": "evaluate"}
+_RESOURCE_FALLBACK = {contracts.EVALUATE_CHAMPION: contracts.EVALUATE}
 
 # Kubernetes names: Secrets, PVCs and service accounts are DNS-1123 subdomains.
 _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")

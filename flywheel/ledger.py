@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.config import Profile
+from flywheel.contracts import STAGE_SECONDS
 
 RUN_TAG = "flywheel.pipeline_run_id"
 STAGE_TAG = "flywheel.stage"
@@ -84,7 +85,7 @@ def stage(profile: Profile, run_id: str, name: str, *, timed: bool = True) -> It
     yield entry
     metrics = dict(entry.metrics)
     if timed:
-        metrics["stage_seconds"] = time.perf_counter() - t0
+        metrics[STAGE_SECONDS] = time.perf_counter() - t0
     record(profile, run_id, name, metrics, entry.tags)
 
 

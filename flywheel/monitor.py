@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from flywheel import ledger
+from flywheel import contracts, ledger
 from flywheel.config import Profile
 from flywheel.errors import ConfigError, DataError
 
@@ -240,10 +240,10 @@ def retrains_in_flight(profile: Profile, exclude_run: str, now: float) -> list[s
     return sorted(r for r in runs if r and r not in done and r != exclude_run)
 
 
-REFERENCE_ARTIFACT = "data/reference.parquet"
+REFERENCE_ARTIFACT = contracts.REFERENCE_SAMPLE
 # The held-out sample the champion's bits per byte is compared with, logged next to the
-# reference by `flywheel.stages.train` (a Dataset's text/test.parquet).
-HELDOUT_ARTIFACT = "data/test.parquet"
+# reference by the train step (`flywheel.tracking.log_dataset_samples`).
+HELDOUT_ARTIFACT = contracts.HELDOUT_SAMPLE
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ def champion_reference(profile: Profile, dest: Path) -> ChampionRefs:
             f"{tracking_uri(profile)}: nothing to compare production data with "
             "(train one with `flywheel run`)"
         )
-    run_id = champ.tags.get("training_run_id")
+    run_id = champ.tags.get(contracts.TRAINING_RUN_ID)
     if not run_id:
         raise DataError(f"champion version {champ.version} has no training_run_id lineage tag")
     dest.mkdir(parents=True, exist_ok=True)
@@ -283,13 +283,13 @@ def champion_reference(profile: Profile, dest: Path) -> ChampionRefs:
     # resolves `runs:/` against the process-default store.
     client = mlflow.MlflowClient(tracking_uri(profile))
     ref = client.download_artifacts(run_id, REFERENCE_ARTIFACT, str(dest))
-    logged = {f.path for f in client.list_artifacts(run_id, "data")}
+    logged = {f.path for f in client.list_artifacts(run_id, contracts.SAMPLES_DIR)}
     heldout = (
         Path(client.download_artifacts(run_id, HELDOUT_ARTIFACT, str(dest)))
         if HELDOUT_ARTIFACT in logged
         else None
     )
-    return ChampionRefs(Path(ref), heldout, registry.download("champion"))
+    return ChampionRefs(Path(ref), heldout, registry.download(contracts.CHAMPION))
 
 
 def now() -> float:

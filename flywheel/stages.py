@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from flywheel import ledger
+from flywheel import contracts, ledger
 from flywheel.config import Profile
 from flywheel.profiles import (
     champion_model_dir,
@@ -76,7 +76,7 @@ def plan(profile: dict[str, Any], run_id: str) -> PlanResult:
     from flywheel import preflight
 
     p = load(profile)
-    with ledger.stage(p, run_id, "plan", timed=False) as entry:
+    with ledger.stage(p, run_id, contracts.PLAN, timed=False) as entry:
         preflight.check(p)
         entry.tags["tune_enabled"] = p.tune.enabled
     return PlanResult(tune_enabled=p.tune.enabled, model_name=p.registry.model_name)
@@ -100,7 +100,7 @@ def prepare(
     from flywheel.data import prepare as prepare_data
 
     p = with_champion_tokenizer(with_data_location(load(profile), data_location))
-    with ledger.stage(p, run_id, "prepare-data") as entry:
+    with ledger.stage(p, run_id, contracts.PREPARE_DATA) as entry:
         with staged_source(p) as local:
             stats = prepare_data(local, Path(out_dir), progress, store=store, label=label)
         record_source(Path(stats.out_dir or out_dir), p.data.source.path)
@@ -125,7 +125,7 @@ def tune(
     p = dataset_study(load(profile), DatasetManifest.read(dataset_dir).content_hash)
     # Trials start where the train step will: the champion when the profile warm-starts.
     init_from = champion_model_dir(p)
-    with ledger.stage(p, run_id, "tune") as entry:
+    with ledger.stage(p, run_id, contracts.TUNE) as entry:
         result = run_study(
             p,
             Path(dataset_dir),
@@ -157,14 +157,14 @@ def train(
     from flywheel.train import train as train_model
 
     p = with_params(load(profile), params)
-    with ledger.stage(p, run_id, "train") as entry:
+    with ledger.stage(p, run_id, contracts.TRAIN) as entry:
         if init_from is None:
             init_from = champion_model_dir(p)
         tags = {
             ledger.RUN_TAG: run_id,
-            "flywheel.trigger_reason": trigger_reason,
-            "flywheel.data_hash": DatasetManifest.read(dataset_dir).content_hash,
-            "flywheel.warm_start": str(init_from is not None),
+            contracts.TAG_TRIGGER_REASON: trigger_reason,
+            contracts.TAG_DATA_HASH: DatasetManifest.read(dataset_dir).content_hash,
+            contracts.TAG_WARM_START: str(init_from is not None),
         }
         result = train_model(
             p,
@@ -178,7 +178,7 @@ def train(
         if result.mlflow_run_id:
             log_dataset_samples(p, result.mlflow_run_id, Path(dataset_dir))
         entry.metrics.update(result.metrics())
-        entry.tags["training_run_id"] = result.mlflow_run_id or ""
+        entry.tags[contracts.TRAINING_RUN_ID] = result.mlflow_run_id or ""
     return result
 
 
@@ -215,7 +215,7 @@ def evaluate(
     from flywheel.evaluate import evaluate as evaluate_model
 
     p = load(profile)
-    stage = "evaluate-champion" if model is None else "evaluate-challenger"
+    stage = contracts.EVALUATE_CHAMPION if model is None else contracts.EVALUATE_CHALLENGER
     with ledger.stage(p, run_id, stage) as entry:
         if model is None:
             from flywheel.registry import Registry
@@ -248,7 +248,7 @@ def gate(
     from flywheel.registry import Registry, lineage_tags, model_card
 
     p = load(profile)
-    with ledger.stage(p, run_id, "gate") as entry:
+    with ledger.stage(p, run_id, contracts.GATE) as entry:
         challenger = load_unless_absent(EvalReport, challenger_json)
         if challenger is None:
             raise ValueError(f"{challenger_json}: the challenger has no evaluation report")
@@ -273,10 +273,10 @@ def gate(
         )
         entry.metrics.update(
             {
-                **challenger.metrics("challenger_"),
-                **(champion.metrics("champion_") if champion else {}),
+                **challenger.metrics(contracts.CHALLENGER_PREFIX),
+                **(champion.metrics(contracts.CHAMPION_PREFIX) if champion else {}),
                 # The paired difference the decision rests on (bits per byte, its interval).
-                **{f"delta_{k}": v for k, v in decision.deltas.items()},
+                **{f"{contracts.DELTA_PREFIX}{k}": v for k, v in decision.deltas.items()},
             }
         )
         entry.tags.update(
@@ -289,9 +289,9 @@ def promote(profile: dict[str, Any], version: str, reason: str, run_id: str) -> 
     from flywheel.registry import Registry
 
     p = load(profile)
-    with ledger.stage(p, run_id, "promote") as entry:
+    with ledger.stage(p, run_id, contracts.PROMOTE) as entry:
         moved = Registry(p).promote(version, reason=reason, actor=f"pipeline:{run_id}")
-        entry.tags.update({"version": version, "alias": "champion"})
+        entry.tags.update({"version": version, "alias": contracts.CHAMPION})
     return moved
 
 
@@ -303,7 +303,7 @@ def summarize(profile: dict[str, Any], run_id: str, state: str, error: str) -> R
     facts = {**summary.run_facts(p, run_id), "state": state}
     if error:
         facts["error"] = error
-    with ledger.stage(p, run_id, "summary", timed=False) as entry:
+    with ledger.stage(p, run_id, contracts.SUMMARY, timed=False) as entry:
         entry.tags["state"] = state
     return RunSummary(summary.markdown(run_id, facts), facts)
 

@@ -77,11 +77,12 @@ def log_dataset_samples(profile: Profile, training_run_id: str, dataset_dir: Pat
     import mlflow
 
     from flywheel.artifacts import REFERENCE_TEXT, TEST_TEXT
+    from flywheel.contracts import SAMPLES_DIR
 
     client = mlflow.MlflowClient(tracking_uri(profile))
     for sample in (dataset_dir / REFERENCE_TEXT, dataset_dir / TEST_TEXT):
         if sample.is_file():
-            client.log_artifact(training_run_id, str(sample), "data")
+            client.log_artifact(training_run_id, str(sample), SAMPLES_DIR)
 
 
 def git_commit() -> str | None:

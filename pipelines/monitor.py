@@ -11,6 +11,7 @@ the candidate learns the new distribution and is gated against the champion on i
 from kfp import dsl
 
 import components
+from flywheel import contracts
 from flywheel.config import Profile
 from pipelines import retrain as retrain_pipeline
 from pipelines.retrain import configure
@@ -32,7 +33,7 @@ def build(profile: Profile):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         drift = configure(
             c.drift_check(profile=profile, window=window, run_id=run_id),
-            "drift-check",
+            contracts.DRIFT_CHECK,
             "Drift check (Evidently)",
             kfp_config,
         )
@@ -46,7 +47,7 @@ def build(profile: Profile):
         with dsl.Else(name="no-retrain"):
             configure(
                 c.no_retrain(profile=profile, run_id=run_id),
-                "no-retrain",
+                contracts.NO_RETRAIN,
                 "No retrain",
                 kfp_config,
             )

@@ -20,6 +20,7 @@ names (plan ... summary) are disjoint from the monitor's (drift-check, no-retrai
 from kfp import dsl
 
 import components
+from flywheel import contracts
 from flywheel.config import KfpConfig, Profile
 from flywheel.kfp import platform
 
@@ -53,23 +54,23 @@ def build(profile: Profile):
 
     def retrain_body(profile: dict, trigger_reason: str, data_location: str, run_id: str):
         plan = configure(
-            c.plan(profile=profile, run_id=run_id), "plan", "Validate profile", kfp_config
+            c.plan(profile=profile, run_id=run_id), contracts.PLAN, "Validate profile", kfp_config
         )
         prep = configure(
             c.prepare_data(profile=profile, data_location=data_location, run_id=run_id),
-            "prepare-data",
+            contracts.PREPARE_DATA,
             "Prepare data (Ray Data)",
             kfp_config,
         ).after(plan)
         with dsl.If(plan.output == True, name="tune-enabled"):  # noqa: E712 (a KFP condition, not Python)
             tuned = configure(
                 c.tune(profile=profile, dataset=prep.outputs["dataset"], run_id=run_id),
-                "tune",
+                contracts.TUNE,
                 "Tune (Optuna on Ray)",
                 kfp_config,
             )
         with dsl.Else(name="tune-disabled"):
-            untuned = configure(c.skip_tune(), "skip-tune", "Tuning disabled", kfp_config)
+            untuned = configure(c.skip_tune(), contracts.SKIP_TUNE, "Tuning disabled", kfp_config)
         trained = configure(
             c.train(
                 profile=profile,
@@ -78,7 +79,7 @@ def build(profile: Profile):
                 trigger_reason=trigger_reason,
                 run_id=run_id,
             ),
-            "train",
+            contracts.TRAIN,
             "Train (DeepSpeed on Ray Train)",
             kfp_config,
         )
@@ -89,7 +90,7 @@ def build(profile: Profile):
                 model=trained.outputs["model"],
                 run_id=run_id,
             ),
-            "evaluate",
+            contracts.EVALUATE,
             "Evaluate challenger",
             kfp_config,
         )
@@ -97,7 +98,7 @@ def build(profile: Profile):
         # the gate compares against is the one in production now, not at registration.
         champion = configure(
             c.evaluate_champion(profile=profile, dataset=prep.outputs["dataset"], run_id=run_id),
-            "evaluate-champion",
+            contracts.EVALUATE_CHAMPION,
             "Evaluate champion",
             kfp_config,
         ).after(trained)
@@ -112,7 +113,7 @@ def build(profile: Profile):
                 trigger_reason=trigger_reason,
                 run_id=run_id,
             ),
-            "gate",
+            contracts.GATE,
             "Gate: challenger vs champion",
             kfp_config,
         )
@@ -124,7 +125,7 @@ def build(profile: Profile):
                     trigger_reason=trigger_reason,
                     run_id=run_id,
                 ),
-                "promote",
+                contracts.PROMOTE,
                 "Promote to champion",
                 kfp_config,
             )
@@ -140,7 +141,7 @@ def build(profile: Profile):
     ):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         summary = configure(
-            c.summary(profile=profile, run_id=run_id), "summary", "Run summary", kfp_config
+            c.summary(profile=profile, run_id=run_id), contracts.SUMMARY, "Run summary", kfp_config
         )
         with dsl.ExitHandler(summary, name="retrain"):
             retrain_body(profile, trigger_reason, data_location, run_id)

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flywheel import contracts
 from flywheel.cli.common import OverridesArg, ProfileOpt, console, err_console, profile_from
 from flywheel.config import Profile
 from flywheel.errors import ConfigError, FlywheelError
@@ -71,14 +72,14 @@ def run_and_report(name: str, profile: Profile, arguments: dict, *, json_out: bo
     for key, label in labels.items():
         if key in facts:
             t.add_row(label, str(facts[key]))
-    if "version" in facts and "champion_perplexity" not in facts:
+    if contracts.VERSION in facts and contracts.CHAMPION_PERPLEXITY not in facts:
         t.add_row("champion perplexity", "(no champion before this run)")
     for task, artifact, label in [
         ("train", "loss_curve", "loss curve (HTML)"),
         ("tune", "plots", "tuning plots (HTML)"),
         ("gate", "decision", "gate decision (Markdown)"),
         ("gate", "model_card", "model card (Markdown)"),
-        ("drift-check", "report", "drift report (HTML)"),
+        (contracts.DRIFT_CHECK, "report", "drift report (HTML)"),
         ("summary", "report", "run summary (Markdown)"),
     ]:
         path = run.artifact(task, artifact)
@@ -91,10 +92,10 @@ def run_and_report(name: str, profile: Profile, arguments: dict, *, json_out: bo
         "MLflow UI", f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else uri
     )
     drift: dict = {}
-    if "drift-check" in facts.get("stage_seconds", {}) or name == "monitor":
+    if contracts.DRIFT_CHECK in facts.get(contracts.STAGE_SECONDS, {}) or name == "monitor":
         from flywheel import ledger
 
-        drift = ledger.collect(profile, run.run_id).get("drift-check", {})
+        drift = ledger.collect(profile, run.run_id).get(contracts.DRIFT_CHECK, {})
         facts["retrain"] = bool(drift.get("metrics", {}).get("retrain"))
         if drift:
             t.add_row("monitor decision", drift["tags"].get("decision", ""))

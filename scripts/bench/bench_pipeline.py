@@ -24,12 +24,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from flywheel import ledger
+from flywheel import contracts, ledger
 from flywheel.config import load_profile
 from flywheel.kfp.local import run_local
 
 # task name (kfp.local) -> ledger stage name, where they differ
-STAGE_OF = {"evaluate": "evaluate-challenger"}
+STAGE_OF = {contracts.EVALUATE: contracts.EVALUATE_CHALLENGER}
 
 
 def measure(profile) -> dict:
@@ -40,7 +40,7 @@ def measure(profile) -> dict:
     rows = []
     for task, wall in run.task_seconds.items():
         stage = stages.get(STAGE_OF.get(task, task), {})
-        inside = stage.get("metrics", {}).get("stage_seconds")
+        inside = stage.get("metrics", {}).get(contracts.STAGE_SECONDS)
         rows.append(
             {
                 "task": task,

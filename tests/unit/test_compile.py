@@ -227,7 +227,11 @@ def test_ledger_stages_of_monitor_and_nested_retrain_are_disjoint():
 
     source = Path(stages.__file__).read_text()
     monitor = {"drift-check", "no-retrain"}
-    recorded = set(re.findall(r'ledger\.(?:record|stage)\(\s*p,\s*run_id,\s*"([\w-]+)"', source))
+    from flywheel import contracts
+
+    # A stage is named by a literal or by its constant in flywheel.contracts.
+    pattern = r'ledger\.(?:record|stage)\(\s*p,\s*run_id,\s*(?:"([\w-]+)"|contracts\.([A-Z_]+))'
+    recorded = {lit or getattr(contracts, name) for lit, name in re.findall(pattern, source)}
     recorded |= {"evaluate-champion", "evaluate-challenger"}  # named through a variable
     assert monitor <= recorded and {"plan", "summary"} <= recorded
     assert not ({"plan", "summary"} & monitor)
