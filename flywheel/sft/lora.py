@@ -185,7 +185,9 @@ def adapter_config(peft_model: Any) -> dict[str, Any]:
     }
 
 
-def save_adapter_and_merged(peft_model: Any, out: Path, tokenizer: Any = None) -> SavedLora:
+def save_adapter_and_merged(
+    peft_model: Any, out: Path, tokenizer: Any = None, merged_name: str = MERGED_DIR
+) -> SavedLora:
     """Save the adapter, then merge it into the base and save that (with the tokenizer).
 
     The merge happens in place (`merge_and_unload`), so the adapter is written first and
@@ -197,8 +199,27 @@ def save_adapter_and_merged(peft_model: Any, out: Path, tokenizer: Any = None) -
     config = adapter_config(peft_model)
     peft_model.save_pretrained(out / ADAPTER_DIR)
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out / MERGED_DIR)
+    merged.save_pretrained(out / merged_name)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out / MERGED_DIR)
+        tokenizer.save_pretrained(out / merged_name)
         tokenizer.save_pretrained(out / ADAPTER_DIR)
-    return SavedLora(out / ADAPTER_DIR, out / MERGED_DIR, params, config)
+    return SavedLora(out / ADAPTER_DIR, out / merged_name, params, config)
+
+
+def export_from_state(
+    build: Any, cfg: LoraConfig, state: dict[str, Any], out: Path, merged_name: str = MERGED_DIR
+) -> SavedLora:
+    """Adapter and merged model from a full PEFT state dict (rank 0, after training).
+
+    `build()` makes the base model again; the trained weights are loaded into a fresh PEFT
+    copy, which is merged and saved. The training engine's own module is left alone: under
+    ZeRO-3 it holds only this rank's shards, and merging it in place would change what the
+    engine still references. The cost is one more copy of the model on rank 0.
+    """
+    model = apply_lora(build(), cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights (GPT-2's head is its embedding) may be absent from a state dict.
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"trained state does not fit the model: {missing[:3]} {unexpected[:3]}")
+    return save_adapter_and_merged(model, out, merged_name=merged_name)

@@ -271,6 +271,21 @@ def _model_source(profile: Profile, init_from: str | None) -> ModelSource:
     return ModelSource(kind="fresh")
 
 
+def _check_adapters(profile: Profile, source: ModelSource, data: DatasetInfo) -> None:
+    """LoRA's target modules (on a meta-device model) and QLoRA's device, before Ray starts."""
+    from transformers import AutoConfig
+
+    from flywheel.sft import lora
+    from flywheel.train.model import fresh_config
+
+    lora.check_method_here(profile.train)
+    if source.kind == "fresh":
+        cfg = fresh_config(profile.model, data)
+    else:  # _check_model has loaded this config once already
+        cfg = AutoConfig.from_pretrained(str(source.path))
+    lora.check_targets(profile.train.lora, cfg)
+
+
 def _check_model(profile: Profile, source: ModelSource, data: DatasetInfo) -> None:
     m = profile.model
     if source.kind == "fresh":
@@ -458,6 +473,8 @@ def make_plan(profile: Profile, dataset_dir: str | Path, init_from: str | None =
         )
     model_source = _model_source(profile, init_from)
     _check_model(profile, model_source, data)
+    if profile.train.method != "full":
+        _check_adapters(profile, model_source, data)
     prec = precision(profile)
     matches = None
     if model_source.kind != "fresh" and Path(str(model_source.path)).is_dir():

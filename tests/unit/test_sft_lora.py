@@ -187,3 +187,39 @@ def test_lora_trains_merges_and_saves(model_type, tok, batch, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, adapted, rtol=1e-5, atol=1e-5)
     assert (saved.adapter / "adapter_config.json").exists()
     assert not (saved.adapter / "model.safetensors").exists()  # the adapter alone, not the base
+
+
+# ------------------------------------------------------------------ plan time
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from fixtures_data import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("sft-plan") / "ds", block_size=32, vocab_size=512)
+
+
+def tiny_profile(*overrides):
+    from flywheel.config import load_profile
+
+    return load_profile(
+        None, ["data.block_size=32", "model.context=32", "model.n_embd=32", *overrides]
+    )
+
+
+def test_plan_refuses_a_target_module_the_model_lacks(dataset):
+    from flywheel.train.plan import make_plan
+
+    profile = tiny_profile("train.method=lora", "train.lora.target_modules=[q_proj]")
+    with pytest.raises(ConfigError, match=r"train\.lora\.target_modules: q_proj not in this gpt2"):
+        make_plan(profile, dataset)
+    make_plan(tiny_profile("train.method=lora"), dataset)  # auto fits the fresh GPT-2
+
+
+def test_plan_refuses_qlora_without_cuda(dataset):
+    from flywheel.train.plan import make_plan
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="qlora needs a CUDA device"):
+        make_plan(tiny_profile("train.method=qlora"), dataset)
