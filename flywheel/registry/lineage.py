@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from flywheel import contracts
+
 if TYPE_CHECKING:
     from flywheel.evaluate.report import EvalReport
     from flywheel.gate import Decision
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
+CHAMPION = contracts.CHAMPION
+CHALLENGER = contracts.CHALLENGER
 LATEST = "latest"
 MODEL_ARTIFACT = "model"
 CARD_ARTIFACT = "model_card.md"
 # Lineage tag keys on each version, as the pipeline writes them (`lineage_tags` builds
 # them); plain keys so any MLflow client reads `training_run_id` without knowing flywheel.
 TAG_DATA_HASH = "data_manifest_hash"
-TAG_TRAINING_RUN = "training_run_id"
+TAG_TRAINING_RUN = contracts.TRAINING_RUN_ID
 TAG_PIPELINE_RUN = "pipeline_run_id"
 TAG_TRIGGER = "trigger_reason"
 TAG_VERDICT = "verdict"
