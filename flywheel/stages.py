@@ -1,17 +1,16 @@
-"""Stage runners: the library calls behind each KFP component.
+"""Stage runners: the library calls behind each KFP component and each CLI stage command.
 
-A component turns artifacts into paths and calls exactly one function here; this
-module does what every run of a stage needs around the stage function itself:
-validate the profile again (it crossed a process boundary as a dict), apply the run
-knobs, find the champion to warm-start from or to compare against, and write the
-ledger entry the run summary reads. Nothing here imports KFP, so every runner is
-testable as a plain function.
+A component turns artifacts into paths and calls exactly one runner here; `flywheel train`
+and friends call the same runners under a `cli-...` run id. A runner is thin: load the
+profile (it crossed a process boundary as a dict) and apply the run knobs
+(`flywheel.profiles`), call the library, and record one ledger entry (`ledger.stage`). It
+returns a typed result. Nothing here imports KFP, so every runner is testable as a plain
+function.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +37,6 @@ if TYPE_CHECKING:
     from flywheel.registry import HistoryEntry
     from flywheel.train.report import TrainResult
     from flywheel.tune.report import TuneResult
-
-log = logging.getLogger(__name__)
-
 
 # The results of the runners that return more than one library object; the others return
 # the library's own result (DataStats, TuneResult, TrainResult, EvalReport, HistoryEntry).
@@ -280,7 +276,11 @@ def gate(
             }
         )
         entry.tags.update(
-            {"verdict": decision.verdict, "promote": decision.promote, "version": version}
+            {
+                contracts.VERDICT: decision.verdict,
+                "promote": decision.promote,
+                contracts.VERSION: version,
+            }
         )
     return GateResult(decision, version, decision_md, card)
 
@@ -291,7 +291,7 @@ def promote(profile: dict[str, Any], version: str, reason: str, run_id: str) -> 
     p = load(profile)
     with ledger.stage(p, run_id, contracts.PROMOTE) as entry:
         moved = Registry(p).promote(version, reason=reason, actor=f"pipeline:{run_id}")
-        entry.tags.update({"version": version, "alias": contracts.CHAMPION})
+        entry.tags.update({contracts.VERSION: version, "alias": contracts.CHAMPION})
     return moved
 
 
