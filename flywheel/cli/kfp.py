@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -24,7 +27,10 @@ PackageOpt = Annotated[
     ),
 ]
 DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="print the HTTP requests it would send; send nothing")
+    bool,
+    typer.Option(
+        "--dry-run", help="print the HTTP requests it would send (JSON); connect to nothing"
+    ),
 ]
 DataOpt = Annotated[
     str | None,
@@ -35,16 +41,27 @@ DataOpt = Annotated[
 ]
 
 
-def _session(profile, host, namespace, dry_run):
-    from flywheel.kfp.client import KfpSession, resolve_target
+def _target(profile, host, namespace):
+    from flywheel.kfp.client import resolve_target
 
-    return KfpSession(resolve_target(profile.kfp, host=host, namespace=namespace), dry_run=dry_run)
+    return resolve_target(profile.kfp, host=host, namespace=namespace)
 
 
-def _print_sent(session) -> None:
-    for req in session.sent:
-        console.print(req.format(), highlight=False, markup=False)
-    console.print(f"dry run: {len(session.sent)} request(s) shown, nothing was sent")
+def _session(profile, host, namespace):
+    from flywheel.kfp.client import KfpSession
+
+    return KfpSession(_target(profile, host, namespace))
+
+
+def _print_json(doc: dict[str, Any]) -> None:
+    # Plain stdout, not the rich console: no wrapping or markup inside the document.
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _print_plan(requests, target) -> None:
+    from flywheel.kfp.client import plan_document
+
+    _print_json(plan_document(requests, target))
 
 
 def refuse_pod_state(profile, source: Path | None, data_location: str | None) -> None:
@@ -88,14 +105,12 @@ def submit_cmd(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Compile PIPELINE, upload it as a version (once per content) and start a run; print its URL."""
-    from flywheel.kfp.client import submit
+    from flywheel.kfp.client import plan_submit, start_run, submit_spec
 
     prof = profile_from(profile, overrides)
     refuse_pod_state(prof, profile, data_location)
     pkg = _package(pipeline, prof, package)
-    session = _session(prof, host, namespace, dry_run)
-    run = submit(
-        session,
+    spec = submit_spec(
         prof,
         pipeline,
         pkg,
@@ -104,8 +119,11 @@ def submit_cmd(
         data_location=data_location,
     )
     if dry_run:
-        _print_sent(session)
+        target = _target(prof, host, namespace)
+        _print_plan(plan_submit(spec, target), target)
         return
+    session = _session(prof, host, namespace)
+    run = start_run(session, spec)
     ref = run.pipeline
     verb = "uploaded" if ref.uploaded else "reused"
     err_console.print(
@@ -156,16 +174,14 @@ def schedule_create(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Upload PIPELINE (once per content) and create a recurring run on a cron schedule."""
-    from flywheel.kfp.client import schedule
+    from flywheel.kfp.client import create_schedule, plan_schedule, schedule_spec
     from flywheel.kfp.cron import to_kfp_cron
 
     to_kfp_cron(cron)  # a bad expression fails before compiling or connecting
     prof = profile_from(profile, overrides)
     refuse_pod_state(prof, profile, data_location)
     pkg = _package(pipeline, prof, package)
-    session = _session(prof, host, namespace, dry_run)
-    rec = schedule(
-        session,
+    spec = schedule_spec(
         prof,
         pipeline,
         pkg,
@@ -177,8 +193,10 @@ def schedule_create(
         catchup=catchup,
     )
     if dry_run:
-        _print_sent(session)
+        target = _target(prof, host, namespace)
+        _print_plan(plan_schedule(spec, target), target)
         return
+    rec = create_schedule(_session(prof, host, namespace), spec)
     console.print(
         f"recurring run {rec.name} ({rec.recurring_run_id}): cron '{rec.cron}', {rec.status}"
     )
@@ -186,17 +204,27 @@ def schedule_create(
 
 @schedule_app.command("list")
 def schedule_list(
-    profile: ProfileOpt = None, host: HostOpt = None, namespace: NamespaceOpt = None
+    profile: ProfileOpt = None,
+    host: HostOpt = None,
+    namespace: NamespaceOpt = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="one JSON document on stdout instead of the table")
+    ] = False,
 ) -> None:
     """List recurring runs (in the namespace, if set)."""
     from rich.table import Table
 
-    session = _session(profile_from(profile, []), host, namespace, False)
+    session = _session(profile_from(profile, []), host, namespace)
+    runs = session.list_recurring_runs()
+    if json_out:
+        recurring = [dataclasses.asdict(r) for r in runs]
+        _print_json({"host": session.target.host, "recurring_runs": recurring})
+        return
     t = Table(show_header=True, header_style="bold")
     for col in ("id", "name", "status", "cron (KFP)", "max concurrency", "catch-up", "created"):
         # ids and names are what people copy into pause/resume/delete: never wrap them
         t.add_column(col, no_wrap=col in ("id", "name"))
-    for r in session.list_recurring_runs():
+    for r in runs:
         t.add_row(
             r.recurring_run_id,
             r.name,
@@ -217,11 +245,14 @@ def _simple(action: str):
         namespace: NamespaceOpt = None,
         dry_run: DryRunOpt = False,
     ) -> None:
-        session = _session(profile_from(profile, []), host, namespace, dry_run)
-        rid = getattr(session, action)(name_or_id)
+        prof = profile_from(profile, [])
         if dry_run:
-            _print_sent(session)
+            from flywheel.kfp.client import plan_recurring_action
+
+            target = _target(prof, host, namespace)
+            _print_plan(plan_recurring_action(action, name_or_id, target), target)
             return
+        rid = getattr(_session(prof, host, namespace), action)(name_or_id)
         console.print(f"recurring run {rid}: {action}d")
 
     command.__doc__ = {

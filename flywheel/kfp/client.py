@@ -18,10 +18,11 @@ A thin layer over the real `kfp.Client`, adding what a repeatable submit needs:
 - **The page a person opens.** On a full Kubeflow deployment the API is served at
   ``<host>/pipeline`` and the UI at ``<host>/_/pipeline``; run links use ``kfp.ui_url``
   or that derivation (`ui_base`).
-- **Dry runs.** `dry_run=True` swaps kfp's REST transport for a recorder: the very
-  requests `kfp.Client` would send are listed and nothing leaves the machine. The
-  recorder cannot ask the server what exists, so a dry run shows the full plan
-  (upload included) as for an empty server.
+- **Dry runs are plans.** What a command would send is built as data (`plan_submit`,
+  `plan_schedule`, `plan_recurring_action`: method, path, query, body, and the condition
+  under which each request is sent) from the same `RunSpec` the real path sends, and
+  printed as JSON; nothing connects. Ids the server assigns appear as ``{pipeline_id}``,
+  ``{experiment_id}``...
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 TERMINAL_OK = {"SUCCEEDED", "SKIPPED"}
 TERMINAL_BAD = {"FAILED", "CANCELED", "ERROR"}
 DIGEST_TAG = "sha256:"
-API = "/apis/v2beta1"
+API_PREFIX = "/apis/v2beta1"  # every path of the v2beta1 REST API starts here
 
 
 # ------------------------------------------------------------------------ values
@@ -116,22 +116,57 @@ class RecurringRunInfo:
 
 
 @dataclass(frozen=True)
-class SentRequest:
-    """One HTTP request as a dry run shows it."""
+class PlannedRequest:
+    """One HTTP request a command would send, as a dry run shows it. Query values are
+    strings, as on the wire; `when` says under what condition it is sent (None: always)."""
 
     method: str
     path: str
-    body: Any
-    authorized: bool
+    query: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+    when: str | None = None
 
-    def format(self) -> str:
-        lines = [f"{self.method} {self.path}"]
-        if self.authorized:
-            lines.append("  Authorization: Bearer ***")
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "path": self.path}
+        if self.query:
+            out["query"] = self.query
         if self.body is not None:
-            text = json.dumps(self.body, indent=2, sort_keys=True, default=str)
-            lines.extend("  " + line for line in text.splitlines())
-        return "\n".join(lines)
+            out["body"] = self.body
+        if self.when:
+            out["when"] = self.when
+        return out
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A compiled package as it is uploaded: named and described by its content."""
+
+    package: Path
+    pipeline_name: str
+    digest: str
+
+    @property
+    def version_name(self) -> str:
+        return version_name_for(self.pipeline_name, self.digest)
+
+    @property
+    def description(self) -> str:
+        return f"flywheel {self.pipeline_name} {DIGEST_TAG}{self.digest}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run or recurring run sends, decided before connecting; the real path
+    and the dry-run plan both read it. `cron` set: a recurring run."""
+
+    upload: Upload
+    experiment: str
+    name: str
+    parameters: dict[str, Any]
+    service_account: str | None = None
+    cron: str | None = None  # KFP's 6-field form
+    max_concurrency: int = 1
+    no_catchup: bool = True
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -288,119 +323,41 @@ def _mask(text: str, target: KfpTarget) -> str:
     return text.replace(target.token, "***") if target.token else text
 
 
-# ----------------------------------------------------------------- the transport
+# ----------------------------------------------------------------- the client
 
 
-class _FakeResponse:
-    def __init__(self, payload: dict[str, Any]):
-        self.status, self.reason = 200, "OK"
-        self.data = json.dumps(payload).encode()
+def _healthz(target: KfpTarget) -> Any:
+    """One healthz request through kfp_server_api's generated client (the one kfp.Client
+    wraps), with the same bearer token. kfp.Client's own check retries 5 times, 5 s apart,
+    which turns a wrong --host or a 5xx into half a minute of silence before the same error."""
+    import kfp_server_api
 
-    def getheader(self, name: str, default: str | None = None) -> str | None:
-        return "application/json" if name.lower() == "content-type" else default
-
-    def getheaders(self) -> dict[str, str]:
-        return {"Content-Type": "application/json"}
-
-
-def _dry_run_rest(configuration: Any) -> Any:
-    """kfp_server_api's REST client with `request` replaced by a recorder."""
-    from kfp_server_api import rest
-
-    class DryRunRest(rest.RESTClientObject):
-        def __init__(self) -> None:
-            super().__init__(configuration)
-            self.sent: list[SentRequest] = []
-
-        def request(
-            self,
-            method,
-            url,
-            query_params=None,
-            headers=None,
-            body=None,
-            post_params=None,
-            _preload_content=True,
-            _request_timeout=None,
-        ):
-            path = urlsplit(url).path
-            query = list(query_params or [])
-            shown_body = body
-            if post_params:
-                shown_body = {
-                    name: (
-                        f"<file {v[0]}, {len(v[1])} bytes, sha256 {hashlib.sha256(v[1]).hexdigest()[:12]}>"
-                        if isinstance(v, tuple)
-                        else v
-                    )
-                    for name, v in post_params
-                }
-            # Decoded, so a person can read the filter JSON; the wire form is urlencoded.
-            full = path + ("?" + "&".join(f"{k}={v}" for k, v in query) if query else "")
-            authorized = any(k.lower() == "authorization" for k in (headers or {}))
-            self.sent.append(SentRequest(method, full, shown_body, authorized))
-            return _FakeResponse(_dry_run_answer(method, path, dict(query), body))
-
-    return DryRunRest()
+    config = kfp_server_api.Configuration(host=target.host)
+    if target.token:
+        config.api_key["authorization"] = target.token
+        config.api_key_prefix["authorization"] = "Bearer"
+    api = kfp_server_api.HealthzServiceApi(kfp_server_api.ApiClient(config))
+    return api.healthz_service_get_healthz()
 
 
-def _dry_run_answer(method: str, path: str, query: dict[str, Any], body: Any) -> dict[str, Any]:
-    """What an empty server would answer, so kfp.Client carries on with its plan."""
-    if method == "GET":
-        return {"multi_user": False} if path.endswith("/healthz") else {}
-    if path.endswith("/pipelines/upload"):
-        return {
-            "pipeline_id": "<pipeline-id>",
-            "name": query.get("name"),
-            "display_name": query.get("name"),
-        }
-    if path.endswith("/pipelines/upload_version"):
-        return {
-            "pipeline_id": query.get("pipelineid"),
-            "pipeline_version_id": "<version-id>",
-            "name": query.get("name"),
-        }
-    if path.endswith("/experiments"):
-        return {**(body or {}), "experiment_id": "<experiment-id>"}
-    if path.endswith("/runs"):
-        return {**(body or {}), "run_id": "<run-id>", "state": "PENDING"}
-    if path.endswith("/recurringruns"):
-        return {**(body or {}), "recurring_run_id": "<recurring-run-id>"}
-    return {}
-
-
-def _make_client(target: KfpTarget, dry_run: bool) -> Any:
+def _make_client(target: KfpTarget, healthz: Any) -> Any:
     import kfp
 
     class _Client(kfp.Client):
-        healthz: Any = None
-        recorder: Any = None
-
         def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:
-            # One attempt: kfp retries 5 times, 5 s apart, which turns a wrong --host or a
-            # 5xx into half a minute of silence before the same error.
-            self._install_recorder()
-            self.healthz = self._healthz_api.healthz_service_get_healthz()
-            return self.healthz
+            # The constructor asks when no namespace is set; the answer is already here.
+            return healthz
 
-        def _install_recorder(self) -> None:
-            if dry_run and self.recorder is None:
-                api_client = self._healthz_api.api_client
-                self.recorder = api_client.rest_client = _dry_run_rest(api_client.configuration)
-
+    # A namespace given here becomes the client's default without writing
+    # ~/.config/kfp/context.json (set_user_namespace would); every call below passes it too.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        client = _Client(
+        return _Client(
             host=target.host,
             namespace=target.namespace or "kubeflow",
             existing_token=target.token,
             ui_host=target.ui_host,
         )
-    client._install_recorder()
-    if target.namespace:
-        # Without writing ~/.config/kfp/context.json (set_user_namespace would).
-        client._context_setting["namespace"] = target.namespace
-    return client
 
 
 # ------------------------------------------------------------------- the session
@@ -409,22 +366,18 @@ def _make_client(target: KfpTarget, dry_run: bool) -> Any:
 class KfpSession:
     """One connection to a Kubeflow Pipelines API; every call goes through kfp.Client."""
 
-    def __init__(self, target: KfpTarget, *, dry_run: bool = False):
+    def __init__(self, target: KfpTarget):
         self.target = target
-        self.dry_run = dry_run
         with _translated(target, "health check"):
-            self.client = _make_client(target, dry_run)
-        healthz = self.client.healthz
+            # With a namespace the server's mode does not matter (it is sent with every
+            # call); without one, a multi-user server must be refused before any work.
+            healthz = None if target.namespace else _healthz(target)
+            self.client = _make_client(target, healthz)
         if healthz is not None and healthz.multi_user and not target.namespace:
             raise ConfigError(
                 f"Kubeflow Pipelines at {target.host} is multi-user: set kfp.namespace in the "
                 "profile or pass --namespace"
             )
-
-    @property
-    def sent(self) -> list[SentRequest]:
-        recorder = self.client.recorder
-        return list(recorder.sent) if recorder is not None else []
 
     @contextlib.contextmanager
     def _call(self, action: str) -> Iterator[None]:
@@ -459,48 +412,40 @@ class KfpSession:
             if not token:
                 return None
 
-    def ensure_pipeline_version(self, pipeline_name: str, package: Path) -> PipelineRef:
-        """Upload `package` as a version of `pipeline_name` unless the same bytes are there."""
-        digest = package_digest(package)
-        version_name = version_name_for(pipeline_name, digest)
-        description = f"flywheel {pipeline_name} {DIGEST_TAG}{digest}"
-        pipeline_id = self._find_pipeline(pipeline_name)
+    def ensure_pipeline_version(self, upload: Upload) -> PipelineRef:
+        """Upload the package as a version of its pipeline unless the same bytes are there."""
+        name, version_name, digest = upload.pipeline_name, upload.version_name, upload.digest
+        pipeline_id = self._find_pipeline(name)
         if pipeline_id is None:
-            with self._call(f"uploading pipeline '{pipeline_name}'"):
+            with self._call(f"uploading pipeline '{name}'"):
                 pipeline = self.client.upload_pipeline(
-                    str(package),
-                    pipeline_name,
-                    description=description,
+                    str(upload.package),
+                    name,
+                    description=upload.description,
                     namespace=self.target.namespace,
                 )
             pipeline_id = pipeline.pipeline_id
             # The upload created the first version from the same bytes and description; the
             # server names it (after the pipeline), so it is found by the digest it carries.
-            found = None if self.dry_run else self._find_version(pipeline_id, version_name, digest)
-            version_id = found.pipeline_version_id if found else "<version-id>"
-            if found is None and not self.dry_run:
-                raise FlywheelError(f"pipeline '{pipeline_name}' was uploaded but has no version")
-            return PipelineRef(
-                pipeline_id,
-                version_id,
-                pipeline_name,
-                _version_label(found, version_name),
-                digest,
-                True,
-            )
+            found = self._find_version(pipeline_id, version_name, digest)
+            if found is None:
+                raise FlywheelError(f"pipeline '{name}' was uploaded but has no version")
+            label = _version_label(found, version_name)
+            return PipelineRef(pipeline_id, found.pipeline_version_id, name, label, digest, True)
         found = self._find_version(pipeline_id, version_name, digest)
         if found is not None:
             label = _version_label(found, version_name)
-            log.info("pipeline %s: version %s already uploaded", pipeline_name, label)
-            return PipelineRef(
-                pipeline_id, found.pipeline_version_id, pipeline_name, label, digest, False
-            )
+            log.info("pipeline %s: version %s already uploaded", name, label)
+            return PipelineRef(pipeline_id, found.pipeline_version_id, name, label, digest, False)
         with self._call(f"uploading version '{version_name}'"):
             version = self.client.upload_pipeline_version(
-                str(package), version_name, pipeline_id=pipeline_id, description=description
+                str(upload.package),
+                version_name,
+                pipeline_id=pipeline_id,
+                description=upload.description,
             )
         return PipelineRef(
-            pipeline_id, version.pipeline_version_id, pipeline_name, version_name, digest, True
+            pipeline_id, version.pipeline_version_id, name, version_name, digest, True
         )
 
     def ensure_experiment(self, name: str) -> str:
@@ -509,25 +454,18 @@ class KfpSession:
         return exp.experiment_id
 
     # -------------------------------------------------------------------- runs
-    def create_run(
-        self,
-        ref: PipelineRef,
-        experiment_id: str,
-        run_name: str,
-        parameters: dict[str, Any],
-        service_account: str | None = None,
-    ) -> SubmittedRun:
+    def create_run(self, spec: RunSpec, ref: PipelineRef, experiment_id: str) -> SubmittedRun:
         with self._call("creating a run"):
             run = self.client.run_pipeline(
                 experiment_id,
-                run_name,
-                params=parameters,
+                spec.name,
+                params=spec.parameters,
                 pipeline_id=ref.pipeline_id,
                 version_id=ref.version_id,
-                service_account=service_account,
+                service_account=spec.service_account,
             )
         return SubmittedRun(
-            run.run_id, self.target.run_url(run.run_id), experiment_id, ref, parameters
+            run.run_id, self.target.run_url(run.run_id), experiment_id, ref, spec.parameters
         )
 
     def wait(
@@ -567,36 +505,26 @@ class KfpSession:
 
     # ---------------------------------------------------------- recurring runs
     def create_recurring_run(
-        self,
-        ref: PipelineRef,
-        experiment_id: str,
-        name: str,
-        kfp_cron: str,
-        parameters: dict[str, Any],
-        *,
-        max_concurrency: int = 1,
-        no_catchup: bool = True,
-        service_account: str | None = None,
+        self, spec: RunSpec, ref: PipelineRef, experiment_id: str
     ) -> RecurringRunInfo:
-        if not self.dry_run:
-            clash = [r for r in self.list_recurring_runs() if r.name == name]
-            if clash:
-                raise FlywheelError(
-                    f"a recurring run named '{name}' exists ({clash[0].recurring_run_id}); "
-                    "delete it first or pass another --name"
-                )
-        with self._call(f"creating recurring run '{name}'"):
+        clash = [r for r in self.list_recurring_runs() if r.name == spec.name]
+        if clash:
+            raise FlywheelError(
+                f"a recurring run named '{spec.name}' exists ({clash[0].recurring_run_id}); "
+                "delete it first or pass another --name"
+            )
+        with self._call(f"creating recurring run '{spec.name}'"):
             rec = self.client.create_recurring_run(
                 experiment_id,
-                name,
-                description=f"flywheel {ref.pipeline_name} {DIGEST_TAG}{ref.digest}",
-                cron_expression=kfp_cron,
-                max_concurrency=max_concurrency,
-                no_catchup=no_catchup,
-                params=parameters,
+                spec.name,
+                description=spec.upload.description,
+                cron_expression=spec.cron,
+                max_concurrency=spec.max_concurrency,
+                no_catchup=spec.no_catchup,
+                params=spec.parameters,
                 pipeline_id=ref.pipeline_id,
                 version_id=ref.version_id,
-                service_account=service_account,
+                service_account=spec.service_account,
             )
         return _info(rec)
 
@@ -615,8 +543,6 @@ class KfpSession:
 
     def find_recurring_run(self, name_or_id: str) -> str:
         """The id of the recurring run with this id or (unique) name."""
-        if self.dry_run:
-            return name_or_id  # a dry run cannot look names up
         runs = self.list_recurring_runs()
         by_id = [r for r in runs if r.recurring_run_id == name_or_id]
         if by_id:
@@ -680,8 +606,11 @@ def _info(rec: Any) -> RecurringRunInfo:
 # ------------------------------------------------------------- whole operations
 
 
-def submit(
-    session: KfpSession,
+def upload_for(pipeline: str, package: Path) -> Upload:
+    return Upload(Path(package), f"flywheel-{pipeline}", package_digest(package))
+
+
+def submit_spec(
     profile: Profile,
     pipeline: str,
     package: Path,
@@ -690,21 +619,21 @@ def submit(
     trigger_reason: str = "manual",
     data_location: str | None = None,
     run_name: str | None = None,
-) -> SubmittedRun:
-    """Upload (if new) and start one run of a compiled pipeline; returns its UI URL."""
-    pipeline_name = f"flywheel-{pipeline}"
+) -> RunSpec:
+    """What one run of a compiled pipeline sends (see `submit`)."""
     params = run_parameters(declared_parameters(package), profile, trigger_reason, data_location)
-    ref = session.ensure_pipeline_version(pipeline_name, package)
-    experiment_id = session.ensure_experiment(experiment or profile.kfp.experiment)
-    name = run_name or f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # The pods run as this account (RBAC for Secrets, PVCs, the Ray cluster); None: the
-    # namespace's default pipeline runner.
-    account = profile.kfp.kubernetes.service_account
-    return session.create_run(ref, experiment_id, name, params, service_account=account)
+    return RunSpec(
+        upload=upload_for(pipeline, package),
+        experiment=experiment or profile.kfp.experiment,
+        name=run_name or f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}",
+        parameters=params,
+        # The pods run as this account (RBAC for Secrets, PVCs, the Ray cluster); None: the
+        # namespace's default pipeline runner.
+        service_account=profile.kfp.kubernetes.service_account,
+    )
 
 
-def schedule(
-    session: KfpSession,
+def schedule_spec(
     profile: Profile,
     pipeline: str,
     package: Path,
@@ -716,23 +645,209 @@ def schedule(
     data_location: str | None = None,
     max_concurrency: int = 1,
     catchup: bool = False,
-) -> RecurringRunInfo:
-    """A recurring run of a compiled pipeline on a standard 5-field cron schedule."""
+) -> RunSpec:
+    """What a recurring run on a standard 5-field cron schedule sends (see `schedule`)."""
     from flywheel.kfp.cron import to_kfp_cron
 
     kfp_cron = to_kfp_cron(cron)  # invalid cron fails before anything is uploaded
     if not 1 <= max_concurrency <= 10:
         raise ConfigError(f"max concurrency {max_concurrency}: Kubeflow accepts 1 to 10")
     params = run_parameters(declared_parameters(package), profile, trigger_reason, data_location)
-    ref = session.ensure_pipeline_version(f"flywheel-{pipeline}", package)
-    experiment_id = session.ensure_experiment(experiment or profile.kfp.experiment)
-    return session.create_recurring_run(
-        ref,
-        experiment_id,
-        name or f"flywheel-{pipeline}",
-        kfp_cron,
-        params,
+    return RunSpec(
+        upload=upload_for(pipeline, package),
+        experiment=experiment or profile.kfp.experiment,
+        name=name or f"flywheel-{pipeline}",
+        parameters=params,
+        service_account=profile.kfp.kubernetes.service_account,
+        cron=kfp_cron,
         max_concurrency=max_concurrency,
         no_catchup=not catchup,
-        service_account=profile.kfp.kubernetes.service_account,
     )
+
+
+def start_run(session: KfpSession, spec: RunSpec) -> SubmittedRun:
+    ref = session.ensure_pipeline_version(spec.upload)
+    experiment_id = session.ensure_experiment(spec.experiment)
+    return session.create_run(spec, ref, experiment_id)
+
+
+def create_schedule(session: KfpSession, spec: RunSpec) -> RecurringRunInfo:
+    ref = session.ensure_pipeline_version(spec.upload)
+    experiment_id = session.ensure_experiment(spec.experiment)
+    return session.create_recurring_run(spec, ref, experiment_id)
+
+
+def submit(
+    session: KfpSession, profile: Profile, pipeline: str, package: Path, **kw: Any
+) -> SubmittedRun:
+    """Upload (if new) and start one run of a compiled pipeline; returns its UI URL."""
+    return start_run(session, submit_spec(profile, pipeline, package, **kw))
+
+
+def schedule(
+    session: KfpSession, profile: Profile, pipeline: str, package: Path, cron: str, **kw: Any
+) -> RecurringRunInfo:
+    """A recurring run of a compiled pipeline on a standard 5-field cron schedule."""
+    return create_schedule(session, schedule_spec(profile, pipeline, package, cron, **kw))
+
+
+# ---------------------------------------------------------------- dry-run plans
+#
+# What kfp.Client sends for each step above, as data. A test sends the same RunSpec
+# through the real client to the spec-checking stand-in and holds the two side by side,
+# so the plan cannot drift from what is sent.
+
+_PAGE = "100"  # list page size the session uses
+
+
+def _p(path: str) -> str:
+    return API_PREFIX + path
+
+
+def _ns(target: KfpTarget) -> dict[str, str]:
+    return {"namespace": target.namespace} if target.namespace else {}
+
+
+def _plan_prelude(target: KfpTarget) -> list[PlannedRequest]:
+    if target.namespace:
+        return []
+    return [PlannedRequest("GET", _p("/healthz"), when="no namespace given: is it multi-user?")]
+
+
+def _plan_upload_and_experiment(spec: RunSpec, target: KfpTarget) -> list[PlannedRequest]:
+    up = spec.upload
+    file = {"file": up.package.name, "bytes": up.package.stat().st_size, "sha256": up.digest}
+    named = f"a pipeline named '{up.pipeline_name}'"
+    return [
+        PlannedRequest(
+            "GET",
+            _p("/pipelines"),
+            {
+                **_ns(target),
+                "page_size": "2",
+                "filter": _eq_filter("display_name", up.pipeline_name),
+            },
+        ),
+        PlannedRequest(
+            "POST",
+            _p("/pipelines/upload"),
+            {"name": up.pipeline_name, "description": up.description, **_ns(target)},
+            {"uploadfile": file},
+            when=f"no {named} exists",
+        ),
+        PlannedRequest(
+            "GET",
+            _p("/pipelines/{pipeline_id}/versions"),
+            {"page_size": _PAGE},
+            when=f"finds the version whose description holds {DIGEST_TAG}{up.digest[:12]}...",
+        ),
+        PlannedRequest(
+            "POST",
+            _p("/pipelines/upload_version"),
+            {"name": up.version_name, "pipelineid": "{pipeline_id}", "description": up.description},
+            {"uploadfile": file},
+            when=f"{named} exists without this package",
+        ),
+        PlannedRequest(
+            "GET",
+            _p("/experiments"),
+            {
+                # kfp.Client's own filter form (enum number, camelCase), sent as is.
+                "filter": json.dumps(
+                    {
+                        "predicates": [
+                            {"operation": 1, "key": "display_name", "stringValue": spec.experiment}
+                        ]
+                    }
+                ),
+                **_ns(target),
+            },
+        ),
+        PlannedRequest(
+            "POST",
+            _p("/experiments"),
+            body={"display_name": spec.experiment, "namespace": target.namespace or ""},
+            when=f"no experiment named '{spec.experiment}' exists",
+        ),
+    ]
+
+
+def _run_fields(spec: RunSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "experiment_id": "{experiment_id}",
+        "display_name": spec.name,
+        "pipeline_version_reference": {
+            "pipeline_id": "{pipeline_id}",
+            "pipeline_version_id": "{pipeline_version_id}",
+        },
+        "runtime_config": {"parameters": spec.parameters},
+    }
+    if spec.service_account:
+        out["service_account"] = spec.service_account
+    return out
+
+
+def plan_submit(spec: RunSpec, target: KfpTarget) -> list[PlannedRequest]:
+    """Every request `start_run` may send for `spec`, in order."""
+    return [
+        *_plan_prelude(target),
+        *_plan_upload_and_experiment(spec, target),
+        PlannedRequest("POST", _p("/runs"), body=_run_fields(spec)),
+    ]
+
+
+def plan_schedule(spec: RunSpec, target: KfpTarget) -> list[PlannedRequest]:
+    """Every request `create_schedule` may send for `spec`, in order."""
+    body = {
+        **_run_fields(spec),
+        "description": spec.upload.description,
+        "max_concurrency": spec.max_concurrency,
+        "trigger": {"cron_schedule": {"cron": spec.cron}},
+        "mode": "ENABLE",
+        "no_catchup": spec.no_catchup,
+    }
+    return [
+        *_plan_prelude(target),
+        *_plan_upload_and_experiment(spec, target),
+        PlannedRequest(
+            "GET",
+            _p("/recurringruns"),
+            {"page_size": _PAGE, **_ns(target)},
+            when=f"refuses if a recurring run is named '{spec.name}'",
+        ),
+        PlannedRequest("POST", _p("/recurringruns"), body=body),
+    ]
+
+
+_ACTIONS = {
+    "pause": ("POST", "/recurringruns/{recurring_run_id}:disable"),
+    "resume": ("POST", "/recurringruns/{recurring_run_id}:enable"),
+    "delete": ("DELETE", "/recurringruns/{recurring_run_id}"),
+}
+
+
+def plan_recurring_action(action: str, name_or_id: str, target: KfpTarget) -> list[PlannedRequest]:
+    """The requests `KfpSession.pause/resume/delete(name_or_id)` send."""
+    method, path = _ACTIONS[action]
+    return [
+        *_plan_prelude(target),
+        PlannedRequest(
+            "GET",
+            _p("/recurringruns"),
+            {"page_size": _PAGE, **_ns(target)},
+            when=f"finds {{recurring_run_id}}: the recurring run named or with id '{name_or_id}'",
+        ),
+        PlannedRequest(method, _p(path)),
+    ]
+
+
+def plan_document(requests: list[PlannedRequest], target: KfpTarget) -> dict[str, Any]:
+    """The JSON a dry run prints: where, as whom (masked), and the requests."""
+    return {
+        "dry_run": True,
+        "host": target.host,
+        "namespace": target.namespace,
+        "authorization": "Bearer ***" if target.token else None,
+        "requests": [r.to_json() for r in requests],
+        "note": "nothing was sent; names in braces are ids the server assigns",
+    }

@@ -2,6 +2,7 @@
 (tests/standin_kfp.py), which validates every request against the official v2beta1 spec."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from standin_kfp import KfpStandIn
+from standin_kfp import ContractChecker, HttpError, KfpStandIn
 
 from flywheel.cli.main import main
 from flywheel.config import KfpConfig, load_profile
@@ -244,17 +245,153 @@ def test_multi_user_needs_a_namespace_and_sends_it(contracts_dir, profile, packa
         assert kfp.violations == []
 
 
-def test_dry_run_shows_the_requests_and_sends_nothing(kfp, profile, package):
-    s = KfpSession(KfpTarget(kfp.url, token=TOKEN), dry_run=True)
-    submit(s, profile, "retrain", package)
-    assert kfp.requests == []
-    shown = [(r.method, r.path.split("?")[0]) for r in s.sent]
+def _placeholder(value) -> bool:
+    return isinstance(value, str) and value.startswith("{") and value.endswith("}")
+
+
+def _same(planned, sent) -> bool:
+    """A planned value against what went over the wire; `{...}` stands for a server id."""
+    if _placeholder(planned):
+        return isinstance(sent, str) and bool(sent)
+    if isinstance(planned, dict) and set(planned) == {"file", "bytes", "sha256"}:
+        import hashlib
+
+        return (
+            len(sent) == planned["bytes"] and hashlib.sha256(sent).hexdigest() == planned["sha256"]
+        )
+    if isinstance(planned, dict):
+        return (
+            isinstance(sent, dict)
+            and set(planned) == set(sent)
+            and all(_same(v, sent[k]) for k, v in planned.items())
+        )
+    if isinstance(planned, list):
+        return (
+            isinstance(sent, list)
+            and len(planned) == len(sent)
+            and all(_same(a, b) for a, b in zip(planned, sent, strict=True))
+        )
+    return planned == sent
+
+
+def _assert_plan_was_sent(plan, sent) -> None:
+    """The plan, less the steps an empty server does not need, is what kfp.Client sent."""
+    assert len(plan) == len(sent), ([r.path for r in plan], [r.path for r in sent])
+    for want, got in zip(plan, sent, strict=True):
+        path = re.escape(want.path)
+        path = re.sub(r"\\\{[a-z_]+\\\}", "[^/:]+", path)
+        assert want.method == got.method and re.fullmatch(path, got.path), (want, got.path)
+        query = {k: v for k, v in got.query.items() if v != ""}  # kfp sends empty page tokens
+        assert _same(want.query, query), (want.path, want.query, query)
+        assert _same(want.body, got.body), (want.path, want.body, got.body)
+
+
+def _check_against_the_spec(contracts_dir, plan) -> None:
+    """Every planned request is an operation of the v2beta1 spec with a valid query and body."""
+    checker = ContractChecker(contracts_dir)
+    for req in plan:
+        op, _ = checker.match(req.method, req.path)
+        checker.check_query(op, req.query)
+        forms = {p["name"] for p in op.get("parameters", []) if p["in"] == "formData"}
+        if forms:
+            assert set(req.body) <= forms and "uploadfile" in req.body
+        else:
+            checker.check_body(op, req.body)
+
+
+@pytest.mark.parametrize("namespace", [None, "team-a"])
+def test_dry_run_plans_are_what_the_client_sends_and_follow_the_spec(
+    contracts_dir, profile, package, namespace
+):
+    from flywheel.kfp.client import (
+        create_schedule,
+        plan_recurring_action,
+        plan_schedule,
+        plan_submit,
+        schedule_spec,
+        start_run,
+        submit_spec,
+    )
+
+    p = load_profile(None, ["train.max_steps=7", "kfp.kubernetes.service_account=runner"])
+    run = submit_spec(
+        p, "retrain", package, trigger_reason="drift", data_location="/d", run_name="r1"
+    )
+    # Its own experiment, so that on this server too every conditional step applies.
+    rec = schedule_spec(p, "monitor", package, "0 3 * * *", experiment="nightly")
+    with KfpStandIn(contracts_dir, token=TOKEN, multi_user=bool(namespace)) as kfp:
+        target = KfpTarget(kfp.url, token=TOKEN, namespace=namespace)
+        plans = []
+        for plan, act in [
+            (plan_submit(run, target), lambda s: start_run(s, run)),
+            (plan_schedule(rec, target), lambda s: create_schedule(s, rec)),
+            (plan_recurring_action("pause", rec.name, target), lambda s: s.pause(rec.name)),
+            (plan_recurring_action("resume", rec.name, target), lambda s: s.resume(rec.name)),
+            (plan_recurring_action("delete", rec.name, target), lambda s: s.delete(rec.name)),
+        ]:
+            n = len(kfp.requests)
+            act(KfpSession(target))
+            # On a fresh server the pipeline is new: its versions are read, none uploaded.
+            expected = [r for r in plan if not r.path.endswith("/upload_version")]
+            _assert_plan_was_sent(expected, kfp.requests[n:])
+            plans += plan
+        assert kfp.violations == []
+    _check_against_the_spec(contracts_dir, plans)
+    upload_version = next(r for r in plans if r.path.endswith("/upload_version"))
+    assert upload_version.when and upload_version.query["pipelineid"] == "{pipeline_id}"
+    assert upload_version.query["name"] == run.upload.version_name
+
+
+def test_the_plan_checker_can_fail(contracts_dir, profile, package):
+    """A plan that breaks the spec, or differs from what was sent, is caught."""
+    from dataclasses import replace
+
+    from flywheel.kfp.client import plan_submit, submit_spec
+
+    target = KfpTarget("http://h", namespace="ns")
+    plan = plan_submit(submit_spec(profile, "retrain", package), target)
+    run = plan[-1]
+    bad = replace(run, body={**run.body, "displayName": "camel"})
+    with pytest.raises(HttpError, match="displayName"):
+        _check_against_the_spec(contracts_dir, [bad])
+    with pytest.raises(HttpError, match="not declared"):
+        _check_against_the_spec(contracts_dir, [replace(plan[0], query={"bogus": "1"})])
+    assert not _same(run.body, {**run.body, "display_name": "other"})
+    assert not _same({"uploadfile": {"file": "a", "bytes": 1, "sha256": "0"}}, {"uploadfile": b"x"})
+
+
+def test_cli_dry_run_prints_the_plan_as_json_and_connects_to_nothing(
+    package, state_dir, capsys, monkeypatch
+):
+    import socket
+
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
+    with socket.socket() as s:  # a port nothing listens on: connecting would fail loudly
+        s.bind(("127.0.0.1", 0))
+        host = f"http://127.0.0.1:{s.getsockname()[1]}"
+    code, out, err = _run_cli(
+        [
+            "submit",
+            "retrain",
+            *READY,
+            "train.max_steps=7",
+            "--host",
+            host,
+            "--package",
+            str(package),
+            "--dry-run",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["dry_run"] is True and doc["host"] == host
+    assert doc["authorization"] == "Bearer ***" and TOKEN not in out
+    shown = [(r["method"], r["path"]) for r in doc["requests"]]
     assert ("POST", "/apis/v2beta1/pipelines/upload") in shown
-    assert ("POST", "/apis/v2beta1/runs") in shown
-    run_body = next(r.body for r in s.sent if r.path == "/apis/v2beta1/runs")
+    assert shown[-1] == ("POST", "/apis/v2beta1/runs")
+    run_body = doc["requests"][-1]["body"]
     assert run_body["runtime_config"]["parameters"]["profile"]["train"]["max_steps"] == 7
-    text = "\n".join(r.format() for r in s.sent)
-    assert "Bearer ***" in text and TOKEN not in text
 
 
 def test_token_from_file_or_env_and_missing_file(tmp_path, monkeypatch):
@@ -358,10 +495,20 @@ def test_cli_schedule_roundtrip_and_dry_run(kfp, package, state_dir, capsys, mon
     assert "flywheel-monitor" in capsys.readouterr().out
     main(["schedule", "pause", "flywheel-monitor", *common])
     main(["schedule", "resume", "flywheel-monitor", *common])
+    capsys.readouterr()
+    main(["schedule", "list", "--json", *common])
+    (listed,) = json.loads(capsys.readouterr().out)["recurring_runs"]
+    assert listed["name"] == "flywheel-monitor" and listed["cron"] == "0 0 3 * * *"
+    assert listed["status"] == "ENABLED" and listed["max_concurrency"] == 1
     n = len(kfp.requests)
     main(["schedule", "delete", "flywheel-monitor", "--dry-run", *common])
     assert len(kfp.requests) == n and len(kfp.recurring) == 1
-    assert "DELETE /apis/v2beta1/recurringruns/flywheel-monitor" in capsys.readouterr().out
+    plan = json.loads(capsys.readouterr().out)["requests"]
+    assert plan[-1] == {
+        "method": "DELETE",
+        "path": "/apis/v2beta1/recurringruns/{recurring_run_id}",
+    }
+    assert "'flywheel-monitor'" in plan[-2]["when"]
     main(["schedule", "delete", "flywheel-monitor", *common])
     assert kfp.recurring == {}
     code, _, err = _cli(["schedule", "create", "monitor", "--cron", "0 3 * *", *common], capsys)
