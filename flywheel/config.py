@@ -679,6 +679,14 @@ class DriftConfig(_Strict):
         1000, ge=100, description="resamples of the bits-per-byte difference's interval"
     )
     confidence: float = Field(0.95, ge=0.5, lt=1, description="two-sided, of that interval")
+    replay_share: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share of a retrain's corpus replayed from the champion's training "
+        "documents (its drift reference sample) when the retrain trains on new data "
+        "(data_location): what it already knew stays in what it learns from; 0: off",
+    )
     oov_min_tokens: int = Field(
         3,
         ge=2,
