@@ -36,7 +36,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -652,17 +652,16 @@ def schedule_spec(
     kfp_cron = to_kfp_cron(cron)  # invalid cron fails before anything is uploaded
     if not 1 <= max_concurrency <= 10:
         raise ConfigError(f"max concurrency {max_concurrency}: Kubeflow accepts 1 to 10")
-    params = run_parameters(declared_parameters(package), profile, trigger_reason, data_location)
-    return RunSpec(
-        upload=upload_for(pipeline, package),
-        experiment=experiment or profile.kfp.experiment,
-        name=name or f"flywheel-{pipeline}",
-        parameters=params,
-        service_account=profile.kfp.kubernetes.service_account,
-        cron=kfp_cron,
-        max_concurrency=max_concurrency,
-        no_catchup=not catchup,
+    run = submit_spec(
+        profile,
+        pipeline,
+        package,
+        experiment=experiment,
+        trigger_reason=trigger_reason,
+        data_location=data_location,
+        run_name=name or f"flywheel-{pipeline}",
     )
+    return replace(run, cron=kfp_cron, max_concurrency=max_concurrency, no_catchup=not catchup)
 
 
 def start_run(session: KfpSession, spec: RunSpec) -> SubmittedRun:
