@@ -287,6 +287,43 @@ def training_dataset(profile: Profile, plan: TrainPlan) -> Any:
     return ray.data.read_parquet(plan.dataset.train_files, columns=[artifacts.TOKEN_COLUMN])
 
 
+def torch_trainer(
+    profile: Profile,
+    plan: TrainPlan,
+    config: dict[str, Any],
+    run_name: str,
+    *,
+    store: storage.RayStorage,
+    max_failures: int,
+    keep_checkpoints: int,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The Ray Train run of `train_loop_per_worker`: a training run and a tuning trial alike."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = profile.train.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend=plan.backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=worker_resources(profile),
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=store.path,
+            storage_filesystem=store.filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+        datasets={"train": training_dataset(profile, plan)},
+    )
+
+
 def _fit(
     profile: Profile,
     plan: TrainPlan,
@@ -303,29 +340,16 @@ def _fit(
     already there is continued: Ray Train restores its checkpoint list from that directory,
     and `ray.train.get_checkpoint()` in the loop returns the latest one."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    s = profile.train.scaling
-    resources = worker_resources(profile)
-    dataset = training_dataset(profile, plan)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend=plan.backend),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=store.path,
-            storage_filesystem=store.filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=profile.train.max_failures),
-            callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=profile.train.keep_checkpoints
-            ),
-        ),
-        datasets={"train": dataset},
+    trainer = torch_trainer(
+        profile,
+        plan,
+        config,
+        run_name,
+        store=store,
+        max_failures=profile.train.max_failures,
+        keep_checkpoints=profile.train.keep_checkpoints,
+        callbacks=callbacks,
     )
     try:
         return trainer.fit()

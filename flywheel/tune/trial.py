@@ -85,18 +85,14 @@ def run_trial(job: dict[str, Any], trial: Any, emit: Progress) -> tuple[float, i
     Returns (final validation loss, steps run); raises TrialPruned when the pruner stops it,
     or the trial's own error (the study records it as FAIL and goes on).
     """
-    import ray
-    import ray.train
     from mlflow import MlflowClient
     from mlflow.entities import Param
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
     from flywheel.config import Profile
     from flywheel.storage import ray_storage
-    from flywheel.train.loop import train_loop_per_worker
     from flywheel.train.plan import make_plan
-    from flywheel.train.run import loop_config, training_dataset, worker_resources
+    from flywheel.train.run import loop_config, torch_trainer
     from flywheel.tune.space import asha_schedule, plain, trial_profile
 
     number = trial.number
@@ -128,9 +124,6 @@ def run_trial(job: dict[str, Any], trial: Any, emit: Progress) -> tuple[float, i
             ],
         )
         plan = make_plan(profile, job["dataset_dir"], job["init_from"])
-        s = profile.train.scaling
-        resources = worker_resources(profile)
-        dataset = training_dataset(profile, plan)
         # Two queue actors (no CPU): the loop's reports in, the pruner's answers out.
         asks, answers = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
         grace, factor = asha_schedule(profile.tune.trial_steps)
@@ -163,25 +156,13 @@ def run_trial(job: dict[str, Any], trial: Any, emit: Progress) -> tuple[float, i
                 emit(TrialReported(trial=number, step=step, val_loss=value))
                 answers.put({"stop": prune})
 
+        store = ray_storage(profile)
+        # A trial is not retried (a failure is its result) and keeps only its last checkpoint.
+        trainer = torch_trainer(
+            profile, plan, config, name, store=store, max_failures=0, keep_checkpoints=1
+        )
         thread = threading.Thread(target=referee, daemon=True, name=f"flywheel-trial{number}")
         thread.start()
-        store = ray_storage(profile)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=config,
-            torch_config=TorchConfig(backend=plan.backend),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
-            ),
-            run_config=ray.train.RunConfig(
-                name=name,
-                storage_path=store.path,
-                storage_filesystem=store.filesystem,
-                failure_config=ray.train.FailureConfig(max_failures=0),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            ),
-            datasets={"train": dataset},
-        )
         try:
             trainer.fit()
         finally:
