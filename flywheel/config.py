@@ -68,17 +68,75 @@ def _check_uri(value: str | None, field: str) -> None:
 
 
 class KubeRayConfig(_Strict):
-    """A KubeRay RayJob per step (only on a cluster)."""
+    """`ray.mode: kuberay`: each Ray stage's step creates a RayJob (a Ray cluster of its own),
+    streams its driver's log, and deletes it (`flywheel.runtime.kuberay`). The worker pods
+    take the node pool of the step's task (`kfp.resources.<task>`: node_selector, tolerations,
+    accelerator_type) and the run's Secrets, PVCs and service account (`kfp.kubernetes`)."""
 
-    namespace: str = "default"
-    ray_version: str = "2.60.0"
-    head_cpu: str = "2"
-    head_memory: str = "8Gi"
-    worker_replicas: int = Field(2, ge=1)
-    worker_cpu: str = "4"
-    worker_memory: str = "16Gi"
-    worker_gpu: int = Field(0, ge=0)
-    ttl_seconds_after_finished: int = Field(600, ge=0)
+    namespace: str = Field("default", description="where the RayJobs are created")
+    ray_version: str = Field("2.60.0", description="spec.rayClusterSpec.rayVersion")
+    head_cpu: str = Field("2", description="head pod CPU request and limit")
+    head_memory: str = Field("8Gi", description="head pod memory request and limit")
+    worker_replicas: int = Field(2, ge=1, description="worker pods at the start")
+    worker_min_replicas: int | None = Field(
+        None, ge=0, description="with worker_max_replicas: autoscale between the two"
+    )
+    worker_max_replicas: int | None = Field(None, ge=1)
+    worker_cpu: str = Field("4", description="worker pod CPU request and limit")
+    worker_memory: str = Field("16Gi", description="worker pod memory request and limit")
+    worker_gpu: int = Field(0, ge=0, description="GPUs per worker pod (kfp accelerator_type)")
+    shm_size: str = Field(
+        "2Gi",
+        description="memory-backed /dev/shm of every Ray pod (object store, NCCL); counts "
+        "against the pod's memory",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment of every Ray pod: multi-node NCCL settings belong here, e.g. "
+        "NCCL_SOCKET_IFNAME: eth0, NCCL_IB_DISABLE: '1', NCCL_TIMEOUT: '1800'",
+    )
+    ttl_seconds_after_finished: int = Field(
+        600, ge=0, description="how long a finished RayJob's cluster stays for inspection"
+    )
+    active_deadline_seconds: int = Field(
+        86400, ge=1, description="the operator fails a RayJob running longer than this"
+    )
+    poll_s: float = Field(5.0, gt=0, description="seconds between looks at the RayJob")
+
+    @field_validator("head_cpu", "worker_cpu", mode="before")
+    @classmethod
+    def _cpu(cls, v: Any) -> str:
+        return _quantity(v, _CPU, '"500m", "2" or "0.5"')
+
+    @field_validator("head_memory", "worker_memory", "shm_size", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> str:
+        return _quantity(v, _MEMORY, '"512Mi", "8G" or "8Gi"')
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not _ENV_VAR.fullmatch(k)]
+        if bad:
+            raise ValueError(f"{bad} are not environment variable names")
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return _k8s_name(v, "namespace")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> KubeRayConfig:
+        lo, hi = self.worker_min_replicas, self.worker_max_replicas
+        if (lo is None) != (hi is None):
+            raise ValueError("set both worker_min_replicas and worker_max_replicas, or neither")
+        if lo is not None and hi is not None and not lo <= self.worker_replicas <= hi:
+            raise ValueError(
+                f"worker_replicas {self.worker_replicas} is outside "
+                f"[worker_min_replicas {lo}, worker_max_replicas {hi}]"
+            )
+        return self
 
 
 class RayConfig(_Strict):

@@ -65,6 +65,7 @@ COMMAND_MODULES: list[str] = [
     "flywheel.cli.pipeline",
     "flywheel.cli.evaluate",
     "flywheel.cli.models",
+    "flywheel.cli.kuberay",
 ]
 for _mod in COMMAND_MODULES:
     importlib.import_module(_mod).register(app)

@@ -1,0 +1,682 @@
+"""`ray.mode: kuberay`: a Ray stage's step creates a Ray cluster of its own, runs the stage
+there, streams its log, and deletes it.
+
+The choice: one **RayJob with `submissionMode: HTTPMode`** per step, not a RayCluster plus
+a submission of our own. The RayJob carries what a RayCluster cannot: the operator enforces
+`activeDeadlineSeconds`, tears the cluster down after the job (`shutdownAfterJobFinishes`,
+`ttlSecondsAfterFinished`) even when the step that created it was killed, and records the
+job's fate in `status`. HTTPMode has the operator submit the entrypoint over the Ray Jobs
+API under a submission id we choose (`spec.jobId`), with no submitter pod to schedule, so
+the step reads the job's log and state through the same Jobs API by that id. The step
+itself never `ray.init`s: it is a Kubernetes and HTTP client (as in IBM data-prep-kit's
+`kfp_ray_components`: create, run while tailing logs, delete from the exit handler).
+
+What crosses into the cluster is a storage URI (`storage.root`), never a pod-local path:
+the step uploads its inputs and a spec under `<storage.root>/kuberay/<run id>/<task>/`, the
+entrypoint (`python -m flywheel.runtime.kuberay_entry <spec URI>`) runs the same library
+stage function the local mode runs, and uploads its outputs and result there for the step
+to collect.
+
+Cleanup is twice: in a `finally` of the step, and by run-id label from the retrain
+pipeline's exit handler (`cleanup_run`), so a step killed mid-job leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import Profile
+from flywheel.errors import ConfigError, FlywheelError
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION = "ray.io", "v1"
+API_VERSION = f"{GROUP}/{VERSION}"
+RAYJOBS, RAYCLUSTERS = "rayjobs", "rayclusters"
+
+# Labels on every object a step creates (the RayJob, and the RayCluster KubeRay copies them
+# to): the exit handler deletes by RUN_LABEL; TASK_LABEL tells a run's steps apart.
+RUN_LABEL = "flywheel/run-id"
+TASK_LABEL = "flywheel/task"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "flywheel"}
+
+# Set in the job's environment (runtimeEnvYAML): the stage function inside the RayJob runs
+# the stage here instead of launching another RayJob.
+DRIVER_ENV = "FLYWHEEL_KUBERAY_DRIVER"
+ENTRY_MODULE = "flywheel.runtime.kuberay_entry"
+HANDOFF_DIR = "kuberay"
+
+# The stages that run on Ray, as the pipeline's task names (flywheel.config.TASKS).
+RAY_STAGES = ("prepare-data", "tune", "train")
+
+# What a run's service account needs (deploy/kuberay-rbac.yaml grants exactly this).
+REQUIRED_ACCESS: tuple[tuple[str, str, str, str], ...] = tuple(
+    [(GROUP, RAYJOBS, verb, "") for verb in ("create", "get", "list", "delete", "deletecollection")]
+    + [(GROUP, RAYCLUSTERS, verb, "") for verb in ("get", "list", "delete", "deletecollection")]
+    + [("", "pods", "list", ""), ("", "pods", "get", "log")]
+)
+RBAC_FILE = "deploy/kuberay-rbac.yaml"
+
+# KubeRay derives the cluster's name (<rayjob>-<5 chars>) and its pods' and services'
+# names (<cluster>-head-svc, <cluster>-<group>-worker-<5 chars>) from the RayJob's; its
+# docs advise short names so those stay within Kubernetes' 63-character limit.
+MAX_NAME = 40
+
+TERMINAL_OK = {"Complete"}
+TERMINAL_BAD = {"Failed", "ValidationFailed"}
+JOB_BAD = {"FAILED", "STOPPED"}
+# How long a retried step waits for its predecessor's RayJob to be gone.
+REPLACE_WAIT_S = 120
+
+
+# ------------------------------------------------------------------------- render (pure)
+
+
+def _slug(text: str, limit: int) -> str:
+    s = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return s[:limit].strip("-") or "x"
+
+
+def job_name(run_id: str, task: str) -> str:
+    """`fw-<task>-<run id, shortened>-<hash>`: a DNS-1123 label, stable for a run's task (a
+    retried step finds its predecessor's RayJob), distinct across runs whose ids share a
+    prefix (the hash covers the whole id)."""
+    digest = hashlib.sha256(f"{run_id}/{task}".encode()).hexdigest()[:6]
+    head = f"fw-{_slug(task, 12)}-{_slug(run_id, 40)}"
+    return f"{head[: MAX_NAME - 7].rstrip('-')}-{digest}"
+
+
+def label_value(text: str) -> str:
+    """A label value (<= 63 of [A-Za-z0-9-_.], alphanumeric at both ends). Run ids (UUIDs
+    on Kubeflow, `dsl.PIPELINE_JOB_ID_PLACEHOLDER`) pass unchanged."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63]
+    return s.strip("-_.") or "none"
+
+
+def run_selector(run_id: str) -> str:
+    return f"{RUN_LABEL}={label_value(run_id)}"
+
+
+def labels(run_id: str, task: str) -> dict[str, str]:
+    return {**MANAGED_BY, RUN_LABEL: label_value(run_id), TASK_LABEL: label_value(task)}
+
+
+def namespace(profile: Profile) -> str:
+    return profile.ray.kuberay.namespace
+
+
+def _secret_env(profile: Profile, task: str) -> list[dict[str, Any]]:
+    out = []
+    for secret in profile.kfp.kubernetes.secrets:
+        if secret.tasks and task not in secret.tasks:
+            continue
+        for key, var in secret.env.items():
+            ref: dict[str, Any] = {"name": secret.name, "key": key}
+            if secret.optional:
+                ref["optional"] = True
+            out.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    return out
+
+
+def _pod_template(
+    profile: Profile,
+    task: str,
+    run_id: str,
+    *,
+    container: str,
+    cpu: str,
+    memory: str,
+    gpus: int,
+    on_task_pool: bool,
+) -> dict[str, Any]:
+    kr, kube = profile.ray.kuberay, profile.kfp.kubernetes
+    res = profile.kfp.for_task(task)
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits[res.accelerator_type or "nvidia.com/gpu"] = gpus
+    env = [{"name": k, "value": v} for k, v in sorted(kr.env.items())]
+    mounts = [{"name": "shm", "mountPath": "/dev/shm"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": kr.shm_size}}
+    ]
+    for i, pvc in enumerate(p for p in kube.pvcs if not p.tasks or task in p.tasks):
+        vol = f"pvc-{i}"
+        volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": pvc.name}})
+        mount = {"name": vol, "mountPath": pvc.mount_path}
+        if pvc.sub_path:
+            mount["subPath"] = pvc.sub_path
+        mounts.append(mount)
+    spec: dict[str, Any] = {
+        "containers": [
+            {
+                "name": container,
+                # The step's own image: the stage code in the cluster is the code of the step.
+                "image": profile.kfp.image,
+                "resources": {"requests": dict(limits), "limits": dict(limits)},
+                "env": env + _secret_env(profile, task),
+                "volumeMounts": mounts,
+            }
+        ],
+        "volumes": volumes,
+    }
+    if container == "ray-head":
+        spec["containers"][0]["ports"] = [
+            {"containerPort": 6379, "name": "gcs-server"},
+            {"containerPort": 8265, "name": "dashboard"},
+            {"containerPort": 10001, "name": "client"},
+        ]
+    if kube.service_account:
+        spec["serviceAccountName"] = kube.service_account
+    if kube.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in kube.image_pull_secrets]
+    if on_task_pool:
+        if res.node_selector:
+            spec["nodeSelector"] = dict(res.node_selector)
+        if res.tolerations:
+            spec["tolerations"] = [
+                {
+                    k: v
+                    for k, v in {
+                        "key": t.key,
+                        "operator": t.operator,
+                        "value": t.value,
+                        "effect": t.effect,
+                        "tolerationSeconds": t.toleration_seconds,
+                    }.items()
+                    if v is not None
+                }
+                for t in res.tolerations
+            ]
+    return {"metadata": {"labels": labels(run_id, task)}, "spec": spec}
+
+
+def entrypoint(spec_uri: str, endpoint_url: str | None = None) -> str:
+    import shlex
+
+    # The spec's store may need its endpoint before the profile (inside the spec) is read.
+    extra = f" --endpoint-url {shlex.quote(endpoint_url)}" if endpoint_url else ""
+    return f"python -m {ENTRY_MODULE} {shlex.quote(spec_uri)}{extra}"
+
+
+def render(profile: Profile, task: str, run_id: str, spec_uri: str) -> dict[str, Any]:
+    """The RayJob a step of `task` creates (pure: no cluster, no storage touched)."""
+    if task not in RAY_STAGES:
+        raise ConfigError(f"{task!r} is not a Ray stage; Ray stages are {', '.join(RAY_STAGES)}")
+    kr = profile.ray.kuberay
+    name = job_name(run_id, task)
+    workers: dict[str, Any] = {
+        "groupName": "workers",
+        "replicas": kr.worker_replicas,
+        "rayStartParams": {},
+        "template": _pod_template(
+            profile,
+            task,
+            run_id,
+            container="ray-worker",
+            cpu=kr.worker_cpu,
+            memory=kr.worker_memory,
+            gpus=kr.worker_gpu,
+            on_task_pool=True,
+        ),
+    }
+    autoscale = kr.worker_min_replicas is not None
+    if autoscale:
+        workers["minReplicas"] = kr.worker_min_replicas
+        workers["maxReplicas"] = kr.worker_max_replicas
+    else:
+        workers["minReplicas"] = workers["maxReplicas"] = kr.worker_replicas
+    runtime_env = {"env_vars": {DRIVER_ENV: "1"}}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": kr.namespace, "labels": labels(run_id, task)},
+        "spec": {
+            "entrypoint": entrypoint(spec_uri, profile.storage.endpoint_url),
+            # The operator submits over the Jobs API under this id; the step tails it.
+            "submissionMode": "HTTPMode",
+            "jobId": name,
+            "runtimeEnvYAML": json.dumps(runtime_env),  # JSON is YAML
+            # A failed stage is the step's to retry (kfp.resources.<task>.retries), not the
+            # operator's: a second RayJob attempt would hide the first one's log.
+            "backoffLimit": 0,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": kr.ttl_seconds_after_finished,
+            "activeDeadlineSeconds": kr.active_deadline_seconds,
+            "rayClusterSpec": {
+                "rayVersion": kr.ray_version,
+                "enableInTreeAutoscaling": autoscale,
+                "headGroupSpec": {
+                    # The head runs the driver and Ray's control plane, no stage work: the
+                    # workers hold the GPUs (num-cpus 0 keeps tasks off the head).
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                    "template": _pod_template(
+                        profile,
+                        task,
+                        run_id,
+                        container="ray-head",
+                        cpu=kr.head_cpu,
+                        memory=kr.head_memory,
+                        gpus=0,
+                        on_task_pool=False,
+                    ),
+                },
+                "workerGroupSpecs": [workers],
+            },
+        },
+    }
+
+
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def fit_problems(profile: Profile, task: str) -> list[str]:
+    """What the train stage's workers ask that the RayJob's worker pods cannot give, at
+    their largest (max replicas). Ray would wait for it forever; we fail before creating."""
+    if task != "train":
+        return []
+    kr, sc = profile.ray.kuberay, profile.train.scaling
+    pods = kr.worker_max_replicas or kr.worker_replicas
+    problems = []
+    if sc.use_gpu:
+        per_pod = int(kr.worker_gpu // sc.gpus_per_worker) if sc.gpus_per_worker else sc.num_workers
+        if pods * per_pod < sc.num_workers:
+            problems.append(
+                f"train.scaling asks {sc.num_workers} workers x {sc.gpus_per_worker:g} GPU, but "
+                f"{pods} worker pod(s) x ray.kuberay.worker_gpu {kr.worker_gpu} hold "
+                f"{pods * per_pod}"
+            )
+    per_pod_cpu = int(_cpus(kr.worker_cpu) // sc.cpus_per_worker)
+    if pods * per_pod_cpu < sc.num_workers:
+        problems.append(
+            f"train.scaling asks {sc.num_workers} workers x {sc.cpus_per_worker:g} CPU, but "
+            f"{pods} worker pod(s) x ray.kuberay.worker_cpu {kr.worker_cpu} hold "
+            f"{pods * per_pod_cpu}"
+        )
+    return problems
+
+
+def handoff_uri(profile: Profile, run_id: str, task: str) -> str:
+    """Where a step and its RayJob exchange inputs, outputs and the spec: a storage URI."""
+    from flywheel import storage
+
+    root = profile.storage.root
+    if not root or not storage.is_uri(root):
+        raise ConfigError(
+            "a RayJob step needs storage.root set to object storage (s3://bucket/prefix, "
+            "gs://...) that the step and the RayJob's pods both reach; it is "
+            + (f"{root!r}, a path on the step's own disk" if root else "unset")
+        )
+    loc = storage.parse(root, "storage.root")
+    return loc.child(HANDOFF_DIR, label_value(run_id), task).display()
+
+
+# ------------------------------------------------------------------------- the cluster
+
+
+def api_client(kubeconfig: str | None = None) -> Any:
+    """The official client: in-cluster config inside a pod, kubeconfig ($KUBECONFIG or
+    ~/.kube/config) elsewhere. A fresh ApiClient, so nothing global is changed."""
+    from kubernetes import client, config
+
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        cfg = client.Configuration()
+        config.load_incluster_config(client_configuration=cfg)
+        return client.ApiClient(cfg)
+    # Read now, not at import: the client's own default froze $KUBECONFIG when imported.
+    path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    try:
+        return config.new_client_from_config(config_file=path)
+    except Exception as exc:  # ConfigException, FileNotFoundError: no usable kubeconfig
+        raise FlywheelError(
+            f"no Kubernetes API to talk to: {' '.join(str(exc).split())} (outside a pod, "
+            "set KUBECONFIG or ~/.kube/config)"
+        ) from None
+
+
+def _api_error(exc: Any, doing: str, ns: str) -> FlywheelError:
+    """One line from a kubernetes ApiException; a 403 says which RBAC is missing."""
+    try:
+        message = json.loads(exc.body).get("message", "")
+    except (TypeError, ValueError, AttributeError):
+        message = ""
+    message = " ".join((message or str(exc.reason or exc)).split())
+    if exc.status == 403:
+        return FlywheelError(
+            f"{doing} in namespace {ns}: forbidden: {message}; grant the run's service "
+            f"account the Role in {RBAC_FILE} (`flywheel kuberay check` lists what is missing)"
+        )
+    if exc.status == 404 and "the server could not find the requested resource" in message:
+        return FlywheelError(
+            f"{doing} in namespace {ns}: the API has no {RAYJOBS}.{GROUP}/{VERSION}: is the "
+            "KubeRay operator (its CRDs) installed?"
+        )
+    return FlywheelError(f"{doing} in namespace {ns}: HTTP {exc.status}: {message}")
+
+
+@dataclass
+class Cluster:
+    """The RayJob/RayCluster calls a step makes, with errors turned into one line."""
+
+    namespace: str
+    api: Any = None
+    _objects: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from kubernetes import client
+
+        self.api = self.api or api_client()
+        self._objects = client.CustomObjectsApi(self.api)
+
+    def _call(
+        self, doing: str, fn: Callable[..., Any], *args: Any, keep: tuple[int, ...] = (), **kw: Any
+    ) -> Any:
+        """fn(group, version, namespace, *args): API errors become one line, except the
+        statuses in `keep`, which the caller handles (404 on a read, 409 on a create)."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(GROUP, VERSION, self.namespace, *args, **kw)
+        except ApiException as exc:
+            if exc.status in keep:
+                raise
+            raise _api_error(exc, doing, self.namespace) from None
+        except HTTPError as exc:
+            raise FlywheelError(
+                f"{doing}: cannot reach the Kubernetes API: {' '.join(str(exc).split())}"
+            ) from None
+
+    def create(self, body: dict[str, Any], *, replace: bool = False) -> dict[str, Any]:
+        """Create a RayJob. replace=True: one of the same name (an earlier attempt of this
+        step: same run, same task; that attempt is dead, or KFP would not retry) is deleted
+        first."""
+        from kubernetes.client.exceptions import ApiException
+
+        name = body["metadata"]["name"]
+        doing = f"cannot create RayJob {name}"
+        create = self._objects.create_namespaced_custom_object
+        try:
+            return self._call(doing, create, RAYJOBS, body, keep=(409,) if replace else ())
+        except ApiException:
+            pass  # 409: it exists
+        log.warning("RayJob %s exists (an earlier attempt of this step): deleting it", name)
+        self.delete(name)
+        deadline = time.monotonic() + REPLACE_WAIT_S
+        while self.get(name) is not None and time.monotonic() < deadline:
+            time.sleep(1)
+        return self._call(doing, self._objects.create_namespaced_custom_object, RAYJOBS, body)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        read = self._objects.get_namespaced_custom_object
+        try:
+            return self._call(f"cannot read RayJob {name}", read, RAYJOBS, name, keep=(404,))
+        except ApiException:
+            return None
+
+    def delete(self, name: str) -> bool:
+        """Delete a RayJob (Kubernetes then deletes its RayCluster, which it owns). Returns
+        False when it was already gone."""
+        from kubernetes.client.exceptions import ApiException
+
+        delete = self._objects.delete_namespaced_custom_object
+        try:
+            self._call(
+                f"cannot delete RayJob {name}", delete, RAYJOBS, name,
+                keep=(404,), propagation_policy="Background",
+            )  # fmt: skip
+            return True
+        except ApiException:
+            return False
+
+    def names(self, plural: str, selector: str) -> list[str]:
+        items = self._call(
+            f"cannot list {plural}", self._objects.list_namespaced_custom_object,
+            plural, label_selector=selector,
+        )["items"]  # fmt: skip
+        return sorted(i["metadata"]["name"] for i in items)
+
+    def delete_selected(self, plural: str, selector: str) -> list[str]:
+        names = self.names(plural, selector)
+        if names:
+            self._call(
+                f"cannot delete {plural} with {selector}",
+                self._objects.delete_collection_namespaced_custom_object,
+                plural, label_selector=selector,
+            )  # fmt: skip
+        return names
+
+
+def cleanup_run(profile: Profile, run_id: str, cluster: Cluster | None = None) -> list[str]:
+    """Delete every RayJob and RayCluster of a run, by its label (the exit handler's step).
+    A no-op unless `ray.mode` is kuberay. Returns what it deleted, as `kind/name`."""
+    if profile.ray.mode != "kuberay":
+        return []
+    cluster = cluster or Cluster(namespace(profile))
+    selector = run_selector(run_id)
+    gone = [f"rayjob/{n}" for n in cluster.delete_selected(RAYJOBS, selector)]
+    # Normally gone with their RayJob (owner references); one left by an operator that
+    # had not yet set its owner, or created by hand with our labels, goes too.
+    gone += [f"raycluster/{n}" for n in cluster.delete_selected(RAYCLUSTERS, selector)]
+    for item in gone:
+        log.warning("deleted %s of run %s", item, run_id)
+    return gone
+
+
+def missing_access(profile: Profile, api: Any = None) -> list[str]:
+    """What the current identity may not do in the RayJobs' namespace, asked through
+    SelfSubjectAccessReview (the API server answers for the caller; no RBAC read needed)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    ns = namespace(profile)
+    authz = client.AuthorizationV1Api(api or api_client())
+    missing = []
+    for group, resource, verb, sub in REQUIRED_ACCESS:
+        attrs = client.V1ResourceAttributes(
+            namespace=ns, group=group, resource=resource, verb=verb, subresource=sub or None
+        )
+        review = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attrs)
+        )
+        try:
+            allowed = authz.create_self_subject_access_review(review).status.allowed
+        except ApiException as exc:
+            raise _api_error(exc, "cannot ask the API what we may do", ns) from None
+        if not allowed:
+            what = f"{resource}/{sub}" if sub else resource
+            missing.append(f"{verb} {what}{'.' + group if group else ''}")
+    return missing
+
+
+# ------------------------------------------------------------------------- watch
+
+
+def _status(obj: dict[str, Any]) -> tuple[str, str]:
+    st = obj.get("status") or {}
+    return st.get("jobDeploymentStatus") or "", st.get("jobStatus") or ""
+
+
+def _dashboard(obj: dict[str, Any]) -> str | None:
+    url = (obj.get("status") or {}).get("dashboardURL")
+    if not url:
+        return None
+    # KubeRay reports host:port (the head service); the Jobs client needs a URL.
+    return url if "://" in url else f"http://{url}"
+
+
+class LogTail:
+    """The driver's log through the Ray Jobs API, printed line by line as it grows."""
+
+    def __init__(self, job_id: str, emit: Callable[[str], None]):
+        self.job_id, self.emit = job_id, emit
+        self.client: Any = None
+        self.url: str | None = None
+        self.seen = 0
+        self.text = ""
+
+    def poll(self, url: str | None) -> None:
+        if url is None:
+            return
+        try:
+            if self.client is None or url != self.url:
+                from ray.job_submission import JobSubmissionClient
+
+                self.client, self.url = JobSubmissionClient(url), url
+            self.text = self.client.get_job_logs(self.job_id)
+        except Exception as exc:  # not submitted yet, or the head is going away
+            log.debug("no log yet for %s at %s: %s", self.job_id, url, exc)
+            return
+        new, self.seen = self.text[self.seen :], len(self.text)
+        for line in new.splitlines():
+            self.emit(line)
+
+    def last_error(self) -> str:
+        lines = [ln.strip() for ln in self.text.splitlines() if ln.strip()]
+        # A Python traceback ends with "Type: message": the line a user needs.
+        for ln in reversed(lines):
+            if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*:", ln):
+                return ln
+        return lines[-1] if lines else ""
+
+
+def _fail_line(name: str, obj: dict[str, Any], tail: LogTail) -> str:
+    deployment, job = _status(obj)
+    st = obj.get("status") or {}
+    reason = st.get("reason") or ""
+    message = " ".join(str(st.get("message") or "").split())
+    what = (
+        "passed its deadline (ray.kuberay.active_deadline_seconds)"
+        if (reason == "DeadlineExceeded")
+        else f"{deployment}" + (f", job {job}" if job else "") + (f" ({reason})" if reason else "")
+    )
+    parts = [f"RayJob {name} {what}"]
+    error = tail.last_error()
+    if error:
+        parts.append(error)
+    elif message:
+        parts.append(message)
+    return ": ".join(parts)
+
+
+def watch(
+    cluster: Cluster,
+    name: str,
+    *,
+    poll_s: float,
+    timeout_s: float,
+    emit: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Wait for RayJob `name` to finish; stream its driver's log through `emit` and log each
+    state change. Returns the finished object; raises FlywheelError (one line with the Ray
+    error) when it fails, passes its deadline, is stopped or deleted, or outlives timeout_s
+    (the operator's deadline plus a margin: a missing operator must not hang the step)."""
+    tail = LogTail(name, emit)
+    deadline = clock() + timeout_s
+    last: tuple[str, str] | None = None
+    while True:
+        obj = cluster.get(name)
+        if obj is None:
+            raise FlywheelError(
+                f"RayJob {name} was deleted while the step waited for it (its Ray job died "
+                "with its cluster)"
+            )
+        state = _status(obj)
+        if state != last:
+            log.warning(
+                "RayJob %s: %s%s", name, state[0] or "(no status yet)",
+                f", job {state[1]}" if state[1] else "",
+            )  # fmt: skip
+            last = state
+        tail.poll(_dashboard(obj))
+        deployment, job = state
+        if deployment in TERMINAL_OK and job == "SUCCEEDED":
+            return obj
+        if deployment in TERMINAL_BAD or job in JOB_BAD:
+            raise FlywheelError(_fail_line(name, obj, tail))
+        if clock() > deadline:
+            raise FlywheelError(
+                f"RayJob {name} still {deployment or 'without status'} after {timeout_s:g}s: "
+                "is the KubeRay operator running in namespace "
+                f"{cluster.namespace}?"
+            )
+        sleep(poll_s)
+
+
+# ------------------------------------------------------------------------- one step
+
+
+def launches(profile: dict[str, Any] | Profile) -> bool:
+    """Whether a Ray stage's step should launch a RayJob: ray.mode kuberay, and not already
+    inside one (the entrypoint runs the stage function itself)."""
+    mode = (
+        profile.ray.mode
+        if isinstance(profile, Profile)
+        else (profile.get("ray") or {}).get("mode", "local")
+    )
+    return mode == "kuberay" and not os.environ.get(DRIVER_ENV)
+
+
+def run(
+    profile: Profile,
+    task: str,
+    run_id: str,
+    spec: dict[str, Any],
+    *,
+    cluster: Cluster | None = None,
+    emit: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run one stage as a RayJob: write `spec` (stage arguments, input and output URIs) to
+    the hand-off place, create the RayJob, watch it, delete it. Returns the finished RayJob."""
+    problems = fit_problems(profile, task)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    base = handoff_uri(profile, run_id, task)
+    spec_uri = f"{base}/spec.json"
+    write_text(spec_uri, json.dumps(spec), profile.storage.endpoint_url)
+    body = render(profile, task, run_id, spec_uri)
+    name = body["metadata"]["name"]
+    cluster = cluster or Cluster(namespace(profile))
+    kr = profile.ray.kuberay
+    cluster.create(body, replace=True)
+    log.warning("created RayJob %s in namespace %s (%s)", name, cluster.namespace, base)
+    try:
+        return watch(
+            cluster, name, poll_s=kr.poll_s, timeout_s=kr.active_deadline_seconds + 300, emit=emit
+        )
+    finally:
+        if cluster.delete(name):
+            log.warning("deleted RayJob %s", name)
+
+
+def write_text(uri: str, text: str, endpoint_url: str | None) -> None:
+    from flywheel import storage
+
+    loc = storage.parse(uri, "storage.root")
+    fs = storage.filesystem(loc, endpoint_url)
+    if not loc.remote:
+        Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_output_stream(loc.path) as out:
+        out.write(text.encode())
+
+
+def read_text(uri: str, endpoint_url: str | None) -> str:
+    from flywheel import storage
+
+    loc = storage.parse(uri, "storage.root")
+    fs = storage.filesystem(loc, endpoint_url)
+    with fs.open_input_stream(loc.path) as fin:
+        return fin.read().decode()

@@ -1,0 +1,339 @@
+"""`ray.mode: kuberay` without Ray: rendered RayJobs against the KubeRay CRDs' schemas, and
+the step's Kubernetes side against the stand-in API server (tests/k8s_standin.py) through
+the real `kubernetes` client: a failed RayJob, a deadline, a killed step cleaned up by the
+exit handler's label delete, a 403 in one line, the RBAC check and `flywheel kuberay`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_standin import StandIn, crds_present, schema_errors
+
+from flywheel.config import config_file, load_profile
+from flywheel.errors import ConfigError, FlywheelError
+from flywheel.runtime import kuberay
+
+REPO = Path(__file__).resolve().parents[2]
+needs_crds = pytest.mark.skipif(
+    not crds_present(), reason="../shared/contracts/kuberay-crds/ is absent"
+)
+RUN = "0b7e6a3c-5d1f-4a2b-9c8d-7e6f5a4b3c2d"
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def cluster_profile(*extra: str):
+    return load_profile(config_file("cluster.yaml"), ["ray.mode=kuberay", *extra])
+
+
+def local_profile(tmp_path: Path, *extra: str):
+    return load_profile(
+        None,
+        [
+            "ray.mode=kuberay",
+            "ray.kuberay.poll_s=0.1",
+            f"storage.root=file://{tmp_path / 'store'}",
+            f"state_dir={tmp_path / '.flywheel'}",
+            *extra,
+        ],
+    )
+
+
+# ---------------------------------------------------------------------- render
+
+
+@needs_crds
+@pytest.mark.parametrize("stage", kuberay.RAY_STAGES)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [
+            "ray.kuberay.worker_min_replicas=1",
+            "ray.kuberay.worker_max_replicas=4",
+            "ray.kuberay.worker_gpu=1",
+            "ray.kuberay.env.NCCL_SOCKET_IFNAME=eth0",
+        ],
+    ],
+    ids=["fixed", "autoscaling-gpu-nccl"],
+)
+def test_rendered_rayjob_validates_against_the_crd(stage, extra):
+    body = kuberay.render(cluster_profile(*extra), stage, RUN, "s3://b/p/spec.json")
+    assert schema_errors(body) == []
+    # The stand-in's strict schema would catch a misspelt field: prove it can fail.
+    body["spec"]["shutdownAfterJobFinish"] = True
+    assert any("shutdownAfterJobFinish" in e for e in schema_errors(body))
+
+
+def test_rendered_rayjob_carries_the_profile():
+    p = cluster_profile(
+        "ray.kuberay.worker_gpu=4",
+        "ray.kuberay.worker_min_replicas=1",
+        "ray.kuberay.worker_max_replicas=3",
+        "ray.kuberay.env.NCCL_SOCKET_IFNAME=eth0",
+    )
+    body = kuberay.render(p, "train", RUN, "s3://b/p/spec.json")
+    spec = body["spec"]
+    assert spec["submissionMode"] == "HTTPMode" and spec["jobId"] == body["metadata"]["name"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] == 600 and spec["activeDeadlineSeconds"] == 86400
+    assert spec["entrypoint"].startswith(
+        "python -m flywheel.runtime.kuberay_entry s3://b/p/spec.json"
+    )
+    assert "--endpoint-url http://minio.minio.svc:9000" in spec["entrypoint"]
+    assert body["metadata"]["labels"][kuberay.RUN_LABEL] == RUN
+    assert body["metadata"]["labels"][kuberay.TASK_LABEL] == "train"
+    rc = spec["rayClusterSpec"]
+    assert rc["enableInTreeAutoscaling"] is True
+    (group,) = rc["workerGroupSpecs"]
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (1, 2, 3)
+    pod = group["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == p.kfp.image  # the step's own image, by digest
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-nodepool": "gpu-a100"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["serviceAccountName"] == "flywheel-runner"
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}} in pod["volumes"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NCCL_SOCKET_IFNAME"]["value"] == "eth0"
+    # Secrets by reference, per task: flywheel-postgres is for plan and tune only.
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "flywheel-s3"
+    assert "PGPASSWORD" not in env
+    tuned = kuberay.render(p, "tune", RUN, "s3://b/p/spec.json")
+    tune_env = tuned["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "PGPASSWORD" in {e["name"] for e in tune_env["containers"][0]["env"]}
+
+
+@pytest.mark.parametrize(
+    "run_id", [RUN, "cli-20261128-120000-abc123", "My_Run.ID/with spaces" * 5, "x"]
+)
+def test_names_are_kubernetes_names_and_differ_per_run_and_task(run_id):
+    names = {kuberay.job_name(run_id, t) for t in kuberay.RAY_STAGES}
+    assert len(names) == 3
+    for name in names:
+        assert DNS_LABEL.fullmatch(name) and len(name) <= kuberay.MAX_NAME, name
+    assert kuberay.job_name(run_id, "train") == kuberay.job_name(run_id, "train")
+    # Run ids sharing their first 40 characters still get distinct names.
+    assert kuberay.job_name(run_id + "a" * 50, "train") != kuberay.job_name(
+        run_id + "b" * 50, "train"
+    )
+    assert re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", kuberay.label_value(run_id))
+
+
+def test_a_path_as_storage_root_is_refused_before_anything_is_created(tmp_path):
+    p = load_profile(None, ["ray.mode=kuberay", f"storage.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"storage\.root .*a path on the step's own disk"):
+        kuberay.handoff_uri(p, RUN, "train")
+
+
+def test_train_that_cannot_fit_the_worker_pods_fails_before_creating(tmp_path):
+    p = local_profile(tmp_path, "train.scaling.use_gpu=true", "train.scaling.num_workers=4")
+    with pytest.raises(
+        ConfigError, match=r"4 workers x 1 GPU, but 2 worker pod\(s\) x ray.kuberay.worker_gpu 0"
+    ):
+        kuberay.run(p, "train", RUN, {}, cluster=object())  # type: ignore[arg-type]
+
+
+def test_launch_only_in_kuberay_mode_and_never_inside_the_rayjob(monkeypatch):
+    assert kuberay.launches({"ray": {"mode": "kuberay"}})
+    assert not kuberay.launches({"ray": {"mode": "local"}}) and not kuberay.launches({})
+    monkeypatch.setenv(kuberay.DRIVER_ENV, "1")
+    assert not kuberay.launches({"ray": {"mode": "kuberay"}})
+
+
+# ---------------------------------------------------------------------- the stand-in
+
+
+@pytest.fixture
+def standin(tmp_path, monkeypatch):
+    with StandIn(behaviour="pending") as s:
+        monkeypatch.setenv("KUBECONFIG", str(s.kubeconfig(tmp_path / "kubeconfig")))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        yield s
+
+
+needs_standin = pytest.mark.skipif(
+    not crds_present(), reason="the stand-in validates with the CRDs"
+)
+
+
+@needs_standin
+def test_a_rayjob_failed_by_the_operator_fails_the_step_in_one_line_and_is_deleted(
+    standin, tmp_path
+):
+    p = local_profile(tmp_path)
+    name = kuberay.job_name(RUN, "train")
+
+    def fail_soon(_s: float) -> None:
+        time.sleep(0.05)
+        if standin.get("rayjobs", name) and not standin.requests[-1][1].endswith("/status"):
+            standin.fail(name, "RayClusterFailed", "head pod ImagePullBackOff:\nimage not found")
+
+    cluster = kuberay.Cluster("default")
+    cluster.create(kuberay.render(p, "train", RUN, "file:///x/spec.json"))
+    with pytest.raises(FlywheelError) as info:
+        kuberay.watch(cluster, name, poll_s=0, timeout_s=30, sleep=fail_soon)
+    assert str(info.value) == (
+        f"RayJob {name} Failed (RayClusterFailed): head pod ImagePullBackOff: image not found"
+    )
+
+    # Through run(): the same failure, and the finally deletes the RayJob and its cluster.
+    standin.objects.clear()
+    import threading
+
+    def fail_when_created() -> None:
+        for _ in range(200):
+            if standin.get("rayjobs", name):
+                standin.fail(name, "RayClusterFailed", "head pod ImagePullBackOff")
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=fail_when_created, daemon=True).start()
+    with pytest.raises(FlywheelError, match=f"RayJob {name} Failed"):
+        kuberay.run(p, "train", RUN, {"stage": "train"})
+    assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
+
+
+@needs_standin
+def test_a_deadline_fails_the_step_and_leaves_nothing(standin, tmp_path):
+    p = local_profile(tmp_path, "ray.kuberay.active_deadline_seconds=1")
+    t0 = time.monotonic()
+    with pytest.raises(FlywheelError) as info:
+        kuberay.run(p, "train", RUN, {"stage": "train"})
+    name = kuberay.job_name(RUN, "train")
+    assert str(info.value).startswith(
+        f"RayJob {name} passed its deadline (ray.kuberay.active_deadline_seconds): "
+        "The RayJob has passed the activeDeadlineSeconds."
+    ), info.value
+    assert time.monotonic() - t0 < 10
+    assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
+    # The spec went to storage, under the run and the task.
+    assert (tmp_path / "store" / "kuberay" / RUN / "train" / "spec.json").is_file()
+
+
+@needs_standin
+def test_a_killed_step_leaves_its_rayjob_and_the_exit_handler_deletes_it(standin, tmp_path):
+    p = local_profile(tmp_path)
+    # Another run's RayJob in the same namespace must survive this run's cleanup.
+    other = kuberay.render(p, "train", "another-run", "file:///x/spec.json")
+    kuberay.Cluster("default").create(other)
+    overrides = [
+        "ray.mode=kuberay",
+        "ray.kuberay.poll_s=0.1",
+        f"storage.root=file://{tmp_path / 'store'}",
+        f"state_dir={tmp_path / '.flywheel'}",
+    ]
+    code = textwrap.dedent(f"""
+        from flywheel.config import load_profile
+        from flywheel.runtime import kuberay
+        p = load_profile(None, {overrides!r})
+        kuberay.run(p, "train", {RUN!r}, {{"stage": "train"}})
+    """)
+    step = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    name = kuberay.job_name(RUN, "train")
+    try:
+        for _ in range(300):
+            if standin.get("rayjobs", name) or step.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert standin.get("rayjobs", name), step.stderr.read() if step.poll() is not None else ""
+        step.kill()  # SIGKILL: no finally runs, as when Kubernetes kills the step's pod
+        step.wait(timeout=10)
+    finally:
+        if step.poll() is None:
+            step.kill()
+    assert name in standin.names("rayjobs"), "a killed step cannot clean up after itself"
+    assert len(standin.names("rayclusters", kuberay.run_selector(RUN))) == 1
+
+    gone = kuberay.cleanup_run(p, RUN)  # what the retrain pipeline's exit handler calls
+
+    assert gone == [f"rayjob/{name}"]
+    assert standin.names("rayjobs", kuberay.run_selector(RUN)) == []
+    assert standin.names("rayclusters", kuberay.run_selector(RUN)) == []
+    assert standin.names("rayjobs") == [other["metadata"]["name"]]
+    assert kuberay.cleanup_run(p, RUN) == []  # a second call finds nothing
+    # Outside kuberay mode the exit handler does not touch the API at all.
+    before = len(standin.requests)
+    assert kuberay.cleanup_run(load_profile(None, []), RUN) == []
+    assert len(standin.requests) == before
+
+
+@needs_standin
+def test_creation_refused_by_rbac_is_one_clear_line(standin, tmp_path):
+    standin.forbidden.add(("create", "rayjobs"))
+    p = local_profile(tmp_path)
+    with pytest.raises(FlywheelError) as info:
+        kuberay.run(p, "train", RUN, {"stage": "train"})
+    line = str(info.value)
+    assert "\n" not in line
+    assert line.startswith(
+        f"cannot create RayJob {kuberay.job_name(RUN, 'train')} in namespace default: forbidden: "
+    )
+    assert 'cannot create resource "rayjobs" in API group "ray.io"' in line
+    assert line.endswith(
+        f"grant the run's service account the Role in {kuberay.RBAC_FILE} "
+        "(`flywheel kuberay check` lists what is missing)"
+    )
+    assert standin.names("rayjobs") == []
+
+
+@needs_standin
+def test_kuberay_check_lists_what_rbac_is_missing(standin, cli):
+    code, out, err = cli("kuberay", "check", "ray.mode=kuberay")
+    assert code == 0 and "ok:" in out and err == []
+    standin.forbidden |= {("deletecollection", "rayjobs"), ("get", "pods/log")}
+    code, out, err = cli("kuberay", "check", "ray.mode=kuberay")
+    assert code == 1 and len(err) == 1
+    assert "may not: deletecollection rayjobs.ray.io, get pods/log;" in err[0]
+    assert kuberay.RBAC_FILE in err[0]
+
+
+def test_the_shipped_rbac_grants_what_the_step_needs():
+    docs = list(yaml.safe_load_all((REPO / kuberay.RBAC_FILE).read_text()))
+    role = next(d for d in docs if d["kind"] == "Role")
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    for group, resource, verb, sub in kuberay.REQUIRED_ACCESS:
+        assert (group, f"{resource}/{sub}" if sub else resource, verb) in granted
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    # The binding's subject is the account the cluster profile's pods run as.
+    assert binding["subjects"][0]["name"] == cluster_profile().kfp.kubernetes.service_account
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+@needs_crds
+def test_render_prints_the_rayjob_as_yaml(cli):
+    code, out, err = cli(
+        "kuberay", "render", "train", "--profile", str(config_file("cluster.yaml")),
+        "--run-id", RUN, "ray.mode=kuberay",
+    )  # fmt: skip
+    assert code == 0 and err == []
+    body = yaml.safe_load(out)
+    assert body["kind"] == "RayJob" and body["metadata"]["name"] == kuberay.job_name(RUN, "train")
+    assert schema_errors(body) == []
+    assert body["spec"]["entrypoint"].split()[3] == (
+        f"s3://flywheel-runs/flywheel/kuberay/{RUN}/train/spec.json"
+    )
+
+
+def test_render_refuses_a_stage_that_is_not_on_ray(cli):
+    code, out, err = cli("kuberay", "render", "evaluate")
+    assert code == 2 and out == "" and len(err) == 1
+    assert "'evaluate' is not a Ray stage" in err[0]
