@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from flywheel.config import Profile
 from flywheel.errors import RegistryError
-from flywheel.registry import packaging
 from flywheel.registry.adapter import (
     Conflict,
     MlflowAdapter,
@@ -43,6 +42,8 @@ from flywheel.registry.lineage import (
     clip,
 )
 from flywheel.registry.lock import alias_lock
+from flywheel.registry.packaging import download as download_cached
+from flywheel.registry.packaging import safe_name, save_mlflow_model
 from flywheel.tracking import artifact_location, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class Registry:
         run = self._call(f"read run {run_id}", self._client.get_run, run_id)
         with tempfile.TemporaryDirectory(prefix="flywheel-register-") as tmp:
             local = Path(tmp) / MODEL_ARTIFACT
-            flavor = packaging.save_mlflow_model(model_dir, local, model_card)
+            flavor = save_mlflow_model(model_dir, local, model_card)
             self._call(
                 f"upload model to run {run_id}",
                 self._client.log_artifacts,
@@ -384,8 +385,8 @@ class Registry:
         an alias is resolved first, so `download("champion")` follows the alias.
         """
         info = self._version(version_or_alias)
-        cache = self.profile.state_path("registry-cache", packaging.safe_name(self.name))
-        return packaging.download(self._mlflow, info, cache)
+        cache = self.profile.state_path("registry-cache", safe_name(self.name))
+        return download_cached(self._mlflow, info, cache)
 
 
 def parse_model_uri(uri: str) -> tuple[str, str]:
