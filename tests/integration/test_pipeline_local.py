@@ -82,7 +82,11 @@ def test_second_run_warm_starts_and_is_gated_against_champion(profile_for):
     assert "challenger_perplexity" in gate["metrics"]
     import mlflow
 
-    train_run = mlflow.MlflowClient().get_run(stages["train"]["tags"]["training_run_id"])
+    from flywheel.tracking import tracking_uri
+
+    # The profile's store, named: nothing sets a process-wide tracking URI any more.
+    client = mlflow.MlflowClient(tracking_uri(p))
+    train_run = client.get_run(stages["train"]["tags"]["training_run_id"])
     assert train_run.data.tags["flywheel.warm_start"] == "True"
     # the data stage tokenized with the champion's tokenizer, so the warm start reads the same ids
     assert "flywheel.tokenizer_mismatch" not in train_run.data.tags
