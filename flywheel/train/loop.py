@@ -160,6 +160,31 @@ def _ask_to_stop(validation: dict[str, Any], step: int, value: float, rank: int,
     return bool(stop.item())
 
 
+def _with_adapters(model, t) -> tuple[Any, dict[str, int]]:
+    """The PEFT model for train.method lora, and its trainable / total parameter counts."""
+    from flywheel.errors import ConfigError
+    from flywheel.sft.lora import apply_lora, count_parameters
+
+    if t.method == "qlora":  # plan time refuses it without CUDA; the 4-bit load is not wired
+        raise ConfigError("train.method: qlora is not wired into the training loop yet")
+    model = apply_lora(model, t.lora)
+    count = count_parameters(model)
+    return model, {"trainable": count.trainable, "total": count.total}
+
+
+def _export_adapters(profile, plan, weights: dict | None, out: Path) -> None:
+    from flywheel.sft.lora import export_from_state
+    from flywheel.train.model import build_model
+
+    if weights is None:
+        raise RuntimeError("rank 0 holds no gathered weights to export")
+
+    def base():
+        return build_model(profile.model, plan.model_source, plan.dataset)
+
+    export_from_state(base, profile.train.lora, weights, out, merged_name=HF_DIR)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     entered = time.time()
     import deepspeed
@@ -179,9 +204,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(t.seed)
     model = build_model(profile.model, plan.model_source, plan.dataset)
+    params = None
+    if t.method != "full":
+        model, params = _with_adapters(model, t)
     # betas (0.9, 0.95): the GPT-3/LLaMA setting; steadier than 0.999 at small batches.
+    # Only what trains gets optimizer state: under LoRA, the adapters (a few % of weights).
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=t.lr,
+        betas=(0.9, 0.95),
+        weight_decay=t.weight_decay,
     )
     schedule = partial(
         lr_factor, warmup=t.warmup_steps, max_steps=t.max_steps, schedule=t.lr_schedule
@@ -226,8 +258,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=f"step{step}")
             if final:
                 weights = _model_state_for_export(engine, plan.zero_stage)
-                if rank == 0:
+                if rank == 0 and t.method == "full":
                     engine.module.save_pretrained(os.path.join(tmp, HF_DIR), state_dict=weights)
+                elif rank == 0:  # hf/ is the merged model (what serving loads), adapter/ beside
+                    _export_adapters(profile, plan, weights, Path(tmp))
             if rank == 0:
                 state = {
                     "step": step,
@@ -235,6 +269,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "attempt": attempt,
                     "startup": startup,
                     "history": history,
+                    "method": t.method,
+                    "params": params,
                 }
                 Path(tmp, STATE_FILE).write_text(json.dumps(state))
             metrics = {
