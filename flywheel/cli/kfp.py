@@ -59,9 +59,12 @@ def _print_json(doc: dict[str, Any]) -> None:
 
 
 def _print_plan(requests, target) -> None:
-    from flywheel.kfp.client import plan_document
+    from flywheel.kfp.plan import plan_document
 
-    _print_json(plan_document(requests, target))
+    doc = plan_document(
+        requests, host=target.host, namespace=target.namespace, authorized=bool(target.token)
+    )
+    _print_json(doc)
 
 
 def refuse_pod_state(profile, source: Path | None, data_location: str | None) -> None:
@@ -105,7 +108,8 @@ def submit_cmd(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Compile PIPELINE, upload it as a version (once per content) and start a run; print its URL."""
-    from flywheel.kfp.client import plan_submit, start_run, submit_spec
+    from flywheel.kfp.client import start_run
+    from flywheel.kfp.plan import plan_submit, submit_spec
 
     prof = profile_from(profile, overrides)
     refuse_pod_state(prof, profile, data_location)
@@ -120,7 +124,7 @@ def submit_cmd(
     )
     if dry_run:
         target = _target(prof, host, namespace)
-        _print_plan(plan_submit(spec, target), target)
+        _print_plan(plan_submit(spec, target.namespace), target)
         return
     session = _session(prof, host, namespace)
     run = start_run(session, spec)
@@ -174,8 +178,9 @@ def schedule_create(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Upload PIPELINE (once per content) and create a recurring run on a cron schedule."""
-    from flywheel.kfp.client import create_schedule, plan_schedule, schedule_spec
+    from flywheel.kfp.client import create_schedule
     from flywheel.kfp.cron import to_kfp_cron
+    from flywheel.kfp.plan import plan_schedule, schedule_spec
 
     to_kfp_cron(cron)  # a bad expression fails before compiling or connecting
     prof = profile_from(profile, overrides)
@@ -194,7 +199,7 @@ def schedule_create(
     )
     if dry_run:
         target = _target(prof, host, namespace)
-        _print_plan(plan_schedule(spec, target), target)
+        _print_plan(plan_schedule(spec, target.namespace), target)
         return
     rec = create_schedule(_session(prof, host, namespace), spec)
     console.print(
@@ -247,10 +252,10 @@ def _simple(action: str):
     ) -> None:
         prof = profile_from(profile, [])
         if dry_run:
-            from flywheel.kfp.client import plan_recurring_action
+            from flywheel.kfp.plan import plan_recurring_action
 
             target = _target(prof, host, namespace)
-            _print_plan(plan_recurring_action(action, name_or_id, target), target)
+            _print_plan(plan_recurring_action(action, name_or_id, target.namespace), target)
             return
         rid = getattr(_session(prof, host, namespace), action)(name_or_id)
         console.print(f"recurring run {rid}: {action}d")

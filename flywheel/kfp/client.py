@@ -5,10 +5,8 @@ A thin layer over the real `kfp.Client`, adding what a repeatable submit needs:
 - **Idempotent upload.** The compiled YAML's sha256 names the pipeline version
   (``<pipeline>-<sha12>``) and is tagged in its description (``sha256:<hex>``); a
   package already on the server is reused, never uploaded twice.
-- **Only declared parameters.** The run gets ``profile`` (the profile as one dict),
-  ``trigger_reason`` and ``data_location`` (``window`` for the monitor), each only if
-  the pipeline declares it:
-  the server rejects unknown run parameters.
+- **What is sent is decided first.** `flywheel.kfp.plan` builds the `RunSpec` (names,
+  only the parameters the pipeline declares, the service account); this module sends it.
 - **Auth without leaks.** Namespace and bearer token come from the profile (``kfp.*``)
   or flags; the token is read from a file or an environment variable, goes only into
   the Authorization header, and is masked everywhere we print.
@@ -18,17 +16,13 @@ A thin layer over the real `kfp.Client`, adding what a repeatable submit needs:
 - **The page a person opens.** On a full Kubeflow deployment the API is served at
   ``<host>/pipeline`` and the UI at ``<host>/_/pipeline``; run links use ``kfp.ui_url``
   or that derivation (`ui_base`).
-- **Dry runs are plans.** What a command would send is built as data (`plan_submit`,
-  `plan_schedule`, `plan_recurring_action`: method, path, query, body, and the condition
-  under which each request is sent) from the same `RunSpec` the real path sends, and
-  printed as JSON; nothing connects. Ids the server assigns appear as ``{pipeline_id}``,
-  ``{experiment_id}``...
+- **Dry runs are plans.** ``--dry-run`` prints `flywheel.kfp.plan`'s list of the
+  requests a spec makes and connects to nothing; no fake server in production code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -36,21 +30,27 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flywheel.config import KfpConfig, Profile
 from flywheel.errors import ConfigError, FlywheelError
+from flywheel.kfp.plan import (
+    DIGEST_TAG,
+    PAGE_SIZE,
+    RunSpec,
+    Upload,
+    declared_parameters,
+    eq_filter,
+    schedule_spec,
+    submit_spec,
+)
 
 log = logging.getLogger(__name__)
 
 TERMINAL_OK = {"SUCCEEDED", "SKIPPED"}
 TERMINAL_BAD = {"FAILED", "CANCELED", "ERROR"}
-DIGEST_TAG = "sha256:"
-API_PREFIX = "/apis/v2beta1"  # every path of the v2beta1 REST API starts here
 
 
 # ------------------------------------------------------------------------ values
@@ -115,60 +115,6 @@ class RecurringRunInfo:
     created_at: str | None
 
 
-@dataclass(frozen=True)
-class PlannedRequest:
-    """One HTTP request a command would send, as a dry run shows it. Query values are
-    strings, as on the wire; `when` says under what condition it is sent (None: always)."""
-
-    method: str
-    path: str
-    query: dict[str, str] = field(default_factory=dict)
-    body: Any = None
-    when: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "path": self.path}
-        if self.query:
-            out["query"] = self.query
-        if self.body is not None:
-            out["body"] = self.body
-        if self.when:
-            out["when"] = self.when
-        return out
-
-
-@dataclass(frozen=True)
-class Upload:
-    """A compiled package as it is uploaded: named and described by its content."""
-
-    package: Path
-    pipeline_name: str
-    digest: str
-
-    @property
-    def version_name(self) -> str:
-        return version_name_for(self.pipeline_name, self.digest)
-
-    @property
-    def description(self) -> str:
-        return f"flywheel {self.pipeline_name} {DIGEST_TAG}{self.digest}"
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything a run or recurring run sends, decided before connecting; the real path
-    and the dry-run plan both read it. `cron` set: a recurring run."""
-
-    upload: Upload
-    experiment: str
-    name: str
-    parameters: dict[str, Any]
-    service_account: str | None = None
-    cron: str | None = None  # KFP's 6-field form
-    max_concurrency: int = 1
-    no_catchup: bool = True
-
-
 # ------------------------------------------------------------------ pure helpers
 
 
@@ -200,53 +146,6 @@ def resolve_target(
         token=token,
         ui_host=ui_base(url, cfg.ui_url),
     )
-
-
-def package_digest(package: Path) -> str:
-    return hashlib.sha256(Path(package).read_bytes()).hexdigest()
-
-
-def version_name_for(pipeline_name: str, digest: str) -> str:
-    return f"{pipeline_name}-{digest[:12]}"
-
-
-def declared_parameters(package: Path) -> dict[str, dict[str, Any]]:
-    """The root input parameters of a compiled pipeline (IR YAML). A pipeline with
-    Kubernetes settings has a second YAML document, the platform spec, after the first."""
-    try:
-        docs = list(yaml.safe_load_all(Path(package).read_bytes().decode("utf-8")))
-        doc = docs[0] if docs else None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{package}: not a pipeline YAML (not UTF-8 text)") from None
-    except OSError as exc:
-        raise ConfigError(f"{package}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        why = " ".join(str(exc).split())
-        raise ConfigError(f"{package}: not a readable pipeline YAML ({why})") from None
-    spec = doc.get("pipeline_spec", doc) if isinstance(doc, dict) else None
-    if not isinstance(spec, dict) or "root" not in spec:
-        raise ConfigError(f"{package}: not a compiled pipeline (no 'root' in the IR YAML)")
-    return spec["root"].get("inputDefinitions", {}).get("parameters", {}) or {}
-
-
-def run_parameters(
-    declared: dict[str, Any],
-    profile: Profile,
-    trigger_reason: str,
-    data_location: str | None,
-) -> dict[str, Any]:
-    offered: dict[str, Any] = {
-        "profile": profile.model_dump(mode="json"),
-        "trigger_reason": trigger_reason,
-    }
-    if data_location:
-        # retrain calls it data_location, monitor calls it window: same knob, where the data is
-        offered["data_location"] = offered["window"] = data_location
-    return {k: v for k, v in offered.items() if k in declared}
-
-
-def _eq_filter(key: str, value: str) -> str:
-    return json.dumps({"predicates": [{"operation": "EQUALS", "key": key, "string_value": value}]})
 
 
 def compiled_package(pipeline: str, profile: Profile, package: Path | None, out_dir: Path) -> Path:
@@ -389,7 +288,7 @@ class KfpSession:
     def _find_pipeline(self, name: str) -> str | None:
         with self._call(f"looking up pipeline '{name}'"):
             result = self.client.list_pipelines(
-                filter=_eq_filter("display_name", name),
+                filter=eq_filter("display_name", name),
                 namespace=self.target.namespace,
                 page_size=2,
             )
@@ -403,7 +302,7 @@ class KfpSession:
         while True:
             with self._call("listing pipeline versions"):
                 page = self.client.list_pipeline_versions(
-                    pipeline_id, page_token=token, page_size=100
+                    pipeline_id, page_token=token, page_size=PAGE_SIZE
                 )
             for v in page.pipeline_versions or []:
                 if v.name == version_name or f"{DIGEST_TAG}{digest}" in (v.description or ""):
@@ -534,7 +433,7 @@ class KfpSession:
         while True:
             with self._call("listing recurring runs"):
                 page = self.client.list_recurring_runs(
-                    page_token=token, page_size=100, namespace=self.target.namespace
+                    page_token=token, page_size=PAGE_SIZE, namespace=self.target.namespace
                 )
             out.extend(_info(r) for r in page.recurring_runs or [])
             token = page.next_page_token or ""
@@ -606,64 +505,6 @@ def _info(rec: Any) -> RecurringRunInfo:
 # ------------------------------------------------------------- whole operations
 
 
-def upload_for(pipeline: str, package: Path) -> Upload:
-    return Upload(Path(package), f"flywheel-{pipeline}", package_digest(package))
-
-
-def submit_spec(
-    profile: Profile,
-    pipeline: str,
-    package: Path,
-    *,
-    experiment: str | None = None,
-    trigger_reason: str = "manual",
-    data_location: str | None = None,
-    run_name: str | None = None,
-) -> RunSpec:
-    """What one run of a compiled pipeline sends (see `submit`)."""
-    params = run_parameters(declared_parameters(package), profile, trigger_reason, data_location)
-    return RunSpec(
-        upload=upload_for(pipeline, package),
-        experiment=experiment or profile.kfp.experiment,
-        name=run_name or f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}",
-        parameters=params,
-        # The pods run as this account (RBAC for Secrets, PVCs, the Ray cluster); None: the
-        # namespace's default pipeline runner.
-        service_account=profile.kfp.kubernetes.service_account,
-    )
-
-
-def schedule_spec(
-    profile: Profile,
-    pipeline: str,
-    package: Path,
-    cron: str,
-    *,
-    name: str | None = None,
-    experiment: str | None = None,
-    trigger_reason: str = "schedule",
-    data_location: str | None = None,
-    max_concurrency: int = 1,
-    catchup: bool = False,
-) -> RunSpec:
-    """What a recurring run on a standard 5-field cron schedule sends (see `schedule`)."""
-    from flywheel.kfp.cron import to_kfp_cron
-
-    kfp_cron = to_kfp_cron(cron)  # invalid cron fails before anything is uploaded
-    if not 1 <= max_concurrency <= 10:
-        raise ConfigError(f"max concurrency {max_concurrency}: Kubeflow accepts 1 to 10")
-    run = submit_spec(
-        profile,
-        pipeline,
-        package,
-        experiment=experiment,
-        trigger_reason=trigger_reason,
-        data_location=data_location,
-        run_name=name or f"flywheel-{pipeline}",
-    )
-    return replace(run, cron=kfp_cron, max_concurrency=max_concurrency, no_catchup=not catchup)
-
-
 def start_run(session: KfpSession, spec: RunSpec) -> SubmittedRun:
     ref = session.ensure_pipeline_version(spec.upload)
     experiment_id = session.ensure_experiment(spec.experiment)
@@ -688,165 +529,3 @@ def schedule(
 ) -> RecurringRunInfo:
     """A recurring run of a compiled pipeline on a standard 5-field cron schedule."""
     return create_schedule(session, schedule_spec(profile, pipeline, package, cron, **kw))
-
-
-# ---------------------------------------------------------------- dry-run plans
-#
-# What kfp.Client sends for each step above, as data. A test sends the same RunSpec
-# through the real client to the spec-checking stand-in and holds the two side by side,
-# so the plan cannot drift from what is sent.
-
-_PAGE = "100"  # list page size the session uses
-
-
-def _p(path: str) -> str:
-    return API_PREFIX + path
-
-
-def _ns(target: KfpTarget) -> dict[str, str]:
-    return {"namespace": target.namespace} if target.namespace else {}
-
-
-def _plan_prelude(target: KfpTarget) -> list[PlannedRequest]:
-    if target.namespace:
-        return []
-    return [PlannedRequest("GET", _p("/healthz"), when="no namespace given: is it multi-user?")]
-
-
-def _plan_upload_and_experiment(spec: RunSpec, target: KfpTarget) -> list[PlannedRequest]:
-    up = spec.upload
-    file = {"file": up.package.name, "bytes": up.package.stat().st_size, "sha256": up.digest}
-    named = f"a pipeline named '{up.pipeline_name}'"
-    return [
-        PlannedRequest(
-            "GET",
-            _p("/pipelines"),
-            {
-                **_ns(target),
-                "page_size": "2",
-                "filter": _eq_filter("display_name", up.pipeline_name),
-            },
-        ),
-        PlannedRequest(
-            "POST",
-            _p("/pipelines/upload"),
-            {"name": up.pipeline_name, "description": up.description, **_ns(target)},
-            {"uploadfile": file},
-            when=f"no {named} exists",
-        ),
-        PlannedRequest(
-            "GET",
-            _p("/pipelines/{pipeline_id}/versions"),
-            {"page_size": _PAGE},
-            when=f"finds the version whose description holds {DIGEST_TAG}{up.digest[:12]}...",
-        ),
-        PlannedRequest(
-            "POST",
-            _p("/pipelines/upload_version"),
-            {"name": up.version_name, "pipelineid": "{pipeline_id}", "description": up.description},
-            {"uploadfile": file},
-            when=f"{named} exists without this package",
-        ),
-        PlannedRequest(
-            "GET",
-            _p("/experiments"),
-            {
-                # kfp.Client's own filter form (enum number, camelCase), sent as is.
-                "filter": json.dumps(
-                    {
-                        "predicates": [
-                            {"operation": 1, "key": "display_name", "stringValue": spec.experiment}
-                        ]
-                    }
-                ),
-                **_ns(target),
-            },
-        ),
-        PlannedRequest(
-            "POST",
-            _p("/experiments"),
-            body={"display_name": spec.experiment, "namespace": target.namespace or ""},
-            when=f"no experiment named '{spec.experiment}' exists",
-        ),
-    ]
-
-
-def _run_fields(spec: RunSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "experiment_id": "{experiment_id}",
-        "display_name": spec.name,
-        "pipeline_version_reference": {
-            "pipeline_id": "{pipeline_id}",
-            "pipeline_version_id": "{pipeline_version_id}",
-        },
-        "runtime_config": {"parameters": spec.parameters},
-    }
-    if spec.service_account:
-        out["service_account"] = spec.service_account
-    return out
-
-
-def plan_submit(spec: RunSpec, target: KfpTarget) -> list[PlannedRequest]:
-    """Every request `start_run` may send for `spec`, in order."""
-    return [
-        *_plan_prelude(target),
-        *_plan_upload_and_experiment(spec, target),
-        PlannedRequest("POST", _p("/runs"), body=_run_fields(spec)),
-    ]
-
-
-def plan_schedule(spec: RunSpec, target: KfpTarget) -> list[PlannedRequest]:
-    """Every request `create_schedule` may send for `spec`, in order."""
-    body = {
-        **_run_fields(spec),
-        "description": spec.upload.description,
-        "max_concurrency": spec.max_concurrency,
-        "trigger": {"cron_schedule": {"cron": spec.cron}},
-        "mode": "ENABLE",
-        "no_catchup": spec.no_catchup,
-    }
-    return [
-        *_plan_prelude(target),
-        *_plan_upload_and_experiment(spec, target),
-        PlannedRequest(
-            "GET",
-            _p("/recurringruns"),
-            {"page_size": _PAGE, **_ns(target)},
-            when=f"refuses if a recurring run is named '{spec.name}'",
-        ),
-        PlannedRequest("POST", _p("/recurringruns"), body=body),
-    ]
-
-
-_ACTIONS = {
-    "pause": ("POST", "/recurringruns/{recurring_run_id}:disable"),
-    "resume": ("POST", "/recurringruns/{recurring_run_id}:enable"),
-    "delete": ("DELETE", "/recurringruns/{recurring_run_id}"),
-}
-
-
-def plan_recurring_action(action: str, name_or_id: str, target: KfpTarget) -> list[PlannedRequest]:
-    """The requests `KfpSession.pause/resume/delete(name_or_id)` send."""
-    method, path = _ACTIONS[action]
-    return [
-        *_plan_prelude(target),
-        PlannedRequest(
-            "GET",
-            _p("/recurringruns"),
-            {"page_size": _PAGE, **_ns(target)},
-            when=f"finds {{recurring_run_id}}: the recurring run named or with id '{name_or_id}'",
-        ),
-        PlannedRequest(method, _p(path)),
-    ]
-
-
-def plan_document(requests: list[PlannedRequest], target: KfpTarget) -> dict[str, Any]:
-    """The JSON a dry run prints: where, as whom (masked), and the requests."""
-    return {
-        "dry_run": True,
-        "host": target.host,
-        "namespace": target.namespace,
-        "authorization": "Bearer ***" if target.token else None,
-        "requests": [r.to_json() for r in requests],
-        "note": "nothing was sent; names in braces are ids the server assigns",
-    }

@@ -303,13 +303,12 @@ def _check_against_the_spec(contracts_dir, plan) -> None:
 def test_dry_run_plans_are_what_the_client_sends_and_follow_the_spec(
     contracts_dir, profile, package, namespace
 ):
-    from flywheel.kfp.client import (
-        create_schedule,
+    from flywheel.kfp.client import create_schedule, start_run
+    from flywheel.kfp.plan import (
         plan_recurring_action,
         plan_schedule,
         plan_submit,
         schedule_spec,
-        start_run,
         submit_spec,
     )
 
@@ -323,11 +322,11 @@ def test_dry_run_plans_are_what_the_client_sends_and_follow_the_spec(
         target = KfpTarget(kfp.url, token=TOKEN, namespace=namespace)
         plans = []
         for plan, act in [
-            (plan_submit(run, target), lambda s: start_run(s, run)),
-            (plan_schedule(rec, target), lambda s: create_schedule(s, rec)),
-            (plan_recurring_action("pause", rec.name, target), lambda s: s.pause(rec.name)),
-            (plan_recurring_action("resume", rec.name, target), lambda s: s.resume(rec.name)),
-            (plan_recurring_action("delete", rec.name, target), lambda s: s.delete(rec.name)),
+            (plan_submit(run, namespace), lambda s: start_run(s, run)),
+            (plan_schedule(rec, namespace), lambda s: create_schedule(s, rec)),
+            (plan_recurring_action("pause", rec.name, namespace), lambda s: s.pause(rec.name)),
+            (plan_recurring_action("resume", rec.name, namespace), lambda s: s.resume(rec.name)),
+            (plan_recurring_action("delete", rec.name, namespace), lambda s: s.delete(rec.name)),
         ]:
             n = len(kfp.requests)
             act(KfpSession(target))
@@ -346,10 +345,9 @@ def test_the_plan_checker_can_fail(contracts_dir, profile, package):
     """A plan that breaks the spec, or differs from what was sent, is caught."""
     from dataclasses import replace
 
-    from flywheel.kfp.client import plan_submit, submit_spec
+    from flywheel.kfp.plan import plan_submit, submit_spec
 
-    target = KfpTarget("http://h", namespace="ns")
-    plan = plan_submit(submit_spec(profile, "retrain", package), target)
+    plan = plan_submit(submit_spec(profile, "retrain", package), "ns")
     run = plan[-1]
     bad = replace(run, body={**run.body, "displayName": "camel"})
     with pytest.raises(HttpError, match="displayName"):
@@ -516,7 +514,7 @@ def test_cli_schedule_roundtrip_and_dry_run(kfp, package, state_dir, capsys, mon
 
 
 def test_run_parameters_offer_only_what_the_pipeline_declares(profile):
-    from flywheel.kfp.client import run_parameters
+    from flywheel.kfp.plan import run_parameters
 
     monitor = run_parameters({"profile": {}, "window": {}}, profile, "schedule", "/data/w")
     assert set(monitor) == {"profile", "window"} and monitor["window"] == "/data/w"
