@@ -8,8 +8,11 @@ def summary(
     """The exit handler: the run summary, written whether the run succeeded or failed."""
     from pathlib import Path
 
+    from flywheel.runtime.kuberay import cleanup_after
     from flywheel.stages import summarize
 
-    result = summarize(profile, run_id, status.state, status.error_message or "")
-    Path(report.path).write_text(result.markdown)
-    print(result.markdown)
+    # ray.mode kuberay: whatever RayJob a killed step left is deleted, by run-id label.
+    with cleanup_after(profile, run_id):
+        result = summarize(profile, run_id, status.state, status.error_message or "")
+        Path(report.path).write_text(result.markdown)
+        print(result.markdown)

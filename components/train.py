@@ -15,8 +15,11 @@ def train(
     import shutil
 
     from flywheel.kfp.metrics import log_metrics
-    from flywheel.stages import train as run
+    from flywheel.runtime import kuberay, kuberay_entry
+    from flywheel.stages import train as train_here
 
+    # ray.mode kuberay: the same stage, in a RayJob of its own (flywheel.runtime.kuberay).
+    run = kuberay_entry.train if kuberay.launches(profile) else train_here
     result = run(profile, dataset.path, params, model.path, trigger_reason, run_id)
     shutil.copyfile(result.loss_curve_html, loss_curve.path)
     log_metrics(metrics, result.metrics())

@@ -29,7 +29,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,6 +473,18 @@ def cleanup_run(profile: Profile, run_id: str, cluster: Cluster | None = None) -
     for item in gone:
         log.warning("deleted %s of run %s", item, run_id)
     return gone
+
+
+@contextmanager
+def cleanup_after(profile: dict[str, Any] | Profile, run_id: str) -> Iterator[None]:
+    """The exit handler's block, then `cleanup_run` whatever the block did (a no-op, with no
+    API call, unless ray.mode is kuberay)."""
+    from flywheel.profiles import load
+
+    try:
+        yield
+    finally:
+        cleanup_run(load(profile), run_id)
 
 
 def missing_access(profile: Profile, api: Any = None) -> list[str]:

@@ -337,3 +337,16 @@ def test_render_refuses_a_stage_that_is_not_on_ray(cli):
     code, out, err = cli("kuberay", "render", "evaluate")
     assert code == 2 and out == "" and len(err) == 1
     assert "'evaluate' is not a Ray stage" in err[0]
+
+
+@needs_standin
+def test_the_exit_handlers_block_cleans_up_even_when_the_summary_fails(standin, tmp_path):
+    p = local_profile(tmp_path)
+    kuberay.Cluster("default").create(kuberay.render(p, "train", RUN, "file:///x/spec.json"))
+    # components/summary.py wraps the summary in this block, with the profile parameter.
+    with (
+        pytest.raises(RuntimeError, match="summary broke"),
+        kuberay.cleanup_after(p.to_param(), RUN),
+    ):
+        raise RuntimeError("summary broke")
+    assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
