@@ -53,7 +53,8 @@ def list_versions(
     overrides: OverridesArg = None, profile: ProfileOpt = None, json_out: JsonOpt = False
 ) -> None:
     """Every version with its aliases, verdict, metrics and lineage."""
-    from flywheel.registry import TAG_DATA_HASH, TAG_FLAVOR, TAG_TRIGGER, TAG_VERDICT
+    from flywheel import contracts
+    from flywheel.registry import CHAMPION, TAG_DATA_HASH, TAG_FLAVOR, TAG_TRIGGER, TAG_VERDICT
 
     reg = _registry(profile, overrides)
     rows = reg.versions()
@@ -70,11 +71,11 @@ def list_versions(
             aliases += " (raw files: not servable)"
         t.add_row(
             v.version,
-            f"[bold green]{aliases}[/]" if "champion" in v.aliases else aliases,
+            f"[bold green]{aliases}[/]" if CHAMPION in v.aliases else aliases,
             v.tags.get(TAG_VERDICT, ""),
-            _fmt(v.tags, "challenger_bits_per_byte"),
-            _fmt(v.tags, "challenger_perplexity"),
-            _fmt(v.tags, "challenger_accuracy"),
+            _fmt(v.tags, contracts.CHALLENGER_BITS_PER_BYTE),
+            _fmt(v.tags, contracts.CHALLENGER_PERPLEXITY),
+            _fmt(v.tags, f"{contracts.CHALLENGER_PREFIX}accuracy"),
             v.tags.get(TAG_DATA_HASH, "")[:8],
             v.tags.get(TAG_TRIGGER, "")[:30],
             v.created_at.strftime("%m-%d %H:%M") if v.created_at else "",

@@ -23,10 +23,10 @@ TAG_DATA_HASH = "data_manifest_hash"
 TAG_TRAINING_RUN = contracts.TRAINING_RUN_ID
 TAG_PIPELINE_RUN = "pipeline_run_id"
 TAG_TRIGGER = "trigger_reason"
-TAG_VERDICT = "verdict"
+TAG_VERDICT = contracts.VERDICT
 TAG_REASONS = "verdict_reasons"
-METRIC_PREFIX = "challenger_"  # EvalReport.metrics("challenger_") at registration
-DELTA_PREFIX = "delta_"
+METRIC_PREFIX = contracts.CHALLENGER_PREFIX  # EvalReport.metrics(...) at registration
+DELTA_PREFIX = contracts.DELTA_PREFIX
 # Tags flywheel itself maintains.
 TAG_FLAVOR = "flywheel.flavor"
 TAG_REGISTERED_BY = "flywheel.registered_by"
