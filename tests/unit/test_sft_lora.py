@@ -223,3 +223,38 @@ def test_plan_refuses_qlora_without_cuda(dataset):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="qlora needs a CUDA device"):
         make_plan(tiny_profile("train.method=qlora"), dataset)
+
+
+def test_export_from_a_gathered_state_dict(tok, batch, tmp_path):
+    """What rank 0 does after training: rebuild the base, load the full PEFT state, merge."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = LoraConfig(rank=4, alpha=8, dropout=0.0)
+    model = L.apply_lora(build("gpt2", tok), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # as if trained: B starts at zero
+                p.normal_(0, 0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        want = model.eval()(**inputs).logits
+
+    def fresh_base():  # a different init: every base weight must come from `state`
+        torch.manual_seed(123)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(tiny_config("gpt2", len(tok)))
+
+    saved = L.export_from_state(fresh_base, cfg, state, tmp_path, merged_name="hf")
+    assert (
+        saved.merged == tmp_path / "hf"
+        and (tmp_path / L.ADAPTER_DIR / "adapter_config.json").exists()
+    )
+    merged = AutoModelForCausalLM.from_pretrained(saved.merged).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        L.export_from_state(
+            fresh_base, LoraConfig(rank=4, target_modules=["c_attn"]), state, tmp_path / "bad"
+        )
