@@ -181,31 +181,32 @@ def train(
 # Typed per call: a model evaluated always has a report; the champion may be absent.
 @overload
 def evaluate(
-    profile: dict[str, Any],
+    profile: dict[str, Any] | Profile,
     model: str | Path,
     dataset_dir: str | Path,
-    out_json: str | Path,
+    out_json: str | Path | None,
     run_id: str,
 ) -> EvalReport: ...
 @overload
 def evaluate(
-    profile: dict[str, Any],
+    profile: dict[str, Any] | Profile,
     model: None,
     dataset_dir: str | Path,
-    out_json: str | Path,
+    out_json: str | Path | None,
     run_id: str,
 ) -> EvalReport | None: ...
 def evaluate(
-    profile: dict[str, Any],
+    profile: dict[str, Any] | Profile,
     model: str | Path | None,
     dataset_dir: str | Path,
-    out_json: str | Path,
+    out_json: str | Path | None,
     run_id: str,
 ) -> EvalReport | None:
     """Evaluate a model dir, or the registry champion when `model` is None.
 
     Writes the report as JSON (or `{"absent": true}` when there is no champion) and returns
-    the report or None.
+    the report or None. `flywheel evaluate` passes no `out_json` (it saves the report where
+    --out says, making the directories) and a Profile.
     """
     from flywheel.artifacts import write_absent
     from flywheel.evaluate import evaluate as evaluate_model
@@ -218,11 +219,13 @@ def evaluate(
 
             model = Registry(p).champion_uri()
             if model is None:
-                write_absent(out_json)
+                if out_json is not None:
+                    write_absent(out_json)
                 entry.tags["absent"] = True
                 return None
         report = evaluate_model(p, model, Path(dataset_dir))
-        Path(out_json).write_text(report.model_dump_json(indent=2))
+        if out_json is not None:
+            Path(out_json).write_text(report.model_dump_json(indent=2))
         entry.metrics.update(report.metrics(""))
     return report
 

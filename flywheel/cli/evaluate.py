@@ -1,4 +1,8 @@
-"""`flywheel evaluate [MODEL] [--data DIR]`: one model on the held-out split (optionally gated)."""
+"""`flywheel evaluate [MODEL] [--data DIR]`: one model on the held-out split (optionally gated).
+
+Each model is scored by the pipeline's own evaluate step (`flywheel.stages.evaluate`), with
+its ledger entry, under a `cli-...` run id.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from flywheel.cli.common import (
     ProfileOpt,
     check_input_dir,
     check_output,
+    cli_run_id,
     console,
     note,
     note_dataset,
@@ -43,8 +48,9 @@ def evaluate(
     profile: ProfileOpt = None,
 ) -> None:
     """Bits per byte, perplexity and next-token accuracy (bootstrap intervals) on held-out documents."""
+    from flywheel import stages
     from flywheel.defaults import default_dataset, default_model
-    from flywheel.evaluate import evaluate as run
+    from flywheel.errors import RegistryError
     from flywheel.evaluate.core import resolve_model
 
     if model is not None and _OVERRIDE.match(model) and not Path(model).exists():
@@ -67,7 +73,11 @@ def evaluate(
         note_dataset(dataset)
     if version is not None:
         note(f"model: {model} (champion, version {version})")
-    report = run(prof, model, dataset)
+    run_id = cli_run_id()
+    # The champion by role (None), so its entry is the step's "evaluate-champion".
+    report = stages.evaluate(prof, None if version else model, dataset, None, run_id)
+    if report is None:  # demoted between the look-up and now
+        raise RegistryError(f"{prof.registry.model_name} has no champion any more")
     rows: dict[str, object] = dict(report.metrics())
     console.print(table(f"evaluation: {model}", rows))
     for g in report.generation:
@@ -80,7 +90,7 @@ def evaluate(
 
         from flywheel.gate import decide_promotion
 
-        other = run(prof, against, dataset)
+        other = stages.evaluate(prof, against, dataset, None, run_id)
         decision = decide_promotion(report, other, prof.gate)
         console.print(Markdown(decision.to_markdown(report, other)))
 
