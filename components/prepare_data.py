@@ -10,8 +10,11 @@ def prepare_data(
 ) -> str:
     """Ray Data: normalize, filter, dedup, split, tokenize and pack. Returns the content hash."""
     from flywheel.kfp.metrics import log_metrics
-    from flywheel.stages import prepare
+    from flywheel.runtime import kuberay, kuberay_entry
+    from flywheel.stages import prepare as prepare_here
 
+    # ray.mode kuberay: the same stage, in a RayJob of its own (flywheel.runtime.kuberay).
+    prepare = kuberay_entry.prepare if kuberay.launches(profile) else prepare_here
     stats = prepare(profile, data_location, dataset.path, run_id)
     log_metrics(metrics, stats.metrics())
     dataset.metadata["content_hash"] = stats.content_hash

@@ -10,8 +10,11 @@ def tune(
 ) -> dict:
     """Optuna study of short trials on Ray. Returns the best train parameters."""
     from flywheel.kfp.metrics import log_metrics
-    from flywheel.stages import tune as run
+    from flywheel.runtime import kuberay, kuberay_entry
+    from flywheel.stages import tune as tune_here
 
+    # ray.mode kuberay: the same stage, in a RayJob of its own (flywheel.runtime.kuberay).
+    run = kuberay_entry.tune if kuberay.launches(profile) else tune_here
     result = run(profile, dataset.path, plots.path + ".d", run_id)
     result.write_html(plots.path)
     log_metrics(metrics, result.metrics())

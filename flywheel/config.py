@@ -113,10 +113,17 @@ class KubeRayConfig(_Strict):
     def _memory(cls, v: Any) -> str:
         return _quantity(v, _MEMORY, '"512Mi", "8G" or "8Gi"')
 
-    @field_validator("env")
+    @field_validator("env", mode="before")
     @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        bad = [k for k in v if not _ENV_VAR.fullmatch(k)]
+    def _env(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        # YAML reads `NCCL_TIMEOUT: 1800` as a number; the environment holds its text.
+        v = {
+            k: str(x) if isinstance(x, int | float) and not isinstance(x, bool) else x
+            for k, x in v.items()
+        }
+        bad = [k for k in v if not _ENV_VAR.fullmatch(str(k))]
         if bad:
             raise ValueError(f"{bad} are not environment variable names")
         return v

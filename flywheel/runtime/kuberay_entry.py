@@ -1,13 +1,14 @@
 """Both sides of a Ray stage run as a RayJob (`flywheel.runtime.kuberay`), and the spec
 between them.
 
-The step side (`train`) uploads the stage's inputs to the hand-off URI, writes the spec,
-runs the RayJob and collects the outputs and the result. The job side (`main`, the
+The step side (`prepare`, `tune`, `train`: the `flywheel.stages` runners' pipeline
+arguments and results, through `launch`) uploads the stage's inputs to the hand-off URI,
+writes the spec, runs the RayJob and collects the outputs and the result. The job side (`main`, the
 RayJob's entrypoint: `python -m flywheel.runtime.kuberay_entry SPEC_URI`) stages the inputs
 in, runs the very library stage function the local mode runs (`flywheel.stages`), and
 uploads what it wrote. Only URIs cross: the job's pods never see the step's disk.
 
-The spec (JSON):
+The spec (JSON; a stage is one of flywheel.contracts PREPARE_DATA, TUNE, TRAIN):
     {"stage": "train", "run_id": ..., "profile": {...},
      "args": {...},                      # the stage function's other arguments
      "inputs": {"dataset": URI},         # directories, staged in before the call
@@ -25,11 +26,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from flywheel.contracts import PREPARE_DATA, TRAIN, TUNE
 from flywheel.errors import FlywheelError
 
 log = logging.getLogger(__name__)
 
-STAGE_TRAIN = "train"
+# An output directory's path inside the job, in the result JSON, becomes this marker; the
+# step puts its own path for that output in its place.
+OUT_MARK = "@flywheel-out/"
 
 
 # ------------------------------------------------------------------------- step side
@@ -41,48 +45,92 @@ def _profile_param(profile: Any) -> dict[str, Any]:
     return profile.to_param() if isinstance(profile, Profile) else dict(profile)
 
 
-def train(
-    profile: dict[str, Any],
-    dataset_dir: Path,
-    params: dict[str, Any] | None,
-    out_dir: Path,
-    trigger_reason: str,
+def launch(
+    profile: dict[str, Any] | Any,
+    stage: str,
     run_id: str,
-):
-    """`flywheel.stages.train` with the same arguments and result, run in a RayJob."""
+    inputs: dict[str, Path],
+    outputs: dict[str, Path],
+    args: dict[str, Any],
+) -> dict[str, Any]:
+    """Upload `inputs` (directories), run `stage` in a RayJob, download its `outputs` into
+    the given directories. Returns the stage's result as JSON data, paths made local."""
     from flywheel import storage
     from flywheel.profiles import load
     from flywheel.runtime import kuberay
-    from flywheel.train.report import TrainResult
 
     p = load(profile)
     url = p.storage.endpoint_url
-    base = kuberay.handoff_uri(p, run_id, STAGE_TRAIN)
-    inputs = {"dataset": f"{base}/in/dataset"}
-    outputs = {"model": f"{base}/out/model"}
+    base = kuberay.handoff_uri(p, run_id, stage)
+    in_uris = {name: f"{base}/in/{name}" for name in inputs}
+    out_uris = {name: f"{base}/out/{name}" for name in outputs}
     result_uri = f"{base}/out/result.json"
+    for name, path in inputs.items():
+        storage.upload_dir(Path(path), in_uris[name], "storage.root", url)
     spec = {
-        "stage": STAGE_TRAIN,
+        "stage": stage,
         "run_id": run_id,
         "profile": _profile_param(profile),
-        "args": {"params": params or {}, "trigger_reason": trigger_reason},
-        "inputs": inputs,
-        "outputs": outputs,
+        "args": args,
+        "inputs": in_uris,
+        "outputs": out_uris,
         "result": result_uri,
     }
-    storage.upload_dir(Path(dataset_dir), inputs["dataset"], "storage.root", url)
-    kuberay.run(p, STAGE_TRAIN, run_id, spec)
-    data = json.loads(kuberay.read_text(result_uri, url))
-    out_dir = Path(out_dir)
-    loc = storage.parse(outputs["model"], "storage.root")
-    storage.download(storage.filesystem(loc, url), loc.path, out_dir)
-    # Paths in the result are the job's; the same files now lie under out_dir.
-    data["model_dir"] = str(out_dir)
-    data["loss_curve_html"] = str(out_dir / Path(data["loss_curve_html"]).name)
-    return TrainResult.model_validate(data)
+    kuberay.run(p, stage, run_id, spec)
+    text = kuberay.read_text(result_uri, url)
+    for name, path in outputs.items():
+        loc = storage.parse(out_uris[name], "storage.root")
+        storage.download(storage.filesystem(loc, url), loc.path, Path(path))
+        text = text.replace(json.dumps(OUT_MARK + name)[1:-1], json.dumps(str(path))[1:-1])
+    return json.loads(text)
+
+
+def prepare(profile: dict[str, Any], data_location: str, out_dir: str | Path, run_id: str):
+    """`flywheel.stages.prepare` (the pipeline's arguments), run in a RayJob."""
+    from flywheel.data.stats import DataStats
+
+    outputs = {"dataset": Path(out_dir)}
+    args = {"data_location": data_location}
+    return DataStats.model_validate(launch(profile, PREPARE_DATA, run_id, {}, outputs, args))
+
+
+def tune(profile: dict[str, Any], dataset_dir: str | Path, out_dir: str | Path, run_id: str):
+    """`flywheel.stages.tune` (the pipeline's arguments), run in a RayJob."""
+    from flywheel.tune.report import TuneResult
+
+    inputs, outputs = {"dataset": Path(dataset_dir)}, {"plots": Path(out_dir)}
+    return TuneResult.model_validate(launch(profile, TUNE, run_id, inputs, outputs, {}))
+
+
+def train(
+    profile: dict[str, Any],
+    dataset_dir: str | Path,
+    params: dict[str, Any] | None,
+    out_dir: str | Path,
+    trigger_reason: str,
+    run_id: str,
+):
+    """`flywheel.stages.train` (the pipeline's arguments), run in a RayJob."""
+    from flywheel.train.report import TrainResult
+
+    inputs, outputs = {"dataset": Path(dataset_dir)}, {"model": Path(out_dir)}
+    args = {"params": params or {}, "trigger_reason": trigger_reason}
+    return TrainResult.model_validate(launch(profile, TRAIN, run_id, inputs, outputs, args))
 
 
 # ------------------------------------------------------------------------- job side
+
+
+def _run_prepare(spec: dict[str, Any], inputs: dict[str, Path], out: dict[str, Path]) -> Any:
+    from flywheel.stages import prepare as run
+
+    return run(spec["profile"], spec["args"]["data_location"], out["dataset"], spec["run_id"])
+
+
+def _run_tune(spec: dict[str, Any], inputs: dict[str, Path], out: dict[str, Path]) -> Any:
+    from flywheel.stages import tune as run
+
+    return run(spec["profile"], inputs["dataset"], out["plots"], spec["run_id"])
 
 
 def _run_train(spec: dict[str, Any], inputs: dict[str, Path], out: dict[str, Path]) -> Any:
@@ -95,7 +143,7 @@ def _run_train(spec: dict[str, Any], inputs: dict[str, Path], out: dict[str, Pat
     )  # fmt: skip
 
 
-STAGES = {STAGE_TRAIN: _run_train}
+STAGES = {PREPARE_DATA: _run_prepare, TUNE: _run_tune, TRAIN: _run_train}
 
 
 def execute(spec: dict[str, Any], endpoint_url: str | None, work: Path) -> None:
@@ -115,7 +163,10 @@ def execute(spec: dict[str, Any], endpoint_url: str | None, work: Path) -> None:
         storage.upload_dir(outputs[name], uri, "storage.root", endpoint_url)
     from flywheel.runtime.kuberay import write_text
 
-    write_text(spec["result"], result.model_dump_json(), endpoint_url)
+    text = result.model_dump_json()
+    for name, path in outputs.items():  # this pod's paths mean nothing to the step
+        text = text.replace(json.dumps(str(path))[1:-1], json.dumps(OUT_MARK + name)[1:-1])
+    write_text(spec["result"], text, endpoint_url)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ TINY = [
     "train.checkpoint_every=6",
     "train.log_every=2",
 ]
+TINY_DATA = ["data.source.max_docs=200", "data.tokenizer.vocab_size=300"]
 RUN_ID = "6f1c2b9e-0d4a-4f7e-9a51-3c8e2d7b1a04"
 
 
@@ -118,4 +119,16 @@ def test_a_failing_stage_fails_the_step_with_the_ray_error_and_cleans_up(standin
     name = kuberay.job_name("run-that-fails", "train")
     assert line.startswith(f"RayJob {name} Failed, job FAILED (AppFailed): "), line
     assert "manifest" in line, line  # the stage's own error, from the driver's log
+    assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
+
+
+def test_prepare_data_runs_in_a_rayjob_and_the_step_gets_the_dataset(standin, work):
+    from flywheel.artifacts import read_manifest
+    from flywheel.runtime.kuberay_entry import prepare
+
+    profile = _profile(work, *TINY_DATA)
+    stats = prepare(profile.to_param(), "", work / "prepared", RUN_ID)
+    assert stats.out_dir == str(work / "prepared")  # the job's path, made the step's
+    assert read_manifest(work / "prepared")["content_hash"] == stats.content_hash
+    assert stats.docs_kept > 0 and stats.sequences["train"] > 0
     assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
