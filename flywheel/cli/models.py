@@ -125,7 +125,10 @@ def promote(
     reg = _registry(profile, overrides)
     e = reg.promote(version, reason=reason, actor=actor or default_actor(), kind="manual")
     if e is None:
-        console.print(f"{reg.name}: version {version} is already the champion; nothing changed")
+        # The number, not the word given ("champion", "latest"): what a script compares.
+        champion = reg.champion()
+        number = champion.version if champion else version
+        console.print(f"{reg.name}: version {number} is already the champion; nothing changed")
         return
     console.print(f"{reg.name}: champion {e.from_version or '(none)'} -> {e.to_version} (#{e.seq})")
 

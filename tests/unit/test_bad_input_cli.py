@@ -295,9 +295,11 @@ def registry(project):
 def test_promote_an_alias_writes_its_version_number(registry, cli):
     """Before: `models promote champion` checked the resolved version, then tagged version
     'champion' and recorded `to: champion` (MLflow refused). After: the number everywhere."""
+    # Issue 12: promoting the champion is a no-op that succeeds (automation retries it).
     code, out, err = cli("models", "promote", "champion", "--reason", "again")
-    assert code == 1
-    assert err == [f"error: {registry.name} version 1 is already the champion"]
+    assert code == 0 and err == []
+    assert f"{registry.name}: version 1 is already the champion; nothing changed" in out
+    assert len(registry.history()) == 1
 
     code, out, err = cli("models", "promote", "challenger", "--reason", "won by hand")
     assert code == 0, err
