@@ -271,6 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "history": history,
                     "method": t.method,
                     "params": params,
+                    # ZeRO shards optimizer state per rank: a resume must know how many.
+                    "world_size": plan.world_size,
                 }
                 Path(tmp, STATE_FILE).write_text(json.dumps(state))
             metrics = {

@@ -60,6 +60,21 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
     return best, step
 
 
+def check_resume_world_size(checkpoint: Path, world_size: int) -> None:
+    """A checkpoint written by N workers holds N ranks' ZeRO shards; DeepSpeed cannot load
+    them into another number of workers without converting them to a universal checkpoint
+    first (`ds_to_universal`, not done here). Fail before training, naming both numbers.
+    A checkpoint from before the count was recorded passes (DeepSpeed then decides)."""
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    written = state.get("world_size")
+    if written is not None and int(written) != world_size:
+        raise ConfigError(
+            f"train.resume_from: {checkpoint} was written by {written} workers and this run "
+            f"has {world_size} (train.scaling.num_workers); resume with {written} workers, or "
+            "convert it to a DeepSpeed universal checkpoint and start from its weights"
+        )
+
+
 def ray_run_name(run_key: str | None) -> str:
     """The Ray run's directory name: fixed per pipeline run (so a retried step finds its
     checkpoints), unique otherwise. Only characters every object store and path accept."""
@@ -425,6 +440,7 @@ def train(
     resume, resume_step = (None, 0)
     if profile.train.resume_from:
         resume, resume_step = find_checkpoint(profile.train.resume_from)
+        check_resume_world_size(resume, plan.world_size)
         if resume_step >= profile.train.max_steps:
             raise ConfigError(
                 f"train.resume_from: {resume} is at step {resume_step}, not below "

@@ -350,3 +350,27 @@ def test_the_exit_handlers_block_cleans_up_even_when_the_summary_fails(standin, 
     ):
         raise RuntimeError("summary broke")
     assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
+
+
+# ---------------------------------------------------------------------- multi-node resume
+
+
+def test_a_resume_with_another_worker_count_fails_before_training(tmp_path):
+    import json
+
+    from flywheel.train.run import STATE_FILE, check_resume_world_size
+
+    ckpt = tmp_path / "checkpoint_000003"
+    ckpt.mkdir()
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 6, "world_size": 4}))
+    check_resume_world_size(ckpt, 4)  # the same count resumes
+    with pytest.raises(ConfigError) as info:
+        check_resume_world_size(ckpt, 8)
+    assert str(info.value) == (
+        f"train.resume_from: {ckpt} was written by 4 workers and this run has 8 "
+        "(train.scaling.num_workers); resume with 4 workers, or convert it to a DeepSpeed "
+        "universal checkpoint and start from its weights"
+    )
+    # A checkpoint from before the count was recorded is left to DeepSpeed.
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 6}))
+    check_resume_world_size(ckpt, 8)
