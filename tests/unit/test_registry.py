@@ -369,3 +369,32 @@ def test_a_retried_gate_reuses_the_version_it_registered(reg, base):
     # Another training run in the same pipeline run is a different candidate.
     other = lineage_tags(training_run_id="train-9", pipeline_run_id="pipe-2")
     assert reg.register_candidate(base[1], tags=other, model_card="# new") == "4"
+
+
+def test_mlflow_http_limits_are_set_only_around_calls_to_a_tracking_server(monkeypatch):
+    """MLflow reads its HTTP retry/timeout settings from the environment per request: the
+    adapter sets them only while a call to a server runs, never for a local store, and
+    leaves the process environment as it found it."""
+    import os
+
+    from mlflow.exceptions import MlflowException
+
+    from flywheel.config import RegistryConfig
+    from flywheel.registry.adapter import MlflowAdapter
+
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    monkeypatch.delenv(key, raising=False)
+    cfg = RegistryConfig(retries=2, retry_backoff_s=0.01)
+    seen: list[str | None] = []
+
+    def flaky():
+        seen.append(os.environ.get(key))
+        if len(seen) < 3:
+            raise MlflowException("busy", error_code="TEMPORARILY_UNAVAILABLE")
+        return "ok"
+
+    assert MlflowAdapter("sqlite:///unused.db", cfg).call("x", flaky) == "ok"
+    assert seen == [None, None, None]  # retried by the adapter, environment untouched
+    seen.clear()
+    assert MlflowAdapter("http://127.0.0.1:9", cfg).call("x", flaky) == "ok"
+    assert seen == ["0", "0", "0"] and key not in os.environ
