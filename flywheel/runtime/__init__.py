@@ -86,6 +86,16 @@ def ensure_ray(cfg: RayConfig) -> bool:
     if ray.is_initialized():
         return False
     kw = init_kwargs(cfg)  # a bad address is a ConfigError before anything starts
+    if cfg.mode == "kuberay":
+        from flywheel.runtime.kuberay_manifest import DRIVER_ENV
+
+        # Only a RayJob's driver has a Ray at "auto"; a step or a shell has none to join.
+        if not os.environ.get(DRIVER_ENV):
+            raise ConfigError(
+                "ray.mode is 'kuberay': the prepare-data, tune and train steps run their stage "
+                "in a RayJob of their own (flywheel.runtime.kuberay), not in this process; "
+                "here use ray.mode=local or ray.mode=address"
+            )
     if cfg.mode == "local":
         # Ray Train/Data worker processes inherit our environment; a stale RAY_ADDRESS
         # from a shell that once ran `ray start` must not point them elsewhere.

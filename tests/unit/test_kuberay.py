@@ -374,3 +374,12 @@ def test_a_resume_with_another_worker_count_fails_before_training(tmp_path):
     # A checkpoint from before the count was recorded is left to DeepSpeed.
     (ckpt / STATE_FILE).write_text(json.dumps({"step": 6}))
     check_resume_world_size(ckpt, 8)
+
+
+def test_a_stage_run_outside_a_rayjob_in_kuberay_mode_says_where_it_runs(monkeypatch):
+    from flywheel.config import RayConfig
+    from flywheel.runtime import ensure_ray
+
+    monkeypatch.delenv(kuberay.DRIVER_ENV, raising=False)
+    with pytest.raises(ConfigError, match=r"^ray.mode is 'kuberay': the prepare-data, tune and"):
+        ensure_ray(RayConfig(mode="kuberay"))
