@@ -203,13 +203,17 @@ def _ns(namespace: str | None) -> dict[str, str]:
 def _plan_prelude(namespace: str | None) -> list[PlannedRequest]:
     if namespace:
         return []
-    return [PlannedRequest("GET", _p("/healthz"), when="no namespace given: is it multi-user?")]
+    return [
+        PlannedRequest(
+            "GET", _p("/healthz"), when="no namespace given: asks whether the server is multi-user"
+        )
+    ]
 
 
 def _plan_upload_and_experiment(spec: RunSpec, namespace: str | None) -> list[PlannedRequest]:
     up = spec.upload
     file = {"file": up.package.name, "bytes": up.package.stat().st_size, "sha256": up.digest}
-    named = f"a pipeline named '{up.pipeline_name}'"
+    named = f"pipeline named '{up.pipeline_name}'"
     return [
         PlannedRequest(
             "GET",
@@ -231,14 +235,14 @@ def _plan_upload_and_experiment(spec: RunSpec, namespace: str | None) -> list[Pl
             "GET",
             _p("/pipelines/{pipeline_id}/versions"),
             {"page_size": str(PAGE_SIZE)},
-            when=f"finds the version whose description holds {DIGEST_TAG}{up.digest[:12]}...",
+            when=f"looks up the version whose description holds {DIGEST_TAG}{up.digest[:12]}...",
         ),
         PlannedRequest(
             "POST",
             _p("/pipelines/upload_version"),
             {"name": up.version_name, "pipelineid": "{pipeline_id}", "description": up.description},
             {"uploadfile": file},
-            when=f"{named} exists without this package",
+            when=f"a {named} exists without this package",
         ),
         PlannedRequest(
             "GET",
