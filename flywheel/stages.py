@@ -116,9 +116,11 @@ def tune(
     """The tune step; `flywheel tune` calls it too, with its progress bar."""
     from flywheel.artifacts import DatasetManifest
     from flywheel.tune import tune as run_study
-    from flywheel.tune.space import dataset_study
+    from flywheel.tune.space import check_space, dataset_study
 
-    p = dataset_study(load(profile), DatasetManifest.read(dataset_dir).content_hash)
+    p = load(profile)
+    check_space(p)  # a bad search space is the profile's error: said before the data is read
+    p = dataset_study(p, DatasetManifest.read(dataset_dir).content_hash)
     # Trials start where the train step will: the champion when the profile warm-starts.
     init_from = champion_model_dir(p)
     with ledger.stage(p, run_id, contracts.TUNE) as entry:
