@@ -27,6 +27,8 @@ import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -442,15 +444,36 @@ def run(
     name = body["metadata"]["name"]
     cluster = cluster or Cluster(namespace(profile))
     kr = profile.ray.kuberay
-    cluster.create(body, replace=True)
-    log.warning("created RayJob %s in namespace %s (%s)", name, cluster.namespace, base)
+    with _sigterm_as_exit():
+        cluster.create(body, replace=True)
+        log.warning("created RayJob %s in namespace %s (%s)", name, cluster.namespace, base)
+        try:
+            return watch(
+                cluster, name, poll_s=kr.poll_s, timeout_s=kr.active_deadline_seconds + 300,
+                emit=emit,
+            )  # fmt: skip
+        finally:
+            if cluster.delete(name):
+                log.warning("deleted RayJob %s", name)
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Kubernetes stops a pod (a cancelled run, a deleted pod) with SIGTERM, whose default
+    action ends Python without running `finally`; as SystemExit it runs, and the RayJob is
+    deleted within the grace period. SIGKILL leaves it to the exit handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return watch(
-            cluster, name, poll_s=kr.poll_s, timeout_s=kr.active_deadline_seconds + 300, emit=emit
-        )
+        yield
     finally:
-        if cluster.delete(name):
-            log.warning("deleted RayJob %s", name)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_text(uri: str, text: str, endpoint_url: str | None) -> None:

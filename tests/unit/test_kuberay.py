@@ -6,6 +6,7 @@ exit handler's label delete, a 403 in one line, the RBAC check and `flywheel kub
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -220,12 +221,8 @@ def test_a_deadline_fails_the_step_and_leaves_nothing(standin, tmp_path):
     assert (tmp_path / "store" / "kuberay" / RUN / "train" / "spec.json").is_file()
 
 
-@needs_standin
-def test_a_killed_step_leaves_its_rayjob_and_the_exit_handler_deletes_it(standin, tmp_path):
-    p = local_profile(tmp_path)
-    # Another run's RayJob in the same namespace must survive this run's cleanup.
-    other = kuberay.render(p, "train", "another-run", "file:///x/spec.json")
-    kuberay.Cluster("default").create(other)
+def _start_step(tmp_path: Path) -> subprocess.Popen:
+    """A step process running kuberay.run against the stand-in (a RayJob that never starts)."""
     overrides = [
         "ray.mode=kuberay",
         "ray.kuberay.poll_s=0.1",
@@ -238,15 +235,43 @@ def test_a_killed_step_leaves_its_rayjob_and_the_exit_handler_deletes_it(standin
         p = load_profile(None, {overrides!r})
         kuberay.run(p, "train", {RUN!r}, {{"stage": "train"}})
     """)
-    step = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+
+def _wait_created(standin: StandIn, step: subprocess.Popen, name: str) -> None:
+    for _ in range(300):
+        if standin.get("rayjobs", name) or step.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert standin.get("rayjobs", name), step.stderr.read() if step.poll() is not None else ""  # type: ignore[union-attr]
+
+
+@needs_standin
+def test_a_step_stopped_by_sigterm_deletes_its_rayjob_itself(standin, tmp_path):
+    step = _start_step(tmp_path)
     name = kuberay.job_name(RUN, "train")
     try:
-        for _ in range(300):
-            if standin.get("rayjobs", name) or step.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert standin.get("rayjobs", name), step.stderr.read() if step.poll() is not None else ""
-        step.kill()  # SIGKILL: no finally runs, as when Kubernetes kills the step's pod
+        _wait_created(standin, step, name)
+        step.terminate()  # SIGTERM: what Kubernetes sends a pod it stops
+        _, err = step.communicate(timeout=30)
+    finally:
+        if step.poll() is None:
+            step.kill()
+    assert step.returncode == 128 + signal.SIGTERM, err
+    assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
+
+
+@needs_standin
+def test_a_killed_step_leaves_its_rayjob_and_the_exit_handler_deletes_it(standin, tmp_path):
+    p = local_profile(tmp_path)
+    # Another run's RayJob in the same namespace must survive this run's cleanup.
+    other = kuberay.render(p, "train", "another-run", "file:///x/spec.json")
+    kuberay.Cluster("default").create(other)
+    step = _start_step(tmp_path)
+    name = kuberay.job_name(RUN, "train")
+    try:
+        _wait_created(standin, step, name)
+        step.kill()  # SIGKILL: no finally runs, as when the node dies or the grace period ends
         step.wait(timeout=10)
     finally:
         if step.poll() is None:
