@@ -164,6 +164,9 @@ def load_window(
     if is_uri(str(window)):
         with staged(str(window), "window", endpoint_url) as local:
             frame = load_window(local, cfg, now=now)
+        # Locations name the object in storage, not the temporary copy read.
+        uri = str(window).rstrip("/")
+        frame["location"] = [uri + loc[len(local.rstrip("/")) :] for loc in frame["location"]]
         frame.attrs["window"]["source"] = str(window)
         return frame
     path = Path(window)

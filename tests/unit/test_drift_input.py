@@ -202,3 +202,10 @@ def test_check_drift_refuses_bad_input_before_running_evidently(state_dir, tmp_p
     ref = write_reference([f"doc {i}" for i in range(60)], tmp_path / "reference.parquet")
     with pytest.raises(DataError, match="is empty"):
         check_drift(profile, _jsonl(tmp_path / "w.jsonl", []), ref)
+
+
+def test_a_uri_window_names_its_records_by_uri(tmp_path):
+    path = _jsonl(tmp_path / "w.jsonl", [{"text": f"doc {i}"} for i in range(5)])
+    frame = load_window(f"file://{tmp_path}/", DriftConfig(min_rows=5))
+    assert frame["location"].tolist()[0] == f"file://{path}:1"
+    assert frame.attrs["window"]["source"] == f"file://{tmp_path}/"
