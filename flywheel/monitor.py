@@ -126,7 +126,7 @@ def check(profile: Profile, window: str, out_dir: Path, run_id: str) -> MonitorC
         profile,
         champ.model_dir,
         current["text"].tolist(),
-        _texts(champ.heldout or champ.reference),
+        read_texts(champ.heldout or champ.reference),
         "held-out" if champ.heldout else "training sample",
     )
     t = now()
@@ -147,7 +147,8 @@ def check(profile: Profile, window: str, out_dir: Path, run_id: str) -> MonitorC
     return out
 
 
-def _texts(parquet: Path) -> list[str]:
+def read_texts(parquet: Path) -> list[str]:
+    """The non-blank texts of a Dataset's text parquet (reference or held-out sample)."""
     import pandas as pd
 
     from flywheel.drift import REFERENCE_TEXT_COLUMN
