@@ -646,7 +646,6 @@ class GatePolicy(_Strict):
         description="a failed generation check (empty or degenerate output) blocks "
         "promotion; needs eval.prompts",
     )
-
     regression_margin: float = Field(
         0.02,
         ge=0,
