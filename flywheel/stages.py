@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from flywheel import contracts, ledger
+from flywheel import contracts, forgetting, ledger
 from flywheel.config import Profile
 from flywheel.profiles import (
     champion_model_dir,
@@ -97,7 +97,8 @@ def prepare(
 
     p = with_champion_tokenizer(with_data_location(load(profile), data_location))
     with ledger.stage(p, run_id, contracts.PREPARE_DATA) as entry:
-        with staged_source(p) as local:
+        # A retrain on new data also learns from a replay of the champion's documents.
+        with staged_source(p) as staged, forgetting.replayed(staged, bool(data_location)) as local:
             stats = prepare_data(local, Path(out_dir), progress, store=store, label=label)
         record_source(Path(stats.out_dir or out_dir), p.data.source.path)
         entry.metrics.update(stats.metrics())
@@ -254,7 +255,9 @@ def gate(
         if challenger is None:
             raise ValueError(f"{challenger_json}: the challenger has no evaluation report")
         champion = load_unless_absent(EvalReport, champion_json)
-        decision = decide_promotion(challenger, champion, p.gate)
+        # Both models on the champion's own held-out sample too: no forgetting (rule 8).
+        regression = forgetting.regression_reports(p, Path(model_dir)) if champion else None
+        decision = decide_promotion(challenger, champion, p.gate, regression)
         decision_md = decision.to_markdown(challenger, champion)
         manifest = DatasetManifest.read(dataset_dir)
         card = model_card(
