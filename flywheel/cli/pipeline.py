@@ -39,7 +39,7 @@ def run_and_report(name: str, profile: Profile, arguments: dict, *, json_out: bo
     `json_out`: the progress and the table go to stderr, and stdout gets one JSON document
     (`monitor_document`), also when a task failed, before the error line.
     """
-    from flywheel.kfp.local import run_local
+    from flywheel.kfp.local import run_local, task_name
     from flywheel.summary import run_facts
     from flywheel.tracking import tracking_uri
 
@@ -101,7 +101,8 @@ def run_and_report(name: str, profile: Profile, arguments: dict, *, json_out: bo
             t.add_row("monitor decision", drift["tags"].get("decision", ""))
     show.print(t)
     if json_out:
-        doc = monitor_document(facts, drift, run.succeeded, run.failed_task, run.error)
+        failed = task_name(run.failed_task)  # the task itself, unquoted, for machines
+        doc = monitor_document(facts, drift, run.succeeded, failed, run.error)
         sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         sys.stdout.flush()
     if not run.succeeded:
