@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,9 @@ import pyarrow.compute as pc
 from flywheel import artifacts
 from flywheel.config import DedupConfig, FilterConfig, SplitConfig
 from flywheel.data import schema
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # Groups for the keyed shuffles. Ray's map_groups calls Python once per group, so keying
 # on the band hash itself (~100k distinct values) costs ~1 ms per group; keying on a
@@ -465,7 +469,7 @@ class Tokenize(schema.Step):
 
     def __init__(self, tokenizer_json: str):
         self.tokenizer_json = tokenizer_json
-        self._tokenizer = None
+        self._tokenizer: Tokenizer | None = None
 
     def __getstate__(self) -> dict:
         return {"tokenizer_json": self.tokenizer_json, "_tokenizer": None}
