@@ -13,10 +13,12 @@ A checkpoint is one directory merged by Ray from every worker's report::
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -192,12 +194,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from flywheel import storage
     from flywheel.config import Profile
+    from flywheel.runtime.crossing import local_model_source, resume_checkpoint
     from flywheel.train.model import build_model
     from flywheel.train.plan import TrainPlan, lr_factor
 
     profile = Profile.model_validate(config["profile"])
     plan = TrainPlan.model_validate(config["plan"])
+    # A model directory handed over as a URI (runtime.crossing) is read from this node's copy.
+    if storage.is_uri(str(plan.model_source.path or "")):
+        work = tempfile.mkdtemp(prefix="flywheel-worker-")
+        atexit.register(shutil.rmtree, work, True)
+        source = local_model_source(plan.model_source, profile.storage.endpoint_url, Path(work))
+        plan = plan.model_copy(update={"model_source": source})
     t = profile.train
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -233,7 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # A restart inside this run (a worker died) wins over the run we were asked to continue.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
+        # A path, or a URI where this worker may be on another machine than the driver.
+        checkpoint = resume_checkpoint(config["resume_from"], profile.storage.endpoint_url)
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())

@@ -245,14 +245,19 @@ def loop_config(
 
     resume_from goes to the loop rather than to TorchTrainer(resume_from_checkpoint=...),
     which Ray Train v2 deprecates in favour of exactly this.
+    Where the workers may run on other machines (`flywheel.runtime.crossing`), the plan's
+    directories and resume_from are uploaded under storage.root and given as URIs.
     """
+    from flywheel.runtime.crossing import for_workers
+
+    worker_plan, resume = for_workers(profile, plan, resume_from)
     return {
         "profile": profile.model_dump(mode="json"),
-        "plan": plan.model_dump(mode="json"),
+        "plan": worker_plan.model_dump(mode="json"),
         "mlflow": mlflow,
         "progress_queue": progress_queue,
         "fault": fault,
-        "resume_from": str(resume_from) if resume_from else None,
+        "resume_from": resume,
     }
 
 
@@ -286,9 +291,14 @@ def read_up_front(plan: TrainPlan, per_worker: dict[str, float], workers: int) -
     return size < MATERIALIZE_BELOW_BYTES or spare < 1
 
 
-def training_dataset(profile: Profile, plan: TrainPlan) -> Any:
-    """The train split as a Ray Dataset for the workers (a training run and a trial alike)."""
+def training_dataset(profile: Profile, plan: TrainPlan, files: list[str] | None = None) -> Any:
+    """The train split as a Ray Dataset for the workers (a training run and a trial alike).
+
+    files: the split as the workers see it (URIs where they may be on other machines,
+    `loop_config`'s plan); the driver reads `plan`'s own paths when it reads up front."""
     import ray.data
+
+    from flywheel.runtime.crossing import dataset_filesystem
 
     workers = profile.train.scaling.num_workers
     if read_up_front(plan, worker_resources(profile), workers):
@@ -299,7 +309,11 @@ def training_dataset(profile: Profile, plan: TrainPlan) -> Any:
         return ray.data.from_arrow(
             pq.ParquetDataset(plan.dataset.train_files).read(columns=[artifacts.TOKEN_COLUMN])
         )
-    return ray.data.read_parquet(plan.dataset.train_files, columns=[artifacts.TOKEN_COLUMN])
+    files = files or plan.dataset.train_files
+    fs = dataset_filesystem(files, profile.storage.endpoint_url)
+    if fs is not None:  # URIs: the read tasks on the cluster open them with this filesystem
+        files = [storage.parse(f, "storage.root").path for f in files]
+    return ray.data.read_parquet(files, columns=[artifacts.TOKEN_COLUMN], filesystem=fs)
 
 
 def torch_trainer(
@@ -335,7 +349,9 @@ def torch_trainer(
             callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
-        datasets={"train": training_dataset(profile, plan)},
+        datasets={
+            "train": training_dataset(profile, plan, config["plan"]["dataset"]["train_files"])
+        },
     )
 
 
@@ -424,6 +440,7 @@ def train(
     fresh name, a fresh run.
     """
     from flywheel.runtime import check_before_start, ray_session
+    from flywheel.runtime.crossing import handoff_root
 
     t0 = time.perf_counter()
     emit = progress or ignore
@@ -436,6 +453,8 @@ def train(
     check_before_start(profile.ray, need)
     # Before MLflow and Ray: a missing bucket or bad credentials fail here, in one line.
     store = storage.ray_storage(profile, check=True)
+    # Workers on other machines cannot be handed this machine's paths: say so before Ray.
+    handoff_root(profile)
     run_name = ray_run_name(run_key)
     resume, resume_step = (None, 0)
     if profile.train.resume_from:

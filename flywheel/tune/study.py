@@ -165,6 +165,7 @@ def tune(
 
     from flywheel import tracking
     from flywheel.runtime import check_before_start, ray_session
+    from flywheel.runtime.crossing import handoff_root
     from flywheel.storage import ray_storage
     from flywheel.train.plan import make_plan, tune_resources
     from flywheel.tune.space import trial_profile
@@ -190,6 +191,8 @@ def tune(
     check_before_start(profile.ray, need)
     # Trial checkpoints: storage.root/ray or <state_dir>/ray; an unreachable store fails here.
     ray_storage(profile, check=True)
+    # Trials' workers on other machines get URIs under storage.root (runtime.crossing).
+    handoff_root(profile)
 
     url = storage_url(profile)
     try:
