@@ -51,7 +51,7 @@ class _Part(BaseModel):
 class SplitEntry(_Part):
     docs: int = 0
     tokens: int = 0
-    blocks: int = 0
+    sequences: int = 0  # packed training sequences of block_size tokens
     tail_tokens: int = 0
     files: list[str] = Field(default_factory=list, description="shards, relative to the dataset")
 
@@ -73,7 +73,7 @@ class TextEntry(_Part):
     reference_docs: int = 0
 
 
-class BlockCount(_Part):
+class StepCount(_Part):
     name: str
     read: int
     kept: int
@@ -84,7 +84,7 @@ class Counts(_Part):
     read: int = 0
     rejected: int = 0
     kept: int = 0
-    blocks: list[BlockCount] = Field(default_factory=list, description="in pipeline order")
+    steps: list[StepCount] = Field(default_factory=list, description="in pipeline order")
 
 
 class Rejects(_Part):
@@ -95,8 +95,8 @@ class Rejects(_Part):
 
 class Dropped(_Part):
     file: str = ""
-    by_block: dict[str, int] = Field(default_factory=dict)
-    by_reason: dict[str, int] = Field(default_factory=dict, description="'block:reason' -> docs")
+    by_step: dict[str, int] = Field(default_factory=dict)
+    by_reason: dict[str, int] = Field(default_factory=dict, description="'step:reason' -> docs")
 
 
 class DatasetManifest(_Part):
@@ -118,7 +118,7 @@ class DatasetManifest(_Part):
     # Flat per-split totals (the same numbers as under `splits`) for quick readers.
     docs: dict[str, int] = Field(default_factory=dict)
     tokens: dict[str, int] = Field(default_factory=dict)
-    blocks: dict[str, int] = Field(default_factory=dict)
+    sequences: dict[str, int] = Field(default_factory=dict)
     splits: dict[str, SplitEntry] = Field(default_factory=dict)
     tokenizer: TokenizerEntry = Field(default_factory=TokenizerEntry)
     text: TextEntry = Field(default_factory=TextEntry)

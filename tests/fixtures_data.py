@@ -90,7 +90,7 @@ def build_dataset(
         "block_size": block_size,
         "vocab_size": len(tok),
         "tokens": counts,
-        "blocks": nblocks,
+        "sequences": nblocks,
         "fixture": "tests/fixtures_data.py",
     }
     (out / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -25,7 +25,7 @@ from flywheel.cli.common import (
 )
 
 data_app = typer.Typer(
-    help="The data stage: sources -> Ray Data blocks -> parquet + manifest.", no_args_is_help=True
+    help="The data stage: sources -> Ray Data steps -> parquet + manifest.", no_args_is_help=True
 )
 
 STEP_LABELS = {
@@ -35,8 +35,8 @@ STEP_LABELS = {
     "near_dedup": "near-duplicates (LSH bands, Ray groupby)",
     "split": "split by content hash",
     "tokenizer": "tokenizer",
-    "tokenize": "tokenize",
-    "write": "pack blocks, write shards + manifest",
+    "tokenize": "tokenize (and count tokens per key range)",
+    "write": "pack sequences, write shards, reports + manifest (in Ray)",
 }
 
 

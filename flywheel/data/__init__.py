@@ -1,4 +1,4 @@
-"""The data stage: sources, Ray Data blocks, and `prepare` (see `flywheel.data.stage`)."""
+"""The data stage: sources, data steps on Ray Data, and `prepare` (see `flywheel.data.stage`)."""
 
 from flywheel.data.stage import prepare
 from flywheel.data.stats import DataStats

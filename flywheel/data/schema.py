@@ -111,6 +111,16 @@ def _guarded(call):
 
     @functools.wraps(call)
     def guarded(self, batch):
+        if not isinstance(batch, pd.DataFrame):  # an Arrow table: immutable, nothing to copy
+            try:
+                return call(self, batch)
+            except StepFailure:
+                raise
+            except Exception as exc:
+                name, why = type(self).__name__, _one_line(exc)
+                raise StepFailure(
+                    f"data step {name} failed on a batch of {len(batch)} rows: {why}"
+                ) from exc
         pristine = batch.copy()
         try:
             return call(self, batch)

@@ -1,17 +1,21 @@
-"""The data stage: source -> Ray Data blocks -> a Dataset artifact (see flywheel.artifacts).
+"""The data stage: source -> Ray Data steps -> a Dataset artifact (see flywheel.artifacts).
 
     read > normalize > quality > exact dedup > near dedup (MinHash/LSH) > split
-         > tokenizer (trained on train) > tokenize > pack > parquet shards + manifest
+         > tokenizer (trained on train) > tokenize > pack + write shards > reports + manifest
 
-Per-document work runs in Ray Data `map_batches`; the keyed steps (exact dedup, LSH band
-join, signature lookup) run as Ray `groupby(...).map_groups`. The driver sees metadata
-(ids, reasons, digests), duplicate edges, the texts the tokenizer trainer needs (HF
-tokenizers trains in one process by design), and the token ids it packs.
+Everything proportional to the corpus runs in Ray: per-document steps in `map_batches`,
+keyed ones (exact dedup, the LSH band join, packing by shard, one task per report file)
+as `groupby(...).map_groups`; shards and reports are written by those tasks
+(`flywheel.data.shards`). The driver holds counts (added up from per-batch counts), small
+samples (the reference sample's keys), the near-duplicate edges (only documents that have
+a near-duplicate), and streams two things without keeping them: the sorted row digests
+into the content hash, and the train texts into the tokenizer trainer (HF tokenizers
+trains in one process by design).
 
 Determinism: sources are listed in sorted order and read with Ray's `preserve_order`;
 every choice between documents (which copy to keep, the split, the reference sample,
-the packing order) is made by content hash, never by arrival order. Same input + same
-config -> same `content_hash` and byte-identical shards.
+the packing order, the shard cuts) is made by content hash, never by arrival order. Same
+input + same config -> same `content_hash` and byte-identical files.
 """
 
 from __future__ import annotations
@@ -26,11 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flywheel import artifacts
 from flywheel.config import DataConfig, Profile
-from flywheel.data import output, schema, sources, steps, tokenizer
+from flywheel.data import output, schema, shards, sources, steps, tokenizer
 from flywheel.data.output import DROPPED
 from flywheel.data.stats import DataStats
 from flywheel.errors import DataError, FlywheelError
@@ -38,12 +41,11 @@ from flywheel.runtime import ensure_ray
 
 Progress = Callable[[str, dict], None]
 
-# Bump when a block's logic changes what it outputs: it is part of the content hash, so
+# Bump when a step's logic changes what it outputs: it is part of the content hash, so
 # a dataset prepared by older code is never mistaken for one prepared by this code.
-PIPELINE_VERSION = 1
-BLOCKS_PER_SHARD = 8192  # 8192 x 128 tokens x 4 bytes = 4 MiB before compression
+# 2: MinHash over 64-bit shingle hashes (rensa); shards cut by key range (flywheel.data.shards).
+PIPELINE_VERSION = 2
 UNITS_PER_BATCH = 8
-META_COLUMNS = ["id", "source", "dropped_by", "reason", "detail"]
 
 
 @contextlib.contextmanager
@@ -187,13 +189,41 @@ def near_duplicate_edges(docs, cfg: DataConfig) -> pd.DataFrame:
     return found if len(found) else empty
 
 
-def _meta(ds, columns: list[str]) -> pd.DataFrame:
-    frame = ds.select_columns(columns).to_pandas()
-    return frame if len(frame) else pd.DataFrame({c: pd.Series([], dtype=str) for c in columns})
+def _counts(ds, by: list[str], where: Callable[[pd.DataFrame], pd.Series] | None = None):
+    """Rows per value of `by` (column "n"): counted per batch in Ray, added up here. The
+    driver sees one small frame per batch, never the rows."""
+
+    def count(batch: pd.DataFrame) -> pd.DataFrame:
+        if where is not None:
+            batch = batch[where(batch)]
+        return batch.groupby(by, sort=True).size().reset_index(name="n")
+
+    using = [c for c in ds.columns() if c in {*by, "dropped_by", "reason", "split"}]
+    parts = ds.select_columns(using).map_batches(count, batch_format="pandas").to_pandas()
+    if parts.empty:
+        return pd.DataFrame({**{c: pd.Series([], dtype=str) for c in by}, "n": []})
+    return parts.groupby(by, sort=True)["n"].sum().reset_index()
 
 
-def _content_hash(cfg: DataConfig, digests: pd.Series) -> str:
-    inputs = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+def _judged(batch: pd.DataFrame) -> pd.Series:
+    return batch["reason"] != ""
+
+
+def _digests_hash(ds) -> str:
+    """sha256 of the sorted row digests, sorted by Ray and streamed through here."""
+    h = hashlib.sha256()
+    first = True
+    for batch in ds.select_columns(["digest"]).sort("digest").iter_batches(batch_format="pyarrow"):
+        chunk = "\n".join(batch.column(0).to_pylist())
+        if chunk or batch.num_rows:
+            h.update((("" if first else "\n") + chunk).encode())
+            first = False
+    return h.hexdigest()
+
+
+def _content_hash(cfg: DataConfig, digests: pd.Series | None = None, inputs: str = "") -> str:
+    if digests is not None:
+        inputs = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
     payload = {
         "schema_version": artifacts.SCHEMA_VERSION,
         "pipeline_version": PIPELINE_VERSION,
@@ -206,70 +236,126 @@ def _content_hash(cfg: DataConfig, digests: pd.Series) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _write_rejects(
-    path: Path, rejects: pd.DataFrame, columns=("id", "source", "reason", "detail")
-) -> None:
-    rejects = rejects.sort_values(["source", "id"], kind="stable")
-    with path.open("w") as f:
-        for row in rejects[list(columns)].itertuples(index=False):
-            f.write(json.dumps(row._asdict(), ensure_ascii=False) + "\n")
-
-
 def check_rejects(
     rejects: pd.DataFrame, rows_read: int, max_share: float, where: Path | None = None
 ) -> None:
-    """Fail when too many rows are bad input, naming the source with the most rejects."""
-    if not rows_read or len(rejects) / rows_read <= max_share:
+    """Fail when too many rows are bad input, naming the source with the most rejects.
+
+    `rejects`: one row per reject, or counts (`source`, `reason`, `n`)."""
+    n = rejects["n"] if "n" in rejects else pd.Series(1, index=rejects.index)
+    total = int(n.sum())
+    if not rows_read or total / rows_read <= max_share:
         return
     by_source = (
-        rejects.groupby("source").size().sort_index().sort_values(ascending=False, kind="stable")
+        n.groupby(rejects["source"]).sum().sort_index().sort_values(ascending=False, kind="stable")
     )
     worst = str(by_source.index[0])
-    reasons = rejects[rejects["source"] == worst]["reason"].value_counts()
+    mine = rejects["source"] == worst
+    reasons = n[mine].groupby(rejects.loc[mine, "reason"]).sum().sort_index()
+    reasons = reasons.sort_values(ascending=False, kind="stable")
     raise DataError(
-        f"{len(rejects):,} of {rows_read:,} rows rejected ({len(rejects) / rows_read:.0%} > "
+        f"{total:,} of {rows_read:,} rows rejected ({total / rows_read:.0%} > "
         f"data.max_reject_share {max_share:.0%}); worst source: {worst} "
         f"({by_source.iloc[0]:,} rejected, mostly {reasons.index[0]})"
         + (f"; see {where}" if where else "")
     )
 
 
-def _text_table(frame: pd.DataFrame) -> pa.Table:
-    schema = pa.schema(
-        [
-            ("id", pa.string()),
-            ("source", pa.string()),
-            ("timestamp", pa.string()),
-            ("text", pa.string()),
-        ]
-    )
-    frame = frame.sort_values("key")
-    return pa.Table.from_pydict(
-        {
-            "id": frame["id"].tolist(),
-            "source": frame["source"].tolist(),
-            "timestamp": [None if pd.isna(t) else str(t) for t in frame["timestamp"]],
-            "text": frame["text"].tolist(),
-        },
-        schema=schema,
-    )
+def _report_rows(file: str, text: bool = False) -> Callable[[pd.DataFrame], pa.Table]:
+    """Rows of one report file in the common report columns (texts only for text files),
+    all strings: every part of the union has the same schema, whatever its batch held."""
+
+    def rows(batch: pd.DataFrame) -> pa.Table:
+        out = pd.DataFrame({c: batch.get(c, "") for c in shards.REPORT_COLUMNS}, index=batch.index)
+        stamp = batch["timestamp"] if "timestamp" in batch else pd.Series(None, index=batch.index)
+        out["timestamp"] = [None if pd.isna(t) else str(t) for t in stamp]
+        if not text:
+            out["text"] = ""  # a report line never carries the text: do not move it
+        out["file"] = file
+        return pa.Table.from_pandas(out, schema=_REPORT_SCHEMA, preserve_index=False)
+
+    rows.__name__ = f"rows_of_{Path(file).name}"
+    return rows
 
 
-def write_blocks(blocks: np.ndarray, split_dir: Path) -> list[str]:
-    """Shards of `input_ids` (list<int32>); fixed names and row groups -> identical bytes."""
-    split_dir.mkdir(parents=True, exist_ok=True)
-    n, size = blocks.shape
-    names = []
-    for i, start in enumerate(range(0, max(n, 1), BLOCKS_PER_SHARD)):
-        part = blocks[start : start + BLOCKS_PER_SHARD]
-        offsets = pa.array(np.arange(0, (len(part) + 1) * size, size, dtype=np.int32))
-        column = pa.ListArray.from_arrays(offsets, pa.array(part.reshape(-1), type=pa.int32()))
-        name = f"part-{i:05d}.parquet"
-        pq.write_table(
-            pa.table({artifacts.TOKEN_COLUMN: column}), split_dir / name, compression="zstd"
+_REPORT_SCHEMA = pa.schema([(c, pa.string()) for c in [*shards.REPORT_COLUMNS, "file"]])
+
+
+def write_reports(parts: list, out_dir: Path) -> dict[str, int]:
+    """Write report files from `(file name, dataset)` pairs, one Ray task per file; a file
+    with no rows is written empty. Returns rows per file."""
+    from flywheel.data.shards import WriteReport
+
+    names = [name for name, _ in parts]
+    datasets = [
+        ds.map_batches(
+            _report_rows(name, name.startswith(artifacts.TEXT_DIR)), batch_format="pandas"
         )
-        names.append(f"{split_dir.name}/{name}")
-    return names
+        for name, ds in parts
+    ]
+    union = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    done = (
+        union.groupby("file")
+        .map_groups(WriteReport(str(out_dir)), batch_format="pandas")
+        .to_pandas()
+    )
+    rows = dict(zip(done["file"], done["rows"].astype(int), strict=True)) if len(done) else {}
+    empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in shards.REPORT_COLUMNS})
+    for name in names:
+        if name not in rows:
+            shards.write_file(name, empty, out_dir)
+            rows[name] = 0
+    return rows
+
+
+def _key_part_tokens(tokens, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Stream tokens (EOS included) per key range and split: summed per batch in Ray (one
+    row per range present), added into fixed-size arrays here, batch by batch."""
+
+    def count(batch: pa.Table) -> pd.DataFrame:
+        frame = pd.DataFrame(
+            {
+                "split": batch["split"].to_numpy(zero_copy_only=False),
+                "part": shards.key_part(batch["key"].to_pylist()),
+                "tokens": batch["n_tokens"].to_numpy() + 1,
+            }
+        )
+        return frame.groupby(["split", "part"], sort=True)["tokens"].sum().reset_index()
+
+    totals = {s: np.zeros(shards.KEY_PARTS, dtype=np.int64) for s in splits}
+    for frame in (
+        tokens.select_columns(["key", "split", "n_tokens"])
+        .map_batches(count, batch_format="pyarrow")
+        .iter_batches(batch_format="pandas")
+    ):
+        for split, rows in frame.groupby("split"):
+            np.add.at(totals[str(split)], rows["part"].to_numpy(), rows["tokens"].to_numpy())
+    return totals
+
+
+def _reference_keys(final, k: int) -> list[str]:
+    """Keys of the k train documents with the smallest split points, kept streaming."""
+    if k <= 0:
+        return []
+
+    def smallest(batch: pd.DataFrame) -> pd.DataFrame:
+        train = batch[(batch["reason"] == "") & (batch["split"] == "train")]
+        return _first(train, k)[["key", "split_point"]]
+
+    best = pd.DataFrame(
+        {"key": pd.Series([], dtype=str), "split_point": pd.Series([], dtype=float)}
+    )
+    for batch in (
+        final.select_columns(["key", "split", "reason", "split_point"])
+        .map_batches(smallest, batch_format="pandas")
+        .iter_batches(batch_format="pandas")
+    ):
+        best = _first(pd.concat([best, batch], ignore_index=True), k)
+    return best["key"].tolist()
+
+
+def _first(frame: pd.DataFrame, k: int) -> pd.DataFrame:
+    return frame.sort_values(["split_point", "key"], kind="stable").head(k)
 
 
 # ------------------------------------------------------------------------ stage
@@ -353,7 +439,7 @@ def prepare(
         try:
             run.write_dropped()
             kept = work.fail(final(), str(error))
-        except OSError:  # a full disk, say: the original error is the one to report
+        except Exception:  # a full disk, a dead Ray: the original error is the one to report
             work.discard()
             kept = None
         if kept is not None and isinstance(error, DataError):
@@ -377,23 +463,23 @@ class _Run:
         self.cfg = profile.data
         self.work = work
         self.report = report
-        self.judged: list[pd.DataFrame] = []
+        # (report file, Ray dataset of its rows): handles only, the rows stay in Ray.
+        self.reports: list[tuple[str, object]] = []
         self.content_hash: str | None = None
         self.dropped_written = False
 
     def write_dropped(self) -> None:
-        """dropped.jsonl from what was judged so far (a failed run keeps it too)."""
-        if self.dropped_written or not self.judged:
+        """rejects.jsonl and dropped.jsonl from what was judged so far (a failed run keeps
+        them too)."""
+        if self.dropped_written or not self.reports:
             return
-        judged_all = pd.concat(self.judged, ignore_index=True)
-        columns = ("id", "source", "dropped_by", "reason", "detail")
-        _write_rejects(self.work / DROPPED, judged_all, columns)
+        with _data_context():
+            write_reports(self.reports, self.work)
         self.dropped_written = True
 
     def __call__(self, units: list[str] | None, base) -> DataStats:
         """The steps, writing into the working directory (`out_dir` below)."""
         profile, cfg, out_dir, report = self.profile, self.cfg, self.work, self.report
-        judged = self.judged
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
@@ -413,18 +499,23 @@ class _Run:
             # -- read, normalize, quality, content key
             with step("read") as info:
                 cleaned = clean(read_documents(cfg, units), cfg).materialize()
-                meta = _meta(cleaned, [*META_COLUMNS, "digest"])
-                rows_read = len(meta)
-                rejects = meta[meta["dropped_by"] == schema.READ]
-                content_hash = self.content_hash = _content_hash(cfg, meta["digest"])
-                _write_rejects(out_dir / artifacts.REJECTS, rejects)
-                info.update(rows=rows_read, rejected=len(rejects))
-            judged.append(meta[(meta["reason"] != "") & (meta["dropped_by"] != schema.READ)])
-            check_rejects(rejects, rows_read, cfg.max_reject_share)
-            if not (meta["reason"] == "").any():
+                judged = _counts(cleaned, ["dropped_by", "reason"])
+                rows_read = int(judged["n"].sum())
+                is_reject = judged["dropped_by"] == schema.READ
+                reject_counts = _counts(
+                    cleaned, ["source", "reason"], lambda b: b["dropped_by"] == schema.READ
+                )
+                content_hash = self.content_hash = _content_hash(cfg, inputs=_digests_hash(cleaned))
+                info.update(rows=rows_read, rejected=int(judged.loc[is_reject, "n"].sum()))
+            self.reports = [
+                (artifacts.REJECTS, _where(cleaned, _rejected)),
+                (DROPPED, _where(cleaned, _dropped)),
+            ]
+            check_rejects(reject_counts, rows_read, cfg.max_reject_share)
+            if judged.loc[judged["reason"] == "", "n"].sum() == 0:
                 raise DataError(
                     f"data.source: no document survived reading and filtering ({rows_read:,} "
-                    f"rows read; {_reason_counts(meta)}); check data.filters and the source"
+                    f"rows read; {_reason_counts(judged)}); check data.filters and the source"
                 )
 
             # -- exact + near dedup
@@ -437,16 +528,20 @@ class _Run:
                         batch_size=cfg.batch_size,
                     )
                 deduped = deduped.materialize()
-                exact = _meta(
-                    deduped.map_batches(schema.dropped_only, batch_format="pandas"), META_COLUMNS
-                )
-                judged.append(exact)
-                info.update(exact_duplicates=len(exact))
+                exact = _counts(deduped, ["dropped_by", "reason"], _judged)
+                self.reports.append((DROPPED, _where(deduped, _dropped)))
+                info.update(exact_duplicates=int(exact["n"].sum()))
             drops: dict[str, str] = {}
+            kept_ids: dict[str, str] = {}
             if cfg.dedup.near:
                 with step("near_dedup") as info:
                     edges = near_duplicate_edges(deduped, cfg)
                     drops = steps.duplicate_components(edges)
+                    roots = set(drops.values())
+                    if roots:
+                        found = _where(deduped, _keys_in(roots))
+                        ids = found.select_columns(["key", "id"]).to_pandas()
+                        kept_ids = dict(zip(ids["key"], ids["id"], strict=True))
                     info.update(candidate_edges=len(edges), near_duplicates=len(drops))
 
             # -- split
@@ -454,7 +549,9 @@ class _Run:
                 final = (
                     deduped.map_batches(schema.keep_only, batch_format="pandas")
                     .map_batches(
-                        steps.ApplyDrops(drops), batch_format="pandas", batch_size=cfg.batch_size
+                        steps.ApplyDrops(drops, kept_ids),
+                        batch_format="pandas",
+                        batch_size=cfg.batch_size,
                     )
                     .map_batches(
                         steps.AssignSplit(cfg.split),
@@ -465,14 +562,12 @@ class _Run:
                 if "minhash" in deduped.columns():
                     final = final.drop_columns(["minhash"])
                 final = final.materialize()
-                fmeta = _meta(final, [*META_COLUMNS, "key", "split", "split_point"])
-                near = fmeta[fmeta["reason"] != ""]
-                kept = fmeta[fmeta["reason"] == ""]
-                key_to_id = dict(zip(kept["key"], kept["id"], strict=True))
-                near = near.assign(detail=near["detail"].map(lambda d: _name_kept(d, key_to_id)))
-                judged.append(near)
-                docs = kept["split"].value_counts().reindex(list(artifacts.SPLITS), fill_value=0)
-                info.update(docs={s: int(docs[s]) for s in artifacts.SPLITS})
+                near = _counts(final, ["dropped_by", "reason"], _judged)
+                self.reports.append((DROPPED, _where(final, _dropped)))
+                per_split = _counts(final, ["split"], lambda b: b["reason"] == "")
+                split_docs = dict(zip(per_split["split"], per_split["n"].astype(int), strict=True))
+                docs = {s: split_docs.get(s, 0) for s in artifacts.SPLITS}
+                info.update(docs=docs)
 
             # -- tokenizer
             with step("tokenizer") as info:
@@ -487,17 +582,13 @@ class _Run:
                     train_texts = (
                         final.map_batches(_train_texts, batch_format="pandas")
                         .select_columns(["text"])
-                        .iter_batches(batch_size=1024, batch_format="pandas")
+                        .materialize()
                     )
-                    tok = tokenizer.train_bpe(
-                        (t for batch in train_texts for t in batch["text"]),
-                        cfg.tokenizer,
-                        length=int(docs["train"]),
-                    )
+                    tok = tokenizer.train_bpe_in_ray(train_texts, cfg.tokenizer, docs["train"])
                 tok_info = tokenizer.save(tok, tok_dir)
                 info.update(vocab_size=tok_info["vocab_size"])
 
-            # -- tokenize + pack + write
+            # -- tokenize, then pack and write in Ray (see flywheel.data.shards)
             with step("tokenize") as info:
                 tokens = (
                     final.map_batches(schema.keep_only, batch_format="pandas")
@@ -507,86 +598,146 @@ class _Run:
                         batch_format="pandas",
                         batch_size=cfg.batch_size,
                     )
+                    .materialize()
+                )
+                stream = _key_part_tokens(tokens, artifacts.SPLITS)
+                info.update(tokens=int(sum(v.sum() - docs[s] for s, v in stream.items())))
+
+            with step("write") as info:
+                seq_len = cfg.block_size
+                plans = {}
+                for split in artifacts.SPLITS:
+                    total = int(stream[split].sum())
+                    if total < seq_len and _share(cfg, split) > 0:
+                        raise DataError(
+                            f"data: the {split} split has {total - docs[split]:,} tokens, fewer "
+                            f"than one sequence of data.block_size={seq_len}; add documents or "
+                            "lower the block size"
+                        )
+                    if total:
+                        plans[split] = shards.plan_shards(stream[split], seq_len)
+                written = (
+                    tokens.map_batches(shards.AssignShards(plans), batch_format="pyarrow")
+                    .groupby(["split", "shard"])
+                    .map_groups(
+                        shards.PackShard(plans, seq_len, tok_info["eos_token_id"], str(out_dir)),
+                        batch_format="pyarrow",
+                    )
                     .to_pandas()
                 )
-                info.update(tokens=int(tokens["n_tokens"].sum()))
+                splits: dict[str, dict] = {}
+                for split in artifacts.SPLITS:
+                    mine = written[written["split"] == split].sort_values("shard")
+                    files = mine["file"].tolist()
+                    if not files:  # an empty split still has its (empty) shard
+                        name = shards.shard_name(split, 0)
+                        shards.write_sequences(np.zeros((0, seq_len), np.int32), out_dir / name)
+                        files = [name]
+                    n = int(mine["sequences"].sum())
+                    splits[split] = {
+                        "docs": docs[split],
+                        "tokens": n * seq_len,
+                        "sequences": n,
+                        "tail_tokens": int(stream[split].sum()) - n * seq_len,
+                        "files": files,
+                    }
+                ref_keys = set(_reference_keys(final, cfg.reference_sample_docs))
+                self.reports += [
+                    (artifacts.TEST_TEXT, _where(final, _test_docs)),
+                    (artifacts.REFERENCE_TEXT, _where(final, _keys_in(ref_keys))),
+                ]
+                rows = write_reports(self.reports, out_dir)
+                self.dropped_written = True
 
-        with step("write") as info:
-            pack = steps.Pack(cfg.block_size, tok_info["eos_token_id"])
-            splits: dict[str, dict] = {}
-            for split in artifacts.SPLITS:
-                part = tokens[tokens["split"] == split].sort_values("key")
-                blocks, tail = pack.blocks(part)
-                if len(blocks) == 0 and _share(cfg, split) > 0:
-                    raise DataError(
-                        f"data: the {split} split has {int(part['n_tokens'].sum()):,} tokens, fewer than one "
-                        f"block of data.block_size={cfg.block_size}; add documents or lower the block size"
-                    )
-                files = write_blocks(blocks, out_dir / split)
-                splits[split] = {
-                    "docs": len(part),
-                    "tokens": int(blocks.size),
-                    "blocks": len(blocks),
-                    "tail_tokens": int(tail),
-                    "files": files,
+                judged_all = pd.concat(
+                    [judged[~is_reject & (judged["reason"] != "")], exact, near], ignore_index=True
+                )
+                rejected = judged.loc[is_reject].groupby("reason")["n"].sum().sort_index()
+                by_source = reject_counts.groupby("source")["n"].sum().sort_index()
+                dropped_by_reason = {
+                    f"{name}:{reason}": int(n)
+                    for name in schema.PIPELINE_STEPS
+                    for reason, n in judged_all[judged_all["dropped_by"] == name]
+                    .groupby("reason")["n"]
+                    .sum()
+                    .sort_index()
+                    .items()
                 }
-            text_rows = _texts_for(final, kept, cfg.reference_sample_docs)
-            (out_dir / artifacts.TEXT_DIR).mkdir(exist_ok=True)
-            test_docs = text_rows[text_rows["split"] == "test"]
-            ref_docs = text_rows[text_rows["ref"]]
-            pq.write_table(
-                _text_table(test_docs), out_dir / artifacts.TEST_TEXT, compression="zstd"
-            )
-            pq.write_table(
-                _text_table(ref_docs), out_dir / artifacts.REFERENCE_TEXT, compression="zstd"
-            )
-
-            judged_all = pd.concat(judged, ignore_index=True)
-            self.write_dropped()
-            rejected = rejects["reason"].value_counts().sort_index()
-            by_source = rejects["source"].value_counts().sort_index()
-            dropped_by_reason = {
-                f"{block}:{reason}": int(n)
-                for block in schema.PIPELINE_STEPS
-                for reason, n in judged_all[judged_all["dropped_by"] == block]["reason"]
-                .value_counts()
-                .sort_index()
-                .items()
-            }
-            dropped = judged_all["dropped_by"].value_counts()
-            stats = DataStats(
-                content_hash=content_hash,
-                out_dir=str(out_dir),
-                docs_read=rows_read,
-                docs_kept=len(kept),
-                rejected={str(k): int(v) for k, v in rejected.items()},
-                rejected_by_source={str(k): int(v) for k, v in by_source.items()},
-                dropped={
-                    b: int(dropped.get(b, 0)) for b in schema.PIPELINE_STEPS if b != schema.READ
-                },
-                dropped_by_reason=dropped_by_reason,
-                docs={s: v["docs"] for s, v in splits.items()},
-                tokens={s: v["tokens"] for s, v in splits.items()},
-                blocks={s: v["blocks"] for s, v in splits.items()},
-                tail_tokens={s: v["tail_tokens"] for s, v in splits.items()},
-                block_size=cfg.block_size,
-                vocab_size=tok_info["vocab_size"],
-                tokenizer_trained=not cfg.tokenizer.base,
-            )
-            manifest = _manifest(cfg, stats, splits, tok_info, len(test_docs), len(ref_docs))
-            # Written last: a directory with a manifest is a complete dataset.
-            artifacts.DatasetManifest.model_validate(manifest).write(out_dir)
-            info.update(blocks=stats.blocks)
+                dropped = judged_all.groupby("dropped_by")["n"].sum()
+                stats = DataStats(
+                    content_hash=content_hash,
+                    out_dir=str(out_dir),
+                    docs_read=rows_read,
+                    docs_kept=sum(docs.values()),
+                    rejected={str(k): int(v) for k, v in rejected.items()},
+                    rejected_by_source={str(k): int(v) for k, v in by_source.items()},
+                    dropped={
+                        b: int(dropped.get(b, 0)) for b in schema.PIPELINE_STEPS if b != schema.READ
+                    },
+                    dropped_by_reason=dropped_by_reason,
+                    docs={s: v["docs"] for s, v in splits.items()},
+                    tokens={s: v["tokens"] for s, v in splits.items()},
+                    sequences={s: v["sequences"] for s, v in splits.items()},
+                    tail_tokens={s: v["tail_tokens"] for s, v in splits.items()},
+                    block_size=cfg.block_size,
+                    vocab_size=tok_info["vocab_size"],
+                    tokenizer_trained=not cfg.tokenizer.base,
+                )
+                manifest = _manifest(
+                    cfg,
+                    stats,
+                    splits,
+                    tok_info,
+                    rows[artifacts.TEST_TEXT],
+                    rows[artifacts.REFERENCE_TEXT],
+                )
+                # Written last: a directory with a manifest is a complete dataset.
+                artifacts.DatasetManifest.model_validate(manifest).write(out_dir)
+                info.update(sequences=stats.sequences)
 
         stats.seconds = round(time.perf_counter() - t_start, 3)
         stats.timings = timings
         return stats
 
 
-def _reason_counts(meta: pd.DataFrame) -> str:
-    """'quality too_short 38, read malformed_json 2': why rows went, most first."""
-    judged = meta[meta["reason"] != ""]
-    counts = (judged["dropped_by"] + " " + judged["reason"]).value_counts().sort_index()
+def _rows(keep: Callable[[pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def rows(batch: pd.DataFrame) -> pd.DataFrame:
+        return batch[keep(batch)]
+
+    rows.__name__ = keep.__name__
+    return rows
+
+
+def _where(ds, keep: Callable[[pd.DataFrame], pd.Series]):
+    """`ds` rows where `keep(batch)` (vectorised; Ray's row-wise filter costs ~10 us a row)."""
+    return ds.map_batches(_rows(keep), batch_format="pandas")
+
+
+def _rejected(batch: pd.DataFrame) -> pd.Series:
+    return batch["dropped_by"] == schema.READ
+
+
+def _dropped(batch: pd.DataFrame) -> pd.Series:
+    return (batch["reason"] != "") & (batch["dropped_by"] != schema.READ)
+
+
+def _test_docs(batch: pd.DataFrame) -> pd.Series:
+    return (batch["reason"] == "") & (batch["split"] == "test")
+
+
+def _keys_in(keys: set[str]) -> Callable[[pd.DataFrame], pd.Series]:
+    def keys_in(batch: pd.DataFrame) -> pd.Series:
+        return batch["key"].isin(keys)
+
+    return keys_in
+
+
+def _reason_counts(counts: pd.DataFrame) -> str:
+    """'quality too_short 38, read malformed_json 2': why rows went, most first.
+
+    `counts`: rows per (`dropped_by`, `reason`) in column `n`."""
+    judged = counts[counts["reason"] != ""]
+    counts = judged["n"].groupby(judged["dropped_by"] + " " + judged["reason"]).sum().sort_index()
     counts = counts.sort_values(ascending=False, kind="stable")
     return ", ".join(f"{what} {n:,}" for what, n in counts.items()) or "nothing judged"
 
@@ -599,35 +750,8 @@ def _share(cfg: DataConfig, split: str) -> float:
     }[split]
 
 
-def _name_kept(detail: str, key_to_id: dict[str, str]) -> str:
-    prefix = "near-duplicate of "
-    key = detail.removeprefix(prefix)
-    return prefix + key_to_id.get(key, key)
-
-
 def _train_texts(batch: pd.DataFrame) -> pd.DataFrame:
     return batch[(batch["reason"] == "") & (batch["split"] == "train")]
-
-
-def _texts_for(final, kept: pd.DataFrame, reference_docs: int) -> pd.DataFrame:
-    """Texts of the test split and of the drift reference sample.
-
-    The reference is the train documents with the smallest split points: a uniform
-    sample by content hash, the same on every run.
-    """
-    train = kept[kept["split"] == "train"].sort_values("split_point")
-    ref_keys = set(train["key"].iloc[:reference_docs])
-    want = ref_keys | set(kept.loc[kept["split"] == "test", "key"])
-
-    def select(batch: pd.DataFrame) -> pd.DataFrame:
-        return batch.loc[
-            batch["key"].isin(want), ["id", "source", "timestamp", "text", "key", "split"]
-        ]
-
-    frame = final.map_batches(select, batch_format="pandas").to_pandas()
-    if frame.empty:
-        return pd.DataFrame(columns=["id", "source", "timestamp", "text", "key", "split", "ref"])
-    return frame.assign(ref=frame["key"].isin(ref_keys))
 
 
 def _manifest(
@@ -644,7 +768,7 @@ def _manifest(
         "vocab_size": tok_info["vocab_size"],
         "docs": stats.docs,
         "tokens": stats.tokens,
-        "blocks": stats.blocks,
+        "sequences": stats.sequences,
         "splits": splits,
         "tokenizer": {
             "path": artifacts.TOKENIZER_DIR,
@@ -662,7 +786,7 @@ def _manifest(
             "read": stats.docs_read,
             "rejected": stats.rejected_total,
             "kept": stats.docs_kept,
-            "blocks": _block_counts(stats),
+            "steps": _step_counts(stats),
         },
         "rejects": {
             "file": artifacts.REJECTS,
@@ -671,27 +795,27 @@ def _manifest(
         },
         "dropped": {
             "file": DROPPED,
-            "by_block": stats.dropped,
+            "by_step": stats.dropped,
             "by_reason": stats.dropped_by_reason,
         },
     }
 
 
-def _block_counts(stats: DataStats) -> list[dict]:
-    """read / kept / dropped-by-reason per block, in pipeline order."""
+def _step_counts(stats: DataStats) -> list[dict]:
+    """read / kept / dropped-by-reason per step, in pipeline order."""
     out = []
     n = stats.docs_read
-    for block in schema.PIPELINE_STEPS:
-        if block == schema.READ:
+    for name in schema.PIPELINE_STEPS:
+        if name == schema.READ:
             dropped = dict(stats.rejected)
         else:
-            prefix = f"{block}:"
+            prefix = f"{name}:"
             dropped = {
                 k.removeprefix(prefix): v
                 for k, v in stats.dropped_by_reason.items()
                 if k.startswith(prefix)
             }
         kept = n - sum(dropped.values())
-        out.append({"name": block, "read": n, "kept": kept, "dropped": dropped})
+        out.append({"name": name, "read": n, "kept": kept, "dropped": dropped})
         n = kept
     return out

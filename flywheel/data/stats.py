@@ -14,15 +14,17 @@ class DataStats(BaseModel):
     docs_kept: int = Field(description="documents in the dataset (all splits)")
     rejected: dict[str, int] = Field(default_factory=dict, description="bad input: reason -> rows")
     rejected_by_source: dict[str, int] = Field(default_factory=dict)
-    dropped: dict[str, int] = Field(default_factory=dict, description="block -> documents dropped")
+    dropped: dict[str, int] = Field(default_factory=dict, description="step -> documents dropped")
     dropped_by_reason: dict[str, int] = Field(
-        default_factory=dict, description="'block:reason' -> documents"
+        default_factory=dict, description="'step:reason' -> documents"
     )
     docs: dict[str, int] = Field(default_factory=dict, description="split -> documents")
-    tokens: dict[str, int] = Field(default_factory=dict, description="split -> tokens in blocks")
-    blocks: dict[str, int] = Field(default_factory=dict, description="split -> packed blocks")
+    tokens: dict[str, int] = Field(default_factory=dict, description="split -> tokens in sequences")
+    sequences: dict[str, int] = Field(
+        default_factory=dict, description="split -> packed training sequences (block_size tokens)"
+    )
     tail_tokens: dict[str, int] = Field(
-        default_factory=dict, description="split -> tokens past the last full block"
+        default_factory=dict, description="split -> tokens past the last full sequence"
     )
     block_size: int
     vocab_size: int
@@ -44,14 +46,14 @@ class DataStats(BaseModel):
             "block_size": float(self.block_size),
             "seconds": round(self.seconds, 3),
         }
-        for block, n in sorted(self.dropped.items()):
-            out[f"dropped_{block}"] = float(n)
+        for name, n in sorted(self.dropped.items()):
+            out[f"dropped_{name}"] = float(n)
         for reason, n in sorted(self.rejected.items()):
             out[f"rejected_{reason}"] = float(n)
         for split in SPLITS:
             out[f"docs_{split}"] = float(self.docs.get(split, 0))
             out[f"tokens_{split}"] = float(self.tokens.get(split, 0))
-            out[f"blocks_{split}"] = float(self.blocks.get(split, 0))
+            out[f"sequences_{split}"] = float(self.sequences.get(split, 0))
         return out
 
     def rows(self) -> list[tuple[str, object]]:
@@ -60,14 +62,14 @@ class DataStats(BaseModel):
         for reason, n in sorted(self.rejected.items()):
             rows.append((f"  rejected: {reason}", n))
         for key, n in self.dropped_by_reason.items():
-            block, reason = key.split(":", 1)
-            rows.append((f"  dropped by {block}: {reason}", n))
+            name, reason = key.split(":", 1)
+            rows.append((f"  dropped by {name}: {reason}", n))
         rows.append(("documents kept", self.docs_kept))
         for split in SPLITS:
             rows.append(
                 (
-                    f"  {split}: docs / tokens / blocks",
-                    f"{self.docs.get(split, 0):,} / {self.tokens.get(split, 0):,} / {self.blocks.get(split, 0):,}",
+                    f"  {split}: docs / tokens / sequences",
+                    f"{self.docs.get(split, 0):,} / {self.tokens.get(split, 0):,} / {self.sequences.get(split, 0):,}",
                 )
             )
         kind = "trained byte-level BPE" if self.tokenizer_trained else "base"

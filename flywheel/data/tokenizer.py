@@ -23,7 +23,6 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = N
     and breaks ties between equal-count merges by the pair itself.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -36,11 +35,37 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = N
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return wrap(tok)
+
+
+def wrap(tok):
+    """A `tokenizers.Tokenizer` (or its JSON) trained by `train_bpe`, as the fast tokenizer
+    the stage saves."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tok, str):
+        tok = Tokenizer.from_str(tok)
     # GPT-2 convention: one special token serves as EOS, BOS and padding. Padding is
-    # masked out by the attention mask; packed training blocks never contain padding.
+    # masked out by the attention mask; packed training sequences never contain padding.
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None
     )
+
+
+def train_bpe_in_ray(texts_ds, cfg: TokenizerConfig, length: int):
+    """`train_bpe` over a (materialized) Ray dataset's `text` column, inside one Ray task:
+    the trainer counts words in one process by design, and that process is not the driver,
+    so no text passes through it. Returns the fast tokenizer."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def train(ds, cfg: TokenizerConfig, length: int) -> str:
+        batches = ds.iter_batches(batch_size=1024, batch_format="pandas")
+        texts = (t for batch in batches for t in batch["text"])
+        return train_bpe(texts, cfg, length=length).backend_tokenizer.to_str()
+
+    return wrap(ray.get(train.remote(texts_ds, cfg, length)))
 
 
 def load_base(name: str, field: str = "data.tokenizer.base"):

@@ -1,27 +1,25 @@
-"""Benchmark: the data stage's per-document steps on Ray Data vs HF datasets vs a plain loop.
+"""Benchmark: the whole data stage at corpus scale, beside its ceiling and two peers.
 
-    python scripts/bench/bench_data.py                 # 24,000 docs, writes bench-results/bench_data.json
-    python scripts/bench/bench_data.py --docs 40000 --repeats 3 --no-prepare
+    python scripts/bench/bench_data.py --docs 20000,200000     # writes bench-results/bench_data.json
+    python scripts/bench/bench_data.py --docs 20000 --no-peers
 
-Same corpus, same steps, same code in every engine: the blocks of `flywheel.data.blocks`
-(normalize > quality filter > content key > MinHash signature > tokenize), applied to
-pandas batches of `--batch-size` documents by
+For each corpus size, on the same generated corpus (unique ~1.3 KB documents of words drawn
+from the pydoc topics' vocabulary, written as 8 JSONL files) and the same `--cpus`:
 
-  * Ray Data      `map_batches(batch_format="pandas")` on a local Ray with `--cpus` CPUs;
-  * HF datasets   `Dataset.map(batched=True, num_proc=--cpus)`;
-  * plain loop    the same batches, one after another, in this process.
+  * the stage      `flywheel.data.prepare` with `data.source.kind=files`, in a fresh
+                   process (so its peak RSS is the driver's own): wall, docs/s, tokens/s,
+                   driver peak RSS, and the stage's per-step timings;
+  * the ceiling    the stage's own tokenizer, `encode_batch` over the same texts (Rust,
+                   all cores): no stage that tokenizes can beat it;
+  * HF datasets    `Dataset.map(batched=True, num_proc=--cpus)` over the same per-document
+                   steps (normalize > quality > content key > MinHash > tokenize);
+  * datatrove      its MinHash dedup pipeline (signatures > buckets > clusters > filter) with
+                   `LocalPipelineExecutor(tasks=workers=--cpus)`, the peer users pick for
+                   near-duplicate removal (`pip install -e .[bench]`); skipped if absent.
 
-The ceiling is the raw `encode_batch` rate of the same tokenizer (Rust, all cores) on
-the same texts: no engine can tokenize faster than that. Then, for context, the whole
-stage (`flywheel.data.prepare`: + exact/near dedup with Ray groupbys, split, tokenizer
-training, packing, writing) on the same corpus written as JSONL.
-
-Corpus: the pydocs source (Python documentation shipped with the interpreter, ~8.5k
-rows), cycled to `--docs`; copy k of a document has its paragraphs rotated by k, so
-copies are near-duplicates (the full stage removes them; the per-document steps do the
-same work on them as on any text). Each engine runs `--repeats` times; the table shows
-the median of round-robin rounds (first rounds pay worker start-up and imports; every
-run is in the JSON).
+Then union-find vs `scipy.sparse.csgraph.connected_components` on the same synthetic edge
+lists (the stage's near-duplicate clustering). Targets (issue 17): driver RSS at the largest
+size <= 1.2 x at the smallest; stage docs/s at the largest >= 0.6 x the ceiling.
 """
 
 from __future__ import annotations
@@ -30,41 +28,134 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import re
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flywheel.config import DataConfig, SourceConfig, TokenizerConfig, load_profile
-from flywheel.data import schema, sources, steps, tokenizer
-
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+FILES = 8
 
 
-def build_corpus(n_docs: int) -> pd.DataFrame:
-    units = sources.list_units(SourceConfig(kind="pydocs"))
-    base = sources.ReadUnits(SourceConfig(kind="pydocs"))(pd.DataFrame({"unit": units}))
-    rows = []
-    for i in range(n_docs):
-        doc = base.iloc[i % len(base)]
-        k = i // len(base)
-        paras = doc["text"].split("\n\n")
-        text = "\n\n".join(paras[k % len(paras) :] + paras[: k % len(paras)]) if k else doc["text"]
-        rows.append(sources.doc_row(f"{doc['id']}#{k}", doc["source"], text))
-    return schema.doc_frame(rows)
+# ----------------------------------------------------------------------- corpus
+
+
+def generate(n_docs: int, out_dir: Path, seed: int = 17) -> int:
+    """Write `n_docs` unique documents (~1.3 KB: 150-260 words in sentences and paragraphs)
+    as FILES JSONL files; returns the characters written."""
+    from pydoc_data.topics import topics
+
+    words = re.findall(r"[A-Za-z]+", " ".join(topics[k] for k in sorted(topics)))
+    vocab, counts = np.unique(np.array(words), return_counts=True)
+    p = counts / counts.sum()
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [(out_dir / f"corpus-{i:02d}.jsonl").open("w") for i in range(FILES)]
+    chars = 0
+    for start in range(0, n_docs, 1000):
+        m = min(1000, n_docs - start)
+        lens = rng.integers(150, 260, size=m)
+        drawn = vocab[rng.choice(len(vocab), size=int(lens.sum()), p=p)]
+        pos = 0
+        for j, n in enumerate(lens):
+            w = drawn[pos : pos + n]
+            pos += n
+            sents = [" ".join(w[k : k + 15]).capitalize() + "." for k in range(0, n, 15)]
+            text = "\n\n".join("  ".join(sents[k : k + 4]) for k in range(0, len(sents), 4))
+            chars += len(text)
+            doc = {"id": f"doc-{start + j:08d}", "text": text}
+            files[(start + j) % FILES].write(json.dumps(doc) + "\n")
+    for f in files:
+        f.close()
+    return chars
+
+
+def texts_of(corpus: Path) -> list[str]:
+    texts = []
+    for path in sorted(corpus.glob("*.jsonl")):
+        with path.open() as f:
+            texts += [json.loads(line)["text"] for line in f]
+    return texts
+
+
+# ------------------------------------------------------------------------ stage
+
+
+def stage_child(corpus: str, out: str, cpus: int) -> None:
+    """Run inside a fresh process: the stage, then one JSON line with its numbers."""
+    from flywheel.config import load_profile
+    from flywheel.data import prepare
+
+    profile = load_profile(
+        None,
+        [
+            "data.source.kind=files",
+            f"data.source.path={corpus}",
+            "data.source.id_field=id",
+            f"ray.num_cpus={cpus}",
+        ],
+    )
+    t0 = time.perf_counter()
+    stats = prepare(profile, Path(out))
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "seconds": round(wall, 2),
+                "driver_peak_rss_bytes": rss,
+                "timings": stats.timings,
+                "docs_kept": stats.docs_kept,
+                "tokens": sum(stats.tokens.values()),
+                "tokens_all": sum(stats.tokens.values()) + sum(stats.tail_tokens.values()),
+                "dropped": stats.dropped,
+            }
+        ),
+        flush=True,
+    )
+
+
+def run_stage(corpus: Path, out: Path, cpus: int) -> dict:
+    cmd = [sys.executable, __file__, "--child-stage", str(corpus), str(out), str(cpus)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not lines:
+        sys.exit(f"the stage failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+# ------------------------------------------------------------------------ peers
+
+
+def run_ceiling(texts: list[str], tokenizer_dir: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    t0 = time.perf_counter()
+    enc = tok.encode_batch(texts, add_special_tokens=False)
+    s = time.perf_counter() - t0
+    return {"seconds": round(s, 2), "tokens": sum(len(e.ids) for e in enc)}
 
 
 class Steps:
-    """The per-document steps, composed: one pandas batch in, token ids out."""
+    """The stage's per-document steps, composed: a pandas batch in, token counts out."""
 
-    def __init__(self, cfg: DataConfig, tokenizer_json: str):
-        self.blocks = [
+    def __init__(self, tokenizer_json: str):
+        from flywheel.config import DataConfig
+        from flywheel.data import steps
+
+        cfg = DataConfig()
+        self.steps = [
             steps.Normalize(),
             steps.QualityFilter(cfg.filters),
             steps.ContentKey(),
@@ -72,230 +163,255 @@ class Steps:
         ]
         self.tokenize = steps.Tokenize(tokenizer_json)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        for block in self.blocks:
-            batch = block(batch)
-        kept = schema.keep_only(batch).assign(split="train")
-        return self.tokenize(kept)
+    def __call__(self, batch: dict) -> dict:
+        from flywheel.data import schema, sources
+
+        frame = schema.doc_frame(
+            [
+                sources.doc_row(i, "bench", t)
+                for i, t in zip(batch["id"], batch["text"], strict=True)
+            ]
+        )
+        for step in self.steps:
+            frame = step(frame)
+        kept = schema.keep_only(frame).assign(split="train")
+        table = self.tokenize(kept)
+        return {"n_tokens": [sum(table["n_tokens"].to_pylist())]}
 
 
-def run_loop(corpus: pd.DataFrame, steps: Steps, batch_size: int) -> int:
-    tokens = 0
-    for start in range(0, len(corpus), batch_size):
-        tokens += int(steps(corpus.iloc[start : start + batch_size].copy())["n_tokens"].sum())
-    return tokens
-
-
-def _hf_fn(batch: dict, steps: Steps) -> dict:
-    # `batch` is a LazyBatch (a Mapping), which pandas does not read as columns.
-    out = steps(pd.DataFrame({k: batch[k] for k in batch}))
-    return {
-        "key": out["key"].tolist(),
-        "input_ids": out["input_ids"].tolist(),
-        "n_tokens": out["n_tokens"].tolist(),
-    }
-
-
-def run_datasets(corpus: pd.DataFrame, steps: Steps, batch_size: int, procs: int) -> int:
+def run_datasets(texts: list[str], tokenizer_dir: Path, procs: int) -> dict:
     import datasets
 
     datasets.disable_caching()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_pandas(corpus, preserve_index=False)
+    tok_json = (tokenizer_dir / "tokenizer.json").read_text()
+    ds = datasets.Dataset.from_dict({"id": [f"d{i}" for i in range(len(texts))], "text": texts})
+    t0 = time.perf_counter()
     out = ds.map(
-        _hf_fn,
+        Steps(tok_json),
         batched=True,
-        batch_size=batch_size,
+        batch_size=256,
         num_proc=procs,
-        fn_kwargs={"steps": steps},
         remove_columns=ds.column_names,
         load_from_cache_file=False,
     )
-    return int(sum(out["n_tokens"]))
+    tokens = int(sum(out["n_tokens"]))
+    return {"seconds": round(time.perf_counter() - t0, 2), "tokens": tokens}
 
 
-def run_ray(corpus: pd.DataFrame, steps: Steps, batch_size: int, cpus: int) -> int:
-    import ray
+def run_datatrove(corpus: Path, work: Path, cpus: int) -> dict | None:
+    try:
+        from datatrove.executor import LocalPipelineExecutor
+        from datatrove.pipeline.dedup.minhash import (
+            MinhashConfig,
+            MinhashDedupBuckets,
+            MinhashDedupCluster,
+            MinhashDedupFilter,
+            MinhashDedupSignature,
+        )
+        from datatrove.pipeline.readers import JsonlReader
+        from datatrove.pipeline.writers import JsonlWriter
+        from datatrove.utils.hashing import HashConfig
+    except ImportError:
+        return None
+    from datatrove.utils.word_tokenizers import WordTokenizer
 
-    ds = ray.data.from_pandas([corpus.iloc[i :: 4 * cpus] for i in range(4 * cpus)])
-    out = ds.map_batches(steps, batch_format="pandas", batch_size=batch_size).materialize()
-    # Summed here, not with Dataset.sum: an aggregate is a shuffle that starts aggregator
-    # actors (seconds on 2 cores) and is not part of the work being compared.
-    return int(out.select_columns(["n_tokens"]).to_pandas()["n_tokens"].sum())
+    class Words(WordTokenizer):
+        """Our word definition (`\\w+`). Its English default needs spaCy and a model download;
+        a WordTokenizer passed in is its documented way to use another."""
+
+        def word_tokenize(self, text: str) -> list[str]:
+            return re.findall(r"\w+", text)
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return [text]
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            return [(0, len(text))]
+
+    # 16 bands x 8 rows = 128 hashes of 5-grams, as close as its config gets to ours (32 x 4).
+    # sha1: its xxhash path hands str to xxhash 4, which takes only bytes (TypeError).
+    config = MinhashConfig(
+        n_grams=5, num_buckets=16, hashes_per_bucket=8, hash_config=HashConfig(hash_fc="sha1")
+    )
+    from loguru import logger
+
+    logger.remove()  # its per-task INFO lines would bury the table
+    logger.add(sys.stderr, level="WARNING")
+    reader = JsonlReader(str(corpus), glob_pattern="*.jsonl")
+    common = {"workers": cpus, "logging_dir": None, "skip_completed": False}
+    t0 = time.perf_counter()
+    stages = [
+        LocalPipelineExecutor(
+            [reader, MinhashDedupSignature(str(work / "sigs"), config=config, language=Words())],
+            tasks=cpus,
+            **common,
+        ),
+        LocalPipelineExecutor(
+            [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=config)],
+            tasks=config.num_buckets,
+            **common,
+        ),
+        LocalPipelineExecutor(
+            [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config)],
+            tasks=1,
+            workers=1,
+            logging_dir=None,
+            skip_completed=False,
+        ),
+        LocalPipelineExecutor(
+            [
+                JsonlReader(str(corpus), glob_pattern="*.jsonl"),
+                MinhashDedupFilter(str(work / "remove")),
+                JsonlWriter(str(work / "out")),
+            ],
+            tasks=cpus,
+            **common,
+        ),
+    ]
+    for executor in stages:
+        executor.run()
+    return {"seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run_ceiling(corpus: pd.DataFrame, tok) -> int:
-    enc = tok.backend_tokenizer.encode_batch(list(corpus["text"]), add_special_tokens=False)
-    return sum(len(e.ids) for e in enc)
+# ------------------------------------------------------------------ union-find
 
 
-def timed(fn, repeats: int) -> tuple[list[float], int]:
-    times, result = [], 0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(round(time.perf_counter() - t0, 3))
-    return times, result
+def scipy_components(edges) -> dict[str, str]:
+    """The alternative issue 12 asked to measure: scipy's connected_components, keys
+    numbered with pandas, the smallest key of each component kept (same result)."""
+    import pandas as pd
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(edges)
+    codes, keys = pd.factorize(pd.concat([edges["a"], edges["b"]], ignore_index=True))
+    graph = coo_matrix((np.ones(n, dtype=np.int8), (codes[:n], codes[n:])), shape=(len(keys),) * 2)
+    _, label = connected_components(graph, directed=False)
+    names = pd.Series(np.asarray(keys, dtype=object))
+    kept = names.groupby(label).transform("min")
+    moved = (kept != names).to_numpy()
+    return dict(zip(names[moved].tolist(), kept[moved].tolist(), strict=True))
+
+
+def bench_components(n_edges: int) -> dict:
+    import pandas as pd
+
+    from flywheel.data.steps import duplicate_components
+
+    rng = np.random.default_rng(0)
+    # Clusters of 2-6 documents, like near-duplicate families; keys are 32-hex hashes.
+    keys = np.array([f"{x:032x}" for x in rng.integers(0, 2**63, size=n_edges * 2)])
+    sizes = rng.integers(2, 7, size=n_edges)
+    a, b, pos = [], [], 0
+    for s in sizes:
+        if len(a) >= n_edges or pos + s > len(keys):
+            break
+        fam = keys[pos : pos + s]
+        pos += s
+        for j in range(1, s):
+            a.append(fam[rng.integers(0, j)])
+            b.append(fam[j])
+    edges = pd.DataFrame({"a": a, "b": b})
+    t0 = time.perf_counter()
+    ref = duplicate_components(edges)  # the stage's union-find
+    t_uf = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = scipy_components(edges)
+    t_sp = time.perf_counter() - t0
+    assert got == ref, "scipy components differ from union-find"
+    return {"edges": len(a), "union_find_s": round(t_uf, 3), "scipy_s": round(t_sp, 3)}
+
+
+# ------------------------------------------------------------------------- main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--docs", default="20000,200000", help="comma-separated corpus sizes")
     ap.add_argument(
-        "--docs", type=int, default=24_000, help="corpus size (>= 20k for the recorded figures)"
+        "--cpus", type=int, default=2, help="Ray CPUs, datasets num_proc, datatrove workers"
     )
-    ap.add_argument("--cpus", type=int, default=2, help="Ray CPUs and datasets num_proc")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--no-prepare", action="store_true", help="skip the whole-stage run")
+    ap.add_argument("--no-peers", action="store_true", help="only the stage and the ceiling")
+    ap.add_argument("--edges", type=int, default=200_000, help="edges for the clustering bench")
     ap.add_argument("--out", default="bench-results/bench_data.json")
     args = ap.parse_args()
 
-    cfg = DataConfig()
-    t0 = time.perf_counter()
-    corpus = build_corpus(args.docs)
-    print(
-        f"corpus: {len(corpus):,} docs, {corpus['text'].str.len().sum():,} chars ({time.perf_counter() - t0:.1f}s)"
-    )
-    tok = tokenizer.train_bpe(
-        corpus["text"].tolist(), TokenizerConfig(vocab_size=cfg.tokenizer.vocab_size)
-    )
-    steps = Steps(cfg, tok.backend_tokenizer.to_str())
-
-    import ray
-
-    t0 = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    ray_init_s = round(time.perf_counter() - t0, 2)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-
-    results: dict[str, dict] = {}
-    engines = {
-        "tokenizer encode_batch (ceiling)": lambda: run_ceiling(corpus, tok),
-        "plain loop (1 process)": lambda: run_loop(corpus, steps, args.batch_size),
-        f"HF datasets map(batched, num_proc={args.cpus})": lambda: run_datasets(
-            corpus, steps, args.batch_size, args.cpus
-        ),
-        f"Ray Data map_batches ({args.cpus} CPUs)": lambda: run_ray(
-            corpus, steps, args.batch_size, args.cpus
-        ),
-    }
-    # Round-robin rounds, median per engine: on a shared machine the load changes
-    # minute to minute, and back-to-back runs of one engine would all catch the same spell.
-    # One untimed warm-up per engine on 512 documents: Ray's first map starts worker
-    # processes that import pandas/tokenizers/datasketch (seconds, once per process);
-    # it is recorded in the JSON and is part of the whole-stage figure below.
-    warmup: dict[str, float] = {}
-    small = corpus.iloc[:512]
-    for name, fn in {
-        "plain loop (1 process)": lambda: run_loop(small, steps, args.batch_size),
-        f"HF datasets map(batched, num_proc={args.cpus})": lambda: run_datasets(
-            small, steps, args.batch_size, args.cpus
-        ),
-        f"Ray Data map_batches ({args.cpus} CPUs)": lambda: run_ray(
-            small, steps, args.batch_size, args.cpus
-        ),
-    }.items():
-        t0 = time.perf_counter()
-        fn()
-        warmup[name] = round(time.perf_counter() - t0, 3)
-    print(f"  warm-up (512 docs): {warmup}")
-    runs: dict[str, list[float]] = {name: [] for name in engines}
-    tokens: dict[str, int] = {}
-    for round_ in range(args.repeats):
-        for name, fn in engines.items():
-            t0 = time.perf_counter()
-            tokens[name] = fn()
-            runs[name].append(round(time.perf_counter() - t0, 3))
-        print(
-            f"  round {round_ + 1}: "
-            + ", ".join(f"{n.split(' ')[0]} {runs[n][-1]}s" for n in engines)
-        )
-    for name in engines:
-        med = statistics.median(runs[name])
-        results[name] = {
-            "runs_s": runs[name],
-            "median_s": med,
-            "best_s": min(runs[name]),
-            "docs_per_s": round(len(corpus) / med, 1),
-            "tokens": tokens[name],
-            "tokens_per_s": round(tokens[name] / med, 1),
-        }
-
-    base = results[f"HF datasets map(batched, num_proc={args.cpus})"]["median_s"]
-    loop = results["plain loop (1 process)"]["median_s"]
-    for r in results.values():
-        r["speed_vs_datasets"] = round(base / r["median_s"], 2)
-        r["speed_vs_loop"] = round(loop / r["median_s"], 2)
-
-    prepare_result = None
-    if not args.no_prepare:
-        from flywheel.data import prepare
-
+    sizes = [int(x) for x in args.docs.split(",")]
+    results = []
+    for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "corpus"
-            src.mkdir()
-            with (src / "corpus.jsonl").open("w") as f:
-                for row in corpus.itertuples():
-                    f.write(json.dumps({"id": row.id, "text": row.text}) + "\n")
-            profile = load_profile(
-                None,
-                ["data.source.kind=files", f"data.source.path={src}", "data.source.id_field=id"],
+            corpus = Path(tmp) / "corpus"
+            chars = generate(n, corpus)
+            texts = texts_of(corpus)
+            stage = run_stage(corpus, Path(tmp) / "out", args.cpus)
+            row: dict = {"docs": n, "chars": chars, "stage": stage}
+            row["ceiling"] = run_ceiling(texts, Path(tmp) / "out" / "tokenizer")
+            if not args.no_peers:
+                row["datasets"] = run_datasets(texts, Path(tmp) / "out" / "tokenizer", args.cpus)
+                row["datatrove"] = run_datatrove(corpus, Path(tmp) / "dt", args.cpus)
+            for name in ("stage", "ceiling", "datasets", "datatrove"):
+                if row.get(name):
+                    row[name]["docs_per_s"] = round(n / row[name]["seconds"], 1)
+            row["stage_vs_ceiling"] = round(
+                row["stage"]["docs_per_s"] / row["ceiling"]["docs_per_s"], 3
             )
-            stats = prepare(profile, Path(tmp) / "out")
-        prepare_result = {
-            "seconds": stats.seconds,
-            "docs_per_s": round(len(corpus) / stats.seconds, 1),
-            "timings": stats.timings,
-            "docs_kept": stats.docs_kept,
-            "dropped": stats.dropped,
-            "tokens": sum(stats.tokens.values()),
-        }
+            results.append(row)
+            print(json.dumps(row), flush=True)
 
-    header = f"{'engine':<44}{'median s':>9}{'docs/s':>10}{'tokens/s':>12}{'vs datasets':>13}{'vs loop':>9}"
+    components = bench_components(args.edges)
+
     print()
+    header = (
+        f"{'docs':>8} {'stage s':>8} {'docs/s':>7} {'tok/s':>9} {'RSS GB':>7} "
+        f"{'ceiling docs/s':>15} {'x ceil':>7} {'datasets docs/s':>16} {'datatrove docs/s':>17}"
+    )
     print(header)
     print("-" * len(header))
-    for name, r in results.items():
+    for r in results:
+        st = r["stage"]
         print(
-            f"{name:<44}{r['median_s']:>9.2f}{r['docs_per_s']:>10,.0f}{r['tokens_per_s']:>12,.0f}"
-            f"{r['speed_vs_datasets']:>12.2f}x{r['speed_vs_loop']:>8.2f}x"
+            f"{r['docs']:>8,} {st['seconds']:>8.1f} {st['docs_per_s']:>7,.0f} "
+            f"{st['tokens_all'] / st['seconds']:>9,.0f} {st['driver_peak_rss_bytes'] / 1e9:>7.2f} "
+            f"{r['ceiling']['docs_per_s']:>15,.0f} {r['stage_vs_ceiling']:>7.2f} "
+            f"{(r.get('datasets') or {}).get('docs_per_s', float('nan')):>16,.0f} "
+            f"{(r.get('datatrove') or {}).get('docs_per_s', float('nan')):>17,.0f}"
         )
-    print(f"(ray.init: {ray_init_s}s, not included; load average at end: {os.getloadavg()[0]:.1f})")
-    if prepare_result:
-        print(
-            f"whole stage, flywheel.data.prepare: {prepare_result['seconds']:.1f}s "
-            f"({prepare_result['docs_per_s']:,.0f} docs/s), steps: {prepare_result['timings']}; "
-            f"kept {prepare_result['docs_kept']:,}, dropped {prepare_result['dropped']}"
+    if len(results) > 1:
+        ratio = (
+            results[-1]["stage"]["driver_peak_rss_bytes"]
+            / results[0]["stage"]["driver_peak_rss_bytes"]
         )
-
+        print(f"driver RSS, largest / smallest: {ratio:.2f} (target <= 1.2)")
+    print(
+        f"stage vs ceiling at the largest size: {results[-1]['stage_vs_ceiling']:.2f} (target >= 0.6)"
+    )
+    print(
+        f"clustering {components['edges']:,} edges: union-find {components['union_find_s']}s, "
+        f"scipy connected_components {components['scipy_s']}s"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
-                "corpus_docs": len(corpus),
-                "corpus_chars": int(corpus["text"].str.len().sum()),
-                "cpus": args.cpus,
-                "batch_size": args.batch_size,
                 "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
-                "ray_init_s": ray_init_s,
-                "warmup_512_docs_s": warmup,
+                "cpus": args.cpus,
+                "sizes": results,
+                "components": components,
                 "load_average_end": os.getloadavg()[0],
-                "engines": results,
-                "prepare": prepare_result,
             },
             indent=2,
         )
     )
     print(f"wrote {out}")
-    ray.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 5 and sys.argv[1] == "--child-stage":
+        stage_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        main()

@@ -145,8 +145,8 @@ def test_counts(prepared):
     dropped = sum(stats.dropped.values())
     assert stats.docs_read == stats.docs_kept + dropped + sum(EXPECTED_REJECTS.values())
     assert stats.docs_kept == sum(stats.docs.values())
-    assert all(stats.docs[s] > 0 and stats.blocks[s] > 0 for s in artifacts.SPLITS)
-    assert all(stats.tokens[s] == stats.blocks[s] * BLOCK for s in artifacts.SPLITS)
+    assert all(stats.docs[s] > 0 and stats.sequences[s] > 0 for s in artifacts.SPLITS)
+    assert all(stats.tokens[s] == stats.sequences[s] * BLOCK for s in artifacts.SPLITS)
 
 
 def test_manifest_and_layout(prepared):
@@ -155,7 +155,7 @@ def test_manifest_and_layout(prepared):
     assert manifest["content_hash"] == stats.content_hash
     assert manifest["block_size"] == BLOCK
     assert manifest["counts"]["rejected"] == 6
-    chain = manifest["counts"]["blocks"]
+    chain = manifest["counts"]["steps"]
     assert [b["name"] for b in chain] == list(schema.PIPELINE_STEPS)
     assert all(a["kept"] == b["read"] for a, b in itertools.pairwise(chain))
     assert chain[-1]["kept"] == stats.docs_kept
@@ -231,6 +231,24 @@ def test_reproducible_bytes(prepared, corpus, tmp_path):
     left, right = (json.loads((d / artifacts.MANIFEST).read_text()) for d in (out, tmp_path / "b"))
     left["config"].pop("batch_size"), right["config"].pop("batch_size")
     assert left == right
+
+
+def test_shards_cut_in_ray_hold_the_same_sequences(prepared, corpus, tmp_path, monkeypatch):
+    """Shards of 8 sequences, each packed and written by its own Ray task, hold exactly the
+    sequences of the one-shard run, in order: the lookahead completes every sequence that
+    straddles two shards."""
+    from flywheel.data import shards
+
+    stats, out, _ = prepared
+    monkeypatch.setattr(shards, "SEQUENCES_PER_SHARD", 8)
+    small = prepare(_profile(corpus), tmp_path / "small")
+    assert small.sequences == stats.sequences and small.tail_tokens == stats.tail_tokens
+    for split in artifacts.SPLITS:
+        files = artifacts.split_files(tmp_path / "small", split)
+        assert len(files) > 1 or stats.sequences[split] <= 12
+        cut = [pq.read_table(f).column(0).to_pylist() for f in files]
+        whole = [pq.read_table(f).column(0).to_pylist() for f in artifacts.split_files(out, split)]
+        assert [s for part in cut for s in part] == [s for part in whole for s in part]
 
 
 def test_too_many_rejects_names_worst_source(tmp_path):

@@ -189,7 +189,7 @@ def test_data_stage_runs_on_the_cluster_at_the_address(cluster, state_dir, token
     finally:
         ray.shutdown()
 
-    assert stats.docs_kept > 0 and stats.blocks["train"] > 0
+    assert stats.docs_kept > 0 and stats.sequences["train"] > 0
     # Every step ran as a driver of that cluster (Ray reports 127.0.0.1 as the node IP).
     assert {gcs.rsplit(":", 1)[1] for gcs, _ in seen.values()} == {str(cluster.port)}
     job_id = seen["write"][1]

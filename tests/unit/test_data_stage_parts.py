@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from flywheel.config import DataConfig, TokenizerConfig
-from flywheel.data import stage, tokenizer
+from flywheel.data import shards, stage, steps, tokenizer
 from flywheel.data.stats import DataStats
 from flywheel.errors import DataError
 
@@ -54,21 +56,60 @@ def test_content_hash_covers_inputs_and_config_not_batch_size():
     assert stage._content_hash(moved, digests) == stage._content_hash(here, digests)
 
 
-def test_write_blocks_identical_bytes_and_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(stage, "BLOCKS_PER_SHARD", 4)
-    blocks = np.arange(10 * 8, dtype=np.int32).reshape(10, 8)
-    names = stage.write_blocks(blocks, tmp_path / "a" / "train")
-    stage.write_blocks(blocks, tmp_path / "b" / "train")
-    assert names == [
-        "train/part-00000.parquet",
-        "train/part-00001.parquet",
-        "train/part-00002.parquet",
-    ]
-    for name in names:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    table = pq.read_table(tmp_path / "a" / "train")
-    assert str(table.schema.field("input_ids").type) == "list<element: int32>"
-    assert table.column("input_ids").to_pylist()[9] == list(range(72, 80))
+def _docs(n: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    keys = sorted({f"{rng.integers(0, 2**63):016x}{i:016x}" for i in range(n)})
+    ids = [rng.integers(1, 50, size=rng.integers(1, 40)).astype(np.int32) for _ in keys]
+    return pa.table(
+        {
+            "key": keys,
+            "split": ["train"] * len(keys),
+            "input_ids": pa.array([x.tolist() for x in ids], type=pa.list_(pa.int32())),
+            "n_tokens": [len(x) for x in ids],
+        }
+    )
+
+
+def _shard_by_shard(table: pa.Table, seq_len: int, per_shard: int, out) -> list[np.ndarray]:
+    """What Ray does (AssignShards, groupby (split, shard), PackShard), in one process."""
+    parts = shards.key_part(table["key"].to_pylist())
+    tokens = np.bincount(
+        parts, weights=table["n_tokens"].to_numpy() + 1, minlength=shards.KEY_PARTS
+    ).astype(np.int64)
+    plan = shards.plan_shards(tokens, seq_len, per_shard)
+    plans = {"train": plan}
+    # Batches cut anywhere: the assignment is per row.
+    assigned = pa.concat_tables(
+        shards.AssignShards(plans)(table.slice(i, 7)) for i in range(0, table.num_rows, 7)
+    )
+    pack = shards.PackShard(plans, seq_len, eos_id=0, out_dir=str(out))
+    names = []
+    for k in range(len(plan.starts)):
+        group = assigned.filter(pc.equal(assigned["shard"], k))
+        names.append(pack(group)["file"].iloc[0])
+    return [np.array(pq.read_table(out / n).column(0).to_pylist(), dtype=np.int32) for n in names]
+
+
+@pytest.mark.parametrize("seq_len,per_shard", [(8, 3), (16, 2), (5, 40), (64, 1)])
+def test_shards_pack_exactly_like_one_stream(tmp_path, seq_len, per_shard):
+    table = _docs(300)
+    whole, tail = steps.Pack(seq_len, eos_id=0).sequences(table.to_pandas())
+    got = _shard_by_shard(table, seq_len, per_shard, tmp_path)
+    assert len(got) > 1 or per_shard == 40  # several shards, so boundaries are crossed
+    flat = np.concatenate([g.reshape(-1, seq_len) for g in got if len(g)])
+    assert flat.tolist() == whole.tolist()
+    again = _shard_by_shard(table, seq_len, per_shard, tmp_path / "again")
+    assert all(a.tolist() == b.tolist() for a, b in zip(got, again, strict=True))
+    assert tail < seq_len
+
+
+def test_plan_shards_cuts_by_tokens_and_merges_a_small_remainder():
+    tokens = np.zeros(shards.KEY_PARTS, dtype=np.int64)
+    tokens[[10, 20, 30, 40]] = [100, 100, 100, 20]
+    plan = shards.plan_shards(tokens, seq_len=10, per_shard=10)  # 100 tokens a shard
+    assert plan.starts == [0, 100, 200] and plan.lengths == [100, 100, 120]
+    assert plan.lookahead[0] == (11, 21)  # reaches range 20, the next with tokens
+    assert plan.total == 320
 
 
 def test_bpe_is_deterministic_and_loads_with_auto_tokenizer(tmp_path):
@@ -104,7 +145,7 @@ def _stats() -> DataStats:
         dropped_by_reason={"quality:too_short": 2, "exact_dedup:exact_duplicate": 1},
         docs={"train": 4, "validation": 1, "test": 1},
         tokens={"train": 64, "validation": 16, "test": 16},
-        blocks={"train": 4, "validation": 1, "test": 1},
+        sequences={"train": 4, "validation": 1, "test": 1},
         block_size=16,
         vocab_size=300,
         tokenizer_trained=True,
@@ -120,12 +161,12 @@ def test_stats_metrics_flat_numbers_and_rows():
     rows = dict(s.rows())
     assert rows["documents read"] == 10
     assert rows["  dropped by quality: too_short"] == 2
-    assert rows["  train: docs / tokens / blocks"] == "4 / 64 / 4"
+    assert rows["  train: docs / tokens / sequences"] == "4 / 64 / 4"
     assert rows["content hash"] == "abababababab"
 
 
-def test_block_counts_chain():
-    counts = stage._block_counts(_stats())
+def test_step_counts_chain():
+    counts = stage._step_counts(_stats())
     assert [c["name"] for c in counts] == [
         "read",
         "normalize",

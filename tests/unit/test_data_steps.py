@@ -251,12 +251,10 @@ def test_tokenize_block(tok):
     assert tok.eos_token_id not in out["input_ids"].iloc[0]
 
 
-def test_pack_exact_blocks_with_eos():
+def test_pack_exact_sequences_with_eos():
     batch = pd.DataFrame({"input_ids": [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)]})
-    blocks, tail = steps.Pack(block_size=3, eos_id=0).blocks(batch)
-    assert blocks.tolist() == [[1, 2, 3], [0, 4, 5]]
-    assert tail == 1  # the final EOS does not fill a block
-    frame = steps.Pack(block_size=4, eos_id=0)(batch)
-    assert frame["input_ids"].map(len).tolist() == [4]
-    empty, tail = steps.Pack(4, 0).blocks(pd.DataFrame({"input_ids": []}))
+    seqs, tail = steps.Pack(seq_len=3, eos_id=0).sequences(batch)
+    assert seqs.tolist() == [[1, 2, 3], [0, 4, 5]]
+    assert tail == 1  # the final EOS does not fill a sequence
+    empty, tail = steps.Pack(4, 0).sequences(pd.DataFrame({"input_ids": []}))
     assert empty.shape == (0, 4) and tail == 0
