@@ -89,6 +89,17 @@ def _package(pipeline: str, profile, package: Path | None) -> Path:
     return compiled_package(pipeline, profile, package, out_dir)
 
 
+def _kuberay_access(prof) -> None:
+    """The RBAC the run's RayJobs need, asked of the Kubernetes API where it answers: a
+    warning, not a refusal, because the identity asked is whoever runs submit (a laptop's
+    kubeconfig, CI), not the run's service account, which alone the steps act as."""
+    from flywheel.runtime.kuberay import submit_access_problem
+
+    problem = submit_access_problem(prof)
+    if problem:
+        err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
+
+
 def submit_cmd(
     pipeline: Annotated[str, typer.Argument(help="pipeline name, e.g. retrain or monitor")],
     overrides: OverridesArg = None,
@@ -126,6 +137,8 @@ def submit_cmd(
         target = _target(prof, host, namespace)
         _print_plan(plan_submit(spec, target.namespace), target)
         return
+    if prof.ray.mode == "kuberay":
+        _kuberay_access(prof)
     session = _session(prof, host, namespace)
     run = start_run(session, spec)
     ref = run.pipeline

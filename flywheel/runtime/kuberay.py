@@ -90,6 +90,7 @@ __all__ = [
     "render",
     "run",
     "run_selector",
+    "submit_access_problem",
     "watch",
     "write_text",
 ]
@@ -291,6 +292,49 @@ def missing_access(profile: Profile, api: Any = None) -> list[str]:
             what = f"{resource}/{sub}" if sub else resource
             missing.append(f"{verb} {what}{'.' + group if group else ''}")
     return missing
+
+
+# Seconds `submit_access_problem` waits for the API's port before saying it is not reachable.
+REACH_TIMEOUT_S = 3.0
+
+
+def submit_access_problem(profile: Profile) -> str | None:
+    """For `flywheel submit`: one line on what the RayJobs' RBAC lacks, a line saying it
+    could not be checked from here, or None when everything is allowed.
+
+    Never raises: a submit goes on either way. The identity asked is whoever runs submit
+    (kubeconfig, or a pod's service account), not necessarily the run's own account."""
+    import socket
+    from urllib.parse import urlsplit
+
+    ns = namespace(profile)
+    try:
+        api = api_client()
+        url = urlsplit(api.configuration.host)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        # A bounded look first: the client would otherwise retry an unanswered host for minutes.
+        with socket.create_connection((url.hostname or "", port), timeout=REACH_TIMEOUT_S):
+            pass
+    except FlywheelError as exc:
+        return f"RayJob RBAC not checked: {exc}"
+    except OSError as exc:
+        return (
+            f"RayJob RBAC not checked: the Kubernetes API at {api.configuration.host} is not "
+            f"reachable from here ({exc.strerror or type(exc).__name__}); run `flywheel "
+            "kuberay check` where it is"
+        )
+    try:
+        missing = missing_access(profile, api)
+    except FlywheelError as exc:
+        return f"RayJob RBAC not checked: {exc}"
+    except Exception as exc:  # urllib3 errors of a connection that broke after the probe
+        return f"RayJob RBAC not checked: {' '.join(str(exc).split())}"
+    if not missing:
+        return None
+    return (
+        f"in namespace {ns} this identity may not: {', '.join(missing)}; the run's service "
+        f"account needs them to run its RayJobs (apply {RBAC_FILE})"
+    )
 
 
 # ------------------------------------------------------------------------- watch

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from k8s_standin import StandIn, crds_present, schema_errors
+from test_kfp_client import package  # noqa: F401  (a trivial compiled pipeline, for submit)
 
 from flywheel.config import config_file, load_profile
 from flywheel.errors import ConfigError, FlywheelError
@@ -408,3 +409,93 @@ def test_a_stage_run_outside_a_rayjob_in_kuberay_mode_says_where_it_runs(monkeyp
     monkeypatch.delenv(kuberay.DRIVER_ENV, raising=False)
     with pytest.raises(ConfigError, match=r"^ray.mode is 'kuberay': the prepare-data, tune and"):
         ensure_ray(RayConfig(mode="kuberay"))
+
+
+# ---------------------------------------------------------------------- submit
+
+
+@pytest.fixture
+def kfp_submit(contracts_dir, state_dir, package, monkeypatch):  # noqa: F811
+    """`flywheel submit retrain` of a trivial package (test_kfp_client's) against the KFP
+    API stand-in, with a kuberay profile: the stand-in and the argument list."""
+    from standin_kfp import KfpStandIn
+
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", "tok")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with KfpStandIn(contracts_dir, token="tok") as server:
+        yield server, [
+            "submit", "retrain", "ray.mode=kuberay",
+            "registry.tracking_uri=http://mlflow.example:5000",
+            "tune.storage=postgresql+psycopg2://optuna@pg.example:5432/optuna",
+            "storage.root=s3://bucket/flywheel",
+            "--host", server.url, "--package", str(package),
+        ]  # fmt: skip
+
+
+@needs_standin
+def test_submit_warns_in_one_line_what_rbac_is_missing_and_submits(
+    kfp_submit, standin, cli, monkeypatch
+):
+    kfp, args = kfp_submit
+    standin.forbidden |= {("create", "rayjobs"), ("get", "pods/log")}
+    code, _, err = cli(*args)
+    assert code == 0 and len(kfp.runs) == 1, err
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert warnings == [
+        "warning: in namespace default this identity may not: create rayjobs.ray.io, get "
+        "pods/log; the run's service account needs them to run its RayJobs (apply "
+        f"{kuberay.RBAC_FILE})"
+    ]
+    # Everything allowed: no warning at all.
+    standin.forbidden.clear()
+    code, _, err = cli(*args)
+    assert code == 0 and len(kfp.runs) == 2
+    assert not [line for line in err if "warning" in line or "RBAC" in line], err
+
+
+def test_submit_says_in_one_line_when_the_kubernetes_api_is_not_reachable(
+    kfp_submit, cli, tmp_path, monkeypatch
+):
+    import socket
+
+    kfp, args = kfp_submit
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    (tmp_path / "kubeconfig").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{dead}"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    t0 = time.monotonic()
+    code, _, err = cli(*args)
+    assert code == 0 and len(kfp.runs) == 1, err
+    (line,) = [line for line in err if "RBAC" in line]
+    assert line.startswith(
+        f"warning: RayJob RBAC not checked: the Kubernetes API at http://127.0.0.1:{dead} is "
+        "not reachable from here ("
+    )
+    assert line.endswith("run `flywheel kuberay check` where it is")
+    assert time.monotonic() - t0 < 60
+    # No kubeconfig at all: said as plainly, and the run is still submitted.
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    code, _, err = cli(*args)
+    assert code == 0 and len(kfp.runs) == 2
+    (line,) = [line for line in err if "RBAC" in line]
+    assert line.startswith("warning: RayJob RBAC not checked: no Kubernetes API to talk to: ")
+
+
+def test_submit_of_a_profile_without_kuberay_asks_no_kubernetes_api(kfp_submit, cli, monkeypatch):
+    kfp, args = kfp_submit
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")
+    code, _, err = cli(*[a if a != "ray.mode=kuberay" else "ray.mode=local" for a in args])
+    assert code == 0 and len(kfp.runs) == 1
+    assert not [line for line in err if "RBAC" in line], err
