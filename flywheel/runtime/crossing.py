@@ -129,10 +129,15 @@ def for_workers(profile: Profile, plan: Any, resume: Path | None) -> tuple[Any, 
 # ----------------------------------------------------------------------- worker side
 
 
+def is_handed(value: str | None) -> bool:
+    """A value `for_workers` made: an object-store or file:// URI (not, say, a hub id)."""
+    return storage.is_remote(value) or str(value or "").startswith("file://")
+
+
 def local_model_source(source: Any, endpoint_url: str | None, work: Path) -> Any:
     """On a worker: a model source whose path is a URI, staged into `work` first (a
     file:// URI, a shared mount, is read where it is)."""
-    if source.kind == "fresh" or not storage.is_uri(str(source.path or "")):
+    if source.kind == "fresh" or not is_handed(source.path):
         return source
     local = storage.stage_in(str(source.path), work / "model", "storage.root", endpoint_url)
     return source.model_copy(update={"path": str(local)})

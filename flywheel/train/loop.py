@@ -194,16 +194,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from flywheel import storage
     from flywheel.config import Profile
-    from flywheel.runtime.crossing import local_model_source, resume_checkpoint
+    from flywheel.runtime.crossing import is_handed, local_model_source, resume_checkpoint
     from flywheel.train.model import build_model
     from flywheel.train.plan import TrainPlan, lr_factor
 
     profile = Profile.model_validate(config["profile"])
     plan = TrainPlan.model_validate(config["plan"])
     # A model directory handed over as a URI (runtime.crossing) is read from this node's copy.
-    if storage.is_uri(str(plan.model_source.path or "")):
+    if is_handed(plan.model_source.path):
         work = tempfile.mkdtemp(prefix="flywheel-worker-")
         atexit.register(shutil.rmtree, work, True)
         source = local_model_source(plan.model_source, profile.storage.endpoint_url, Path(work))

@@ -133,3 +133,12 @@ def test_the_train_stage_refuses_before_ray_starts(tmp_path, dataset):
     with pytest.raises(ConfigError, match=r"^storage\.root: Ray runs on other machines"):
         train(profile, dataset, tmp_path / "model")
     assert not (tmp_path / ".flywheel" / "mlruns").exists()
+
+
+def test_auto_is_a_cluster_of_unknown_shape_and_needs_a_uri_root(tmp_path):
+    """ray.address=auto (a Ray Job's driver) may have workers on any node of its cluster."""
+    profile = _profile(tmp_path, "ray.mode=address", "ray.address=auto")
+    with pytest.raises(ConfigError, match=r"^storage\.root: .*\(ray\.address 'auto'\)"):
+        crossing.handoff_root(profile)
+    ok = _profile(tmp_path, "ray.mode=address", "ray.address=auto", "storage.root=s3://b/p")
+    assert crossing.handoff_root(ok).display() == "s3://b/p/handoff"
