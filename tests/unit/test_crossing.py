@@ -140,5 +140,5 @@ def test_auto_is_a_cluster_of_unknown_shape_and_needs_a_uri_root(tmp_path):
     profile = _profile(tmp_path, "ray.mode=address", "ray.address=auto")
     with pytest.raises(ConfigError, match=r"^storage\.root: .*\(ray\.address 'auto'\)"):
         crossing.handoff_root(profile)
-    ok = _profile(tmp_path, "ray.mode=address", "ray.address=auto", "storage.root=s3://b/p")
-    assert crossing.handoff_root(ok).display() == "s3://b/p/handoff"
+    ok = _profile(tmp_path, "ray.mode=address", "ray.address=auto", "storage.root=s3://bkt/p")
+    assert crossing.handoff_root(ok).display() == "s3://bkt/p/handoff"
