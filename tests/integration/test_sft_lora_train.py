@@ -122,3 +122,33 @@ def test_lora_merge_under_zero3_gathers_the_sharded_weights(ray_workdir, dataset
         torch.testing.assert_close(
             merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4
         )
+
+
+def test_killed_worker_resumes_a_lora_run(ray_workdir, dataset):
+    """SIGKILL one worker mid-run: the replacement group loads the adapter and its optimizer
+    state from the DeepSpeed checkpoint (the frozen base is rebuilt, not stored twice)."""
+    import os
+
+    from flywheel.sft.lora import ADAPTER_DIR
+    from flywheel.train import train
+
+    marker = ray_workdir / "lora-fault.json"
+    profile = load_profile(
+        None, [*TINY, "train.max_steps=12", "train.checkpoint_every=4", "train.max_failures=1"]
+    )
+    r = train(
+        profile,
+        dataset,
+        ray_workdir / "model-fault",
+        fault={"step": 7, "rank": 1, "marker": str(marker)},
+    )
+    fired = json.loads(marker.read_text())
+    assert (fired["step"], fired["rank"]) == (7, 1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(fired["pid"], 0)
+    assert r.steps == 12 and r.restarts == 1
+    state = json.loads((Path(r.checkpoint) / "state.json").read_text())
+    assert [h["step"] for h in state["history"]] == list(range(1, 13))
+    assert [h["attempt"] for h in state["history"]] == [0] * 4 + [1] * 8
+    assert state["method"] == "lora"
+    assert (Path(r.checkpoint) / ADAPTER_DIR / "adapter_config.json").exists()
