@@ -98,6 +98,27 @@ def build_dataset(
 
 
 # Overrides that make configs/local.yaml tiny enough for the integration tier.
+# The smallest model the fixture datasets train (block_size 32), for tests that run Ray Train.
+TINY_MODEL = (
+    "data.block_size=32",
+    "model.context=32",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.n_layer=2",
+    "train.micro_batch_size=4",
+)
+
+
+def tiny_steps(max_steps: int, checkpoint_every: int, log_every: int, warmup: int = 2) -> list[str]:
+    """The step schedule of a tiny training run, as overrides."""
+    return [
+        f"train.max_steps={max_steps}",
+        f"train.warmup_steps={warmup}",
+        f"train.checkpoint_every={checkpoint_every}",
+        f"train.log_every={log_every}",
+    ]
+
+
 TINY_OVERRIDES = (
     "data.source.max_docs=400",
     "data.tokenizer.vocab_size=512",

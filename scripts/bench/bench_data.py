@@ -240,24 +240,28 @@ def run_datatrove(corpus: Path, work: Path, cpus: int) -> dict | None:
     logger.remove()  # its per-task INFO lines would bury the table
     logger.add(sys.stderr, level="WARNING")
     reader = JsonlReader(str(corpus), glob_pattern="*.jsonl")
-    common = {"workers": cpus, "logging_dir": None, "skip_completed": False}
+    # Each executor logs under the bench's work dir: left at None, datatrove writes
+    # ./logs/<timestamp> into whatever directory the bench was started from.
+    common = {"workers": cpus, "skip_completed": False}
     t0 = time.perf_counter()
     stages = [
         LocalPipelineExecutor(
             [reader, MinhashDedupSignature(str(work / "sigs"), config=config, language=Words())],
             tasks=cpus,
+            logging_dir=str(work / "logs" / "signatures"),
             **common,
         ),
         LocalPipelineExecutor(
             [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=config)],
             tasks=config.num_buckets,
+            logging_dir=str(work / "logs" / "buckets"),
             **common,
         ),
         LocalPipelineExecutor(
             [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config)],
             tasks=1,
             workers=1,
-            logging_dir=None,
+            logging_dir=str(work / "logs" / "cluster"),
             skip_completed=False,
         ),
         LocalPipelineExecutor(
@@ -267,6 +271,7 @@ def run_datatrove(corpus: Path, work: Path, cpus: int) -> dict | None:
                 JsonlWriter(str(work / "out")),
             ],
             tasks=cpus,
+            logging_dir=str(work / "logs" / "filter"),
             **common,
         ),
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from fixtures_data import build_dataset
+from fixtures_data import TINY_MODEL, build_dataset, tiny_steps
 from fixtures_s3 import list_keys, make_bucket, s3_endpoint  # noqa: F401  (fixture)
 from test_ray_address import cluster  # noqa: F401  (the real head, reused)
 
@@ -19,16 +19,8 @@ from flywheel.runtime import crossing
 pytestmark = pytest.mark.integration
 
 TINY = [
-    "data.block_size=32",
-    "model.context=32",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.n_layer=2",
-    "train.micro_batch_size=4",
-    "train.max_steps=4",
-    "train.warmup_steps=1",
-    "train.checkpoint_every=4",
-    "train.log_every=2",
+    *TINY_MODEL,
+    *tiny_steps(4, checkpoint_every=4, log_every=2, warmup=1),
     "train.scaling.num_workers=1",  # one CPU left on the 2-CPU head for the streamed read
 ]
 

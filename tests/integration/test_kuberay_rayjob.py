@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures_data import build_dataset
+from fixtures_data import TINY_MODEL, build_dataset, tiny_steps
 from k8s_standin import StandIn, crds_present
 from test_ray_address import cluster  # noqa: F401  (the real head, reused)
 
@@ -27,16 +27,8 @@ pytestmark = [
 ]
 
 TINY = [
-    "data.block_size=32",
-    "model.context=32",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.n_layer=2",
-    "train.micro_batch_size=4",
-    "train.max_steps=6",
-    "train.warmup_steps=2",
-    "train.checkpoint_every=6",
-    "train.log_every=2",
+    *TINY_MODEL,
+    *tiny_steps(6, checkpoint_every=6, log_every=2),
 ]
 TINY_DATA = ["data.source.max_docs=200", "data.tokenizer.vocab_size=300"]
 RUN_ID = "6f1c2b9e-0d4a-4f7e-9a51-3c8e2d7b1a04"

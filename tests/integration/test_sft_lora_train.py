@@ -11,23 +11,15 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_data import build_dataset
+from fixtures_data import TINY_MODEL, build_dataset, tiny_steps
 
 from flywheel.config import load_profile
 
 pytestmark = pytest.mark.integration
 
 TINY = [
-    "data.block_size=32",
-    "model.context=32",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.n_layer=2",
-    "train.micro_batch_size=4",
-    "train.max_steps=16",
-    "train.warmup_steps=2",
-    "train.checkpoint_every=8",
-    "train.log_every=4",
+    *TINY_MODEL,
+    *tiny_steps(16, checkpoint_every=8, log_every=4),
     "train.lr=1e-2",
     "train.method=lora",
     "train.lora.rank=4",

@@ -72,5 +72,5 @@ def test_day_31_with_a_weekday_restriction_is_allowed():
 @pytest.mark.parametrize("expr", ["R * * * *", "H 3 * * *", "0 0 * * L5"])
 def test_what_croniter_reads_but_kubeflow_does_not_is_refused(expr):
     # croniter knows Jenkins' H/R and a trailing-L weekday; robfig (KFP's parser) does not.
-    with pytest.raises(ConfigError, match="minute value|Quartz"):
+    with pytest.raises(ConfigError, match=r"minute value|Quartz"):
         to_kfp_cron(expr)
