@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flywheel import artifacts
 from flywheel.artifacts import JsonFile
 from flywheel.config import GatePolicy, Profile
-from flywheel.evaluate.paired import accuracy_pairs, paired_bootstrap
+from flywheel.evaluate.paired import PairedDifference, accuracy_pairs, paired_bootstrap
 from flywheel.evaluate.report import EvalReport
 
 
@@ -65,6 +65,27 @@ class PairedTest(BaseModel):
     challenger_better_docs: int | None = None
     champion_better_docs: int | None = None
     mcnemar_p: float | None = Field(None, description="McNemar's exact test, two-sided")
+
+    @classmethod
+    def of(
+        cls,
+        diff: PairedDifference,
+        policy: GatePolicy,
+        threshold: float,
+        accuracy_compared: bool,
+    ) -> PairedTest:
+        return cls(
+            n_docs=diff.n_docs,
+            challenger_bits_per_byte=diff.challenger,
+            champion_bits_per_byte=diff.champion,
+            diff=diff.diff,
+            diff_rel=diff.rel,
+            ci=(diff.low, diff.high),
+            confidence=policy.confidence,
+            samples=policy.bootstrap_samples,
+            threshold=threshold,
+            accuracy_compared=accuracy_compared,
+        )
 
 
 class Decision(JsonFile):
@@ -285,22 +306,12 @@ def _compare(
         who = "challenger" if ch.docs is None else "champion"
         fails.append(f"the {who}'s report has no per-document scores: cannot compare paired")
         return None
-    ch_at = {d: i for i, d in enumerate(ch.docs.ids)}
-    common = [(ch_at[d], j) for j, d in enumerate(cp.docs.ids) if d in ch_at]
-    if len(common) < 2:
-        fails.append(f"only {len(common)} document(s) scored by both models: cannot compare paired")
+    i, j = _common_docs(ch, cp)
+    if len(i) < 2:
+        fails.append(f"only {len(i)} document(s) scored by both models: cannot compare paired")
         return None
-    i, j = (np.array(x) for x in zip(*common, strict=True))
     a, b = ch.docs, cp.docs
-    diff = paired_bootstrap(
-        np.array(a.bits)[i],
-        np.array(a.bytes)[i],
-        np.array(b.bits)[j],
-        np.array(b.bytes)[j],
-        policy.bootstrap_samples,
-        policy.confidence,
-        policy.seed,
-    )
+    diff = _bootstrap(ch, cp, i, j, policy)
     deltas["bits_per_byte_paired_abs"] = diff.diff
     deltas["bits_per_byte_ci_low"], deltas["bits_per_byte_ci_high"] = diff.low, diff.high
     conf = f"{policy.confidence:.0%}"
@@ -333,9 +344,9 @@ def _compare(
             f"+{m:.1%} of the champion's ({threshold:+.4f}): "
             + ("not significantly worse" if ok else "significantly worse")
         )
-    if len(common) < max(len(a.ids), len(b.ids)):
+    if len(i) < max(len(a.ids), len(b.ids)):
         passes.append(
-            f"note: paired on {len(common)} documents of {len(a.ids)} (challenger) and "
+            f"note: paired on {len(i)} documents of {len(a.ids)} (challenger) and "
             f"{len(b.ids)} (champion)"
         )
 
@@ -344,18 +355,7 @@ def _compare(
         and ch.tokenizer == cp.tokenizer
         and np.array_equal(np.array(a.tokens)[i], np.array(b.tokens)[j])
     )
-    test = PairedTest(
-        n_docs=diff.n_docs,
-        challenger_bits_per_byte=diff.challenger,
-        champion_bits_per_byte=diff.champion,
-        diff=diff.diff,
-        diff_rel=diff.rel,
-        ci=(diff.low, diff.high),
-        confidence=policy.confidence,
-        samples=policy.bootstrap_samples,
-        threshold=threshold,
-        accuracy_compared=same_tokens,
-    )
+    test = PairedTest.of(diff, policy, threshold, accuracy_compared=same_tokens)
     if not same_tokens:
         passes.append(
             "next-token accuracy not compared: the models have different tokenizers "
@@ -386,6 +386,31 @@ def _compare(
     )
 
 
+def _common_docs(ch: EvalReport, cp: EvalReport) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the documents both reports scored, paired by id (challenger, champion)."""
+    assert ch.docs is not None and cp.docs is not None
+    ch_at = {d: i for i, d in enumerate(ch.docs.ids)}
+    common = [(ch_at[d], j) for j, d in enumerate(cp.docs.ids) if d in ch_at]
+    return np.array([c[0] for c in common], dtype=int), np.array([c[1] for c in common], dtype=int)
+
+
+def _bootstrap(
+    ch: EvalReport, cp: EvalReport, i: np.ndarray, j: np.ndarray, policy: GatePolicy
+) -> PairedDifference:
+    """The policy's paired bootstrap of bits per byte over the documents at i and j."""
+    assert ch.docs is not None and cp.docs is not None
+    a, b = ch.docs, cp.docs
+    return paired_bootstrap(
+        np.array(a.bits)[i],
+        np.array(a.bytes)[i],
+        np.array(b.bits)[j],
+        np.array(b.bytes)[j],
+        policy.bootstrap_samples,
+        policy.confidence,
+        policy.seed,
+    )
+
+
 def _regression(
     ch: EvalReport,
     cp: EvalReport,
@@ -400,21 +425,11 @@ def _regression(
     if ch.docs is None or cp.docs is None:
         fails.append(f"{where}: a report has no per-document scores, cannot compare paired")
         return None
-    ch_at = {d: i for i, d in enumerate(ch.docs.ids)}
-    common = [(ch_at[d], j) for j, d in enumerate(cp.docs.ids) if d in ch_at]
-    if len(common) < 2:
-        fails.append(f"{where}: only {len(common)} document(s) scored by both models")
+    i, j = _common_docs(ch, cp)
+    if len(i) < 2:
+        fails.append(f"{where}: only {len(i)} document(s) scored by both models")
         return None
-    i, j = (np.array(x) for x in zip(*common, strict=True))
-    diff = paired_bootstrap(
-        np.array(ch.docs.bits)[i],
-        np.array(ch.docs.bytes)[i],
-        np.array(cp.docs.bits)[j],
-        np.array(cp.docs.bytes)[j],
-        policy.bootstrap_samples,
-        policy.confidence,
-        policy.seed,
-    )
+    diff = _bootstrap(ch, cp, i, j, policy)
     deltas["regression_bits_per_byte_rel"] = diff.rel
     deltas["regression_ci_low"], deltas["regression_ci_high"] = diff.low, diff.high
     m = policy.regression_margin
@@ -431,18 +446,7 @@ def _regression(
         fails.append(f"{shown}: significantly worse, the challenger forgot the champion's domain")
     else:
         passes.append(f"{shown}: no forgetting beyond the margin")
-    return PairedTest(
-        n_docs=diff.n_docs,
-        challenger_bits_per_byte=diff.challenger,
-        champion_bits_per_byte=diff.champion,
-        diff=diff.diff,
-        diff_rel=diff.rel,
-        ci=(diff.low, diff.high),
-        confidence=policy.confidence,
-        samples=policy.bootstrap_samples,
-        threshold=threshold,
-        accuracy_compared=False,
-    )
+    return PairedTest.of(diff, policy, threshold, accuracy_compared=False)
 
 
 def _num(x: float | None) -> str:
