@@ -1105,6 +1105,14 @@ class Profile(_Strict):
                     _existing_path_or_hub_id(value)
                 except ValueError as exc:
                     raise ValueError(f"{field}: {exc}") from None
+        if self.data.format != "text":
+            # The records, rendering, masking and LoRA parts exist (flywheel.sft) but the data
+            # stage still packs raw text: refusing here beats a run that silently trains on
+            # the records' JSON as if it were prose.
+            raise ValueError(
+                f"data.format: {self.data.format!r} is not wired into the data stage yet "
+                "(flywheel.sft holds the library parts); use 'text'"
+            )
         if self.gate.require_generation_checks and not self.eval.prompts:
             # Without prompts no check runs, and "all checks passed" would promote unchecked.
             raise ValueError(

@@ -91,3 +91,12 @@ def test_a_base_path_on_a_pvc_the_pods_mount_is_not_checked_here():
     assert load_profile(None, ["model.base=/models/llama", pvc]).model.base == "/models/llama"
     with pytest.raises(ConfigError, match=r"model\.base: path not found: /elsewhere/llama"):
         load_profile(None, ["model.base=/elsewhere/llama", pvc])
+
+
+@pytest.mark.parametrize("fmt", ["instruction", "chat"])
+def test_a_record_format_the_data_stage_cannot_read_yet_is_refused(fmt):
+    """flywheel.sft exists, the data stage does not call it yet: a chat profile must not
+    silently train on the records' JSON as prose."""
+    with pytest.raises(ConfigError, match=r"data\.format: .* not wired"):
+        load_profile(None, [f"data.format={fmt}"])
+    assert load_profile(None, ["data.format=text"]).data.format == "text"
