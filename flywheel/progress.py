@@ -1,4 +1,4 @@
-"""Progress of the long stages (training, tuning) as typed events, one callback type for both.
+"""Progress of the long stages (data, training, tuning) as typed events, one callback type.
 
 The library calls `progress(event)` with one of the frozen dataclasses below; the CLI
 draws its bars from them (`match event: case TrainStep(): ...`) and tests collect them
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,21 @@ class TrainStep:
     loss: float
     lr: float
     tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class DataStepStarted:
+    """A step of the data stage began (ray, read, dedup, near_dedup, split, tokenizer, ...)."""
+
+    step: str
+
+
+@dataclass(frozen=True)
+class DataStepDone:
+    step: str
+    seconds: float
+    counts: dict[str, Any]
+    """The step's counts as the manifest records them (docs in/out, shards...)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +98,15 @@ class StageDone:
 
 
 Event = (
-    TrainPlanned | TrainStarted | TrainStep | StudyStarted | TrialReported | TrialEnded | StageDone
+    TrainPlanned
+    | TrainStarted
+    | TrainStep
+    | DataStepStarted
+    | DataStepDone
+    | StudyStarted
+    | TrialReported
+    | TrialEnded
+    | StageDone
 )
 Progress = Callable[[Event], None]
 

@@ -11,8 +11,6 @@ function.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -87,7 +85,7 @@ def prepare(
     out_dir: str | Path,
     run_id: str,
     *,
-    progress: Callable[[str, dict], None] | None = None,
+    progress: Progress | None = None,
     store: bool = False,
     label: str | None = None,
 ) -> DataStats:
@@ -328,17 +326,18 @@ def drift_check(profile: dict[str, Any], window: str, out_dir: Path, run_id: str
     from flywheel import monitor
 
     p = load(profile)
-    t0 = time.perf_counter()
-    result = monitor.check(p, window, Path(out_dir), run_id)
-    metrics = {**result.metrics(), "stage_seconds": time.perf_counter() - t0}
-    tags = {"decision": result.decision.reason, "window": result.window}
-    ledger.record(p, run_id, "drift-check", metrics, tags)
+    with ledger.stage(p, run_id, contracts.DRIFT_CHECK) as entry:
+        result = monitor.check(p, window, Path(out_dir), run_id)
+        entry.metrics.update(result.metrics())
+        entry.tags.update(decision=result.decision.reason, window=result.window)
     return result
 
 
 def record_no_retrain(profile: dict[str, Any], run_id: str) -> str:
     """Record why this monitor run started no retrain (the drift check's decision)."""
     p = load(profile)
-    decision = ledger.collect(p, run_id).get("drift-check", {}).get("tags", {}).get("decision", "")
-    ledger.record(p, run_id, "no-retrain", {}, {"reason": decision})
+    checked = ledger.collect(p, run_id).get(contracts.DRIFT_CHECK, {})
+    decision = checked.get("tags", {}).get("decision", "")
+    with ledger.stage(p, run_id, contracts.NO_RETRAIN, timed=False) as entry:
+        entry.tags["reason"] = decision
     return decision

@@ -23,6 +23,7 @@ from flywheel.cli.common import (
     profile_from,
     table,
 )
+from flywheel.progress import DataStepDone, DataStepStarted, Event
 
 data_app = typer.Typer(
     help="The data stage: sources -> Ray Data steps -> parquet + manifest.", no_args_is_help=True
@@ -38,11 +39,6 @@ STEP_LABELS = {
     "tokenize": "tokenize (and count tokens per key range)",
     "write": "pack sequences, write shards, reports + manifest (in Ray)",
 }
-
-
-def _summary(info: dict) -> str:
-    shown = {k: v for k, v in info.items() if k not in ("status", "seconds")}
-    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def _quiet_ray_data() -> None:
@@ -90,13 +86,16 @@ def prepare_cmd(
     ) as bar:
         tasks: dict[str, TaskID] = {}
 
-        def progress(step: str, info: dict) -> None:
-            label = STEP_LABELS.get(step, step)
-            if info.get("status") == "start":
-                tasks[step] = bar.add_task(label, total=1)
-            else:
-                summary = _summary(info)
-                bar.update(tasks[step], completed=1, description=f"{label} [dim]{summary}[/dim]")
+        def progress(event: Event) -> None:
+            match event:
+                case DataStepStarted(step=step):
+                    tasks[step] = bar.add_task(STEP_LABELS.get(step, step), total=1)
+                case DataStepDone(step=step, counts=counts):
+                    label = STEP_LABELS.get(step, step)
+                    summary = ", ".join(f"{k}={v}" for k, v in counts.items())
+                    bar.update(
+                        tasks[step], completed=1, description=f"{label} [dim]{summary}[/dim]"
+                    )
 
         stats = stages.prepare(
             prof, "", target, cli_run_id(), progress=progress, store=out is None, label="--out"

@@ -23,7 +23,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from flywheel import artifacts
+from flywheel import artifacts, contracts
 from flywheel.errors import DataError
 
 # Dropped documents (filters, dedup) with block, reason and detail: not part of the
@@ -102,7 +102,7 @@ def _is_failure_note(path: Path) -> bool:
         note = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(note, dict) and note.get("stage") == "prepare-data"
+    return isinstance(note, dict) and note.get("stage") == contracts.PREPARE_DATA
 
 
 def kind_of(path: Path) -> str:
@@ -289,7 +289,7 @@ class Workspace:
         for entry in self.path.iterdir():
             if entry.name not in REPORTS:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        note = {"stage": "prepare-data", "error": error, "reports": list(REPORTS)}
+        note = {"stage": contracts.PREPARE_DATA, "error": error, "reports": list(REPORTS)}
         (self.path / FAILED).write_text(json.dumps(note, indent=2) + "\n")
         target = self.reports_dir(final)
         try:

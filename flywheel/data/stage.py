@@ -32,14 +32,14 @@ import pandas as pd
 import pyarrow as pa
 
 from flywheel import artifacts
+from flywheel import progress as progress_events
 from flywheel.config import DataConfig, Profile
 from flywheel.data import output, schema, shards, sources, steps, tokenizer
 from flywheel.data.output import DROPPED
 from flywheel.data.stats import DataStats
 from flywheel.errors import DataError, FlywheelError
+from flywheel.progress import DataStepDone, DataStepStarted, Progress
 from flywheel.runtime import ensure_ray
-
-Progress = Callable[[str, dict], None]
 
 # Bump when a step's logic changes what it outputs: it is part of the content hash, so
 # a dataset prepared by older code is never mistaken for one prepared by this code.
@@ -404,9 +404,8 @@ def prepare(
     the dataset is built in a fresh directory beside the target and moved into place at the
     end; the target may be absent, empty, or an earlier output of this stage.
 
-    `progress(step, info)` is called with `info["status"]` "start" and then "done" (with
-    `seconds` and the step's counts) for each step: ray, read, dedup, near_dedup, split,
-    tokenizer, tokenize, write.
+    `progress` gets `DataStepStarted` and then `DataStepDone` (with seconds and the step's
+    counts) for each step: ray, read, dedup, near_dedup, split, tokenizer, tokenize, write.
 
     Raises DataError for unusable input (too many rejects, nothing left, too few tokens
     for a split); every row rejected or dropped so far is written first, with its reason,
@@ -423,7 +422,7 @@ def prepare(
         work = output.Workspace(out_dir, "dataset", store=True)
     else:
         work = output.Workspace(out_dir.parent, out_dir.name, final=out_dir)
-    run = _Run(profile, work.path, progress or (lambda step, info: None))
+    run = _Run(profile, work.path, progress or progress_events.ignore)
 
     def final() -> Path | None:
         if not store:
@@ -486,11 +485,11 @@ class _Run:
         @contextlib.contextmanager
         def step(name: str) -> Iterator[dict]:
             info: dict = {}
-            report(name, {"status": "start"})
+            report(DataStepStarted(name))
             t0 = time.perf_counter()
             yield info
             timings[name] = round(time.perf_counter() - t0, 3)
-            report(name, {"status": "done", "seconds": timings[name], **info})
+            report(DataStepDone(name, timings[name], info))
 
         with step("ray"):
             ensure_ray(profile.ray)

@@ -21,6 +21,7 @@ from flywheel import artifacts
 from flywheel.config import RayConfig, load_profile
 from flywheel.data import prepare, schema, sources
 from flywheel.errors import DataError
+from flywheel.progress import DataStepStarted
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +114,11 @@ def prepared(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds") / "a"
     steps: list[str] = []
     stats = prepare(
-        _profile(corpus), out, progress=lambda step, info: steps.append(f"{step}:{info['status']}")
+        _profile(corpus),
+        out,
+        progress=lambda e: steps.append(
+            f"{e.step}:{'start' if isinstance(e, DataStepStarted) else 'done'}"
+        ),
     )
     return stats, out, steps
 
