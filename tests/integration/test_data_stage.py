@@ -301,9 +301,10 @@ def test_hf_dataset_from_disk(tmp_path):
     assert test_ids.str.match(r"u\d+$").all()
 
 
-def test_cli_prepare_default_out_dir(corpus, state_dir, capsys):
-    from flywheel.cli.main import main
-
+def test_cli_prepare_default_out_dir(corpus, state_dir, cli):
+    # Through the `cli` fixture: it unpins the shared rich consoles from a capture an earlier
+    # test closed (calling main() directly failed with "I/O operation on closed file" when the
+    # unit tier ran first in the same session).
     args = ["data", "prepare", "data.source.kind=files", f"data.source.path={corpus}"]
     args += [
         "data.tokenizer.vocab_size=400",
@@ -311,8 +312,8 @@ def test_cli_prepare_default_out_dir(corpus, state_dir, capsys):
         "model.context=32",
         "data.split.test_share=0.1",
     ]
-    main(args)
-    out = capsys.readouterr().out
+    code, out, err = cli(*args)
+    assert code == 0, err
     made = list((state_dir / "datasets").iterdir())
     assert len(made) == 1 and len(made[0].name) == 12
     assert artifacts.read_manifest(made[0])["content_hash"].startswith(made[0].name)
