@@ -174,15 +174,16 @@ def test_data_stage_runs_on_the_cluster_at_the_address(cluster, state_dir, token
     from ray.util.state import list_tasks
 
     from flywheel.data import prepare
+    from flywheel.progress import DataStepDone
 
     assert not ray.is_initialized()
     profile = load_profile(None, [*TINY_DATA, "ray.mode=address", f"ray.address={cluster.gcs}"])
     seen: dict = {}
 
-    def progress(step: str, info: dict) -> None:
-        if info["status"] == "done":
+    def progress(event) -> None:
+        if isinstance(event, DataStepDone):
             ctx = ray.get_runtime_context()
-            seen.setdefault(step, (ctx.gcs_address, ctx.get_job_id()))
+            seen.setdefault(event.step, (ctx.gcs_address, ctx.get_job_id()))
 
     try:
         stats = prepare(profile, tmp_path / "dataset", progress)
