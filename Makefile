@@ -31,7 +31,7 @@ services:  ## install the test services' binaries (Debian's postgresql) when mis
 	  else echo "note: postgresql is not installed; its tests will skip (apt-get install postgresql)"; fi; }
 
 test: setup services  ## unit + integration tiers (the gpu tier skips itself without a device)
-	$(VENV)/bin/pytest -m "" tests  # -m "": every tier; gpu tests skip without CUDA
+	$(VENV)/bin/pytest -m "" --durations=40 tests  # -m "": every tier; gpu tests skip without CUDA
 
 test-unit: setup  ## unit tier only (seconds)
 	$(VENV)/bin/pytest tests/unit
