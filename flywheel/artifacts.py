@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -110,6 +110,13 @@ class DatasetManifest(_Part):
 
     schema_version: int
     content_hash: str = Field(description="sha256 of the inputs and the data config")
+    # What a row of the splits is; readers branch on it (evaluation, the demo, training).
+    # Manifests written before the field existed are raw text, hence the default.
+    format: Literal["text", "instruction", "chat"] = Field(
+        "text",
+        description="text: packed block_size sequences of raw text; instruction / chat: one "
+        "loss-masked SFT sample per row (input_ids + labels, unpadded)",
+    )
     pipeline_version: int | None = None
     config: dict[str, Any] = Field(default_factory=dict, description="the data config (JSON)")
     block_size: int | None = None
