@@ -264,6 +264,12 @@ def _existing_path_or_hub_id(value: str | None) -> str | None:
     return value
 
 
+# A registered model version: models:/<name>@<alias>, models:/<name>/<version> or /latest.
+# Here (not in flywheel.registry, which imports this module) so the profile can check the
+# form at load time; the registry resolves it when a stage needs the files.
+MODEL_URI = re.compile(r"models:/([^@/\s]+)(?:@([^/\s]+)|/(\d+|latest))")
+
+
 def _under(path: str, mount: str) -> bool:
     return Path(path).is_absolute() and Path(path).is_relative_to(mount)
 
@@ -327,7 +333,12 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """A causal LM: a base (path or hub id) or an architecture for a fresh model."""
 
-    base: str | None = Field(None, description="local path or hub id; None builds a fresh model")
+    base: str | None = Field(
+        None,
+        description="local path, hub id, or a registered version (models:/<name>@<alias>, "
+        "models:/<name>/<version>: downloaded through registry.tracking_uri into the "
+        "registry cache); None builds a fresh model",
+    )
     arch: Literal["gpt2", "llama"] = "gpt2"
     n_layer: int = Field(2, ge=1)
     n_head: int = Field(2, ge=1)
@@ -1100,6 +1111,14 @@ class Profile(_Strict):
             ("data.tokenizer.base", self.data.tokenizer.base),
             ("model.base", self.model.base),
         ):
+            if field == "model.base" and value and value.startswith("models:/"):
+                # Resolved from the registry by the stage that loads it; the form is checked here.
+                if not MODEL_URI.fullmatch(value.strip()):
+                    raise ValueError(
+                        f"{field}: '{value}': expected models:/<name>@<alias>, "
+                        "models:/<name>/<version> or models:/<name>/latest"
+                    )
+                continue
             if value and not any(_under(value, m) for m in mounts):
                 try:
                     _existing_path_or_hub_id(value)

@@ -22,7 +22,12 @@ The model card is rendered next to the gate's Markdown (`flywheel.gate.model_car
 
 from flywheel.gate import model_card
 from flywheel.registry.adapter import ModelVersionInfo, NotFoundError
-from flywheel.registry.core import Registry, parse_model_uri, resolve_model_uri
+from flywheel.registry.core import (
+    Registry,
+    parse_model_uri,
+    resolve_model_source,
+    resolve_model_uri,
+)
 from flywheel.registry.history import (
     HISTORY_PREFIX,
     HistoryEntry,
@@ -75,6 +80,7 @@ __all__ = [
     "parse_model_uri",
     "plan_move",
     "read_history",
+    "resolve_model_source",
     "resolve_model_uri",
     "rollback_target",
 ]

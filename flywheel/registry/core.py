@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from flywheel.config import Profile
-from flywheel.errors import RegistryError
+from flywheel.config import MODEL_URI, Profile
+from flywheel.errors import ConfigError, RegistryError
 from flywheel.registry.adapter import (
     Conflict,
     MlflowAdapter,
@@ -391,7 +391,7 @@ class Registry:
 
 def parse_model_uri(uri: str) -> tuple[str, str]:
     """``models:/name@alias``, ``models:/name/3`` or ``models:/name/latest`` -> (name, ref)."""
-    m = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+|latest))", uri.strip())
+    m = MODEL_URI.fullmatch(uri.strip())
     if not m:
         raise RegistryError(
             f"'{uri}': expected models:/<name>@<alias>, models:/<name>/<version> "
@@ -404,3 +404,30 @@ def resolve_model_uri(profile: Profile, uri: str) -> Path:
     """A local model directory for a registry URI (used by evaluation and warm starts)."""
     name, ref = parse_model_uri(uri)
     return Registry(profile, name=name).download(ref)
+
+
+def resolve_model_source(
+    source: str, profile: Profile | dict[str, Any], *, field: str = "model.base"
+) -> str:
+    """What `from_pretrained` loads for a model source: a ``models:/`` URI becomes the local
+    save_pretrained directory (merged weights + tokenizer) of that version, downloaded
+    through the profile's tracking URI into the registry cache; a local path or hub id is
+    returned unchanged.
+
+    A malformed URI or a model, alias or version the registry does not hold is the
+    profile's error (ConfigError naming `field`); an unreachable registry stays a
+    RegistryError.
+    """
+    source = str(source)
+    if not source.startswith("models:/"):
+        return source
+    if not isinstance(profile, Profile):
+        profile = Profile.model_validate(profile)
+    try:
+        name, ref = parse_model_uri(source)
+    except RegistryError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
+    try:
+        return str(Registry(profile, name=name).download(ref))
+    except NotFoundError as exc:
+        raise ConfigError(f"{field}: {source}: {exc}") from None

@@ -248,6 +248,51 @@ def test_parse_model_uri():
         parse_model_uri("runs:/abc/model")
 
 
+def test_resolve_model_source_downloads_registry_uris_and_passes_the_rest(reg, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.registry import resolve_model_source
+
+    reg.promote("2", reason="r", actor="x")
+    by_alias = resolve_model_source(f"models:/{reg.name}@champion", reg.profile)
+    assert Path(by_alias).name == "v2"  # the alias followed, into the registry cache
+    assert Path(by_alias).parent == reg.profile.state_path("registry-cache", reg.name)
+    AutoModelForCausalLM.from_pretrained(by_alias)
+    assert AutoTokenizer.from_pretrained(by_alias).eos_token == "<|endoftext|>"
+    by_version = resolve_model_source(f"models:/{reg.name}/3", reg.profile.model_dump())
+    assert Path(by_version).name == "v3"
+    # Paths and hub ids are not the registry's business: returned as given.
+    local = str(tmp_path / "some-model")
+    assert resolve_model_source(local, reg.profile) == local
+    assert resolve_model_source("Qwen/Qwen2.5-0.5B", reg.profile) == "Qwen/Qwen2.5-0.5B"
+
+
+@pytest.mark.parametrize(
+    "uri, why",
+    [
+        ("models:/flywheel-lm@nope", "no alias 'nope'"),
+        ("models:/flywheel-lm/99", "no version 99"),
+        ("models:/never-registered@champion", "never-registered' not found"),
+        ("models:/flywheel-lm", "expected models:/"),
+    ],
+)
+def test_resolve_model_source_refusals_name_model_base(reg, uri, why):
+    from flywheel.errors import ConfigError
+    from flywheel.registry import resolve_model_source
+
+    with pytest.raises(ConfigError, match=r"^model\.base: .*" + why.replace("'", ".")):
+        resolve_model_source(uri, reg.profile)
+
+
+def test_profile_accepts_registry_uris_as_model_base(tmp_path):
+    from pydantic import ValidationError
+
+    for uri in ("models:/flywheel-lm@champion", "models:/flywheel-lm/3", "models:/m/latest"):
+        assert Profile(state_dir=str(tmp_path), model={"base": uri}).model.base == uri
+    with pytest.raises(ValidationError, match=r"model\.base: 'models:/flywheel-lm@': expected"):
+        Profile(state_dir=str(tmp_path), model={"base": "models:/flywheel-lm@"})
+
+
 def test_model_card(base, tmp_path):
     from flywheel.evaluate.report import EvalReport
     from flywheel.gate import decide_promotion
