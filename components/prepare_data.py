@@ -9,12 +9,12 @@ def prepare_data(
     metrics: Output[Metrics],
 ) -> str:
     """Ray Data: normalize, filter, dedup, split, tokenize and pack. Returns the content hash."""
+    from flywheel.contracts import PREPARE_DATA
     from flywheel.kfp.metrics import log_metrics
-    from flywheel.runtime import kuberay, kuberay_entry
-    from flywheel.stages import prepare as prepare_here
+    from flywheel.runtime.kuberay_entry import runner
 
     # ray.mode kuberay: the same stage, in a RayJob of its own (flywheel.runtime.kuberay).
-    prepare = kuberay_entry.prepare if kuberay.launches(profile) else prepare_here
+    prepare = runner(PREPARE_DATA, profile)
     stats = prepare(profile, data_location, dataset.path, run_id)
     log_metrics(metrics, stats.metrics())
     dataset.metadata["content_hash"] = stats.content_hash

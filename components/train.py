@@ -14,12 +14,12 @@ def train(
     """DeepSpeed on Ray Train. Returns the MLflow run id of the training run."""
     import shutil
 
+    from flywheel.contracts import TRAIN
     from flywheel.kfp.metrics import log_metrics
-    from flywheel.runtime import kuberay, kuberay_entry
-    from flywheel.stages import train as train_here
+    from flywheel.runtime.kuberay_entry import runner
 
     # ray.mode kuberay: the same stage, in a RayJob of its own (flywheel.runtime.kuberay).
-    run = kuberay_entry.train if kuberay.launches(profile) else train_here
+    run = runner(TRAIN, profile)
     result = run(profile, dataset.path, params, model.path, trigger_reason, run_id)
     shutil.copyfile(result.loss_curve_html, loss_curve.path)
     log_metrics(metrics, result.metrics())

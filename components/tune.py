@@ -9,12 +9,12 @@ def tune(
     metrics: Output[Metrics],
 ) -> dict:
     """Optuna study of short trials on Ray. Returns the best train parameters."""
+    from flywheel.contracts import TUNE
     from flywheel.kfp.metrics import log_metrics
-    from flywheel.runtime import kuberay, kuberay_entry
-    from flywheel.stages import tune as tune_here
+    from flywheel.runtime.kuberay_entry import runner
 
     # ray.mode kuberay: the same stage, in a RayJob of its own (flywheel.runtime.kuberay).
-    run = kuberay_entry.tune if kuberay.launches(profile) else tune_here
+    run = runner(TUNE, profile)
     result = run(profile, dataset.path, plots.path + ".d", run_id)
     result.write_html(plots.path)
     log_metrics(metrics, result.metrics())

@@ -214,6 +214,8 @@ def schedule_create(
         target = _target(prof, host, namespace)
         _print_plan(plan_schedule(spec, target.namespace), target)
         return
+    if prof.ray.mode == "kuberay":
+        _kuberay_access(prof)
     rec = create_schedule(_session(prof, host, namespace), spec)
     console.print(
         f"recurring run {rec.name} ({rec.recurring_run_id}): cron '{rec.cron}', {rec.status}"

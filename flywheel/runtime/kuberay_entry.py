@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,22 @@ def launch(
         storage.download(storage.filesystem(loc, url), loc.path, Path(path))
         text = text.replace(json.dumps(OUT_MARK + name)[1:-1], json.dumps(str(path))[1:-1])
     return json.loads(text)
+
+
+def runner(stage: str, profile: Any) -> Callable[..., Any]:
+    """The function a component calls for a Ray stage (contracts PREPARE_DATA, TUNE, TRAIN):
+    the library's own runner (`flywheel.stages`), or with `ray.mode: kuberay` the same stage
+    in a RayJob of its own. Both take the pipeline's arguments and return the same result."""
+    from flywheel import stages
+    from flywheel.runtime import kuberay
+
+    remote = kuberay.launches(profile)
+    choices: dict[str, Callable[..., Any]] = {
+        PREPARE_DATA: prepare if remote else stages.prepare,
+        TUNE: tune if remote else stages.tune,
+        TRAIN: train if remote else stages.train,
+    }
+    return choices[stage]
 
 
 def prepare(profile: dict[str, Any], data_location: str, out_dir: str | Path, run_id: str):

@@ -453,6 +453,37 @@ def test_submit_warns_in_one_line_what_rbac_is_missing_and_submits(
     assert not [line for line in err if "warning" in line or "RBAC" in line], err
 
 
+@needs_standin
+def test_schedule_create_warns_what_rbac_is_missing_too(kfp_submit, standin, cli):
+    kfp, args = kfp_submit
+    schedule = ["schedule", "create", *args[1:], "--cron", "0 3 * * *"]
+    standin.forbidden |= {("list", "rayjobs")}
+    code, _, err = cli(*schedule)
+    assert code == 0 and len(kfp.recurring) == 1, err
+    assert [line for line in err if line.startswith("warning:")] == [
+        "warning: in namespace default this identity may not: list rayjobs.ray.io; the run's "
+        f"service account needs them to run its RayJobs (apply {kuberay.RBAC_FILE})"
+    ]
+
+
+def test_components_run_the_library_stage_or_its_rayjob(monkeypatch):
+    from flywheel import stages
+    from flywheel.contracts import PREPARE_DATA, TRAIN, TUNE
+    from flywheel.runtime import kuberay_entry
+
+    here = {"ray": {"mode": "local"}}
+    there = {"ray": {"mode": "kuberay"}}
+    assert kuberay_entry.runner(PREPARE_DATA, here) is stages.prepare
+    assert kuberay_entry.runner(TUNE, here) is stages.tune
+    assert kuberay_entry.runner(TRAIN, here) is stages.train
+    assert kuberay_entry.runner(PREPARE_DATA, there) is kuberay_entry.prepare
+    assert kuberay_entry.runner(TUNE, there) is kuberay_entry.tune
+    assert kuberay_entry.runner(TRAIN, there) is kuberay_entry.train
+    # Inside the RayJob the stage runs here: a job never launches another.
+    monkeypatch.setenv(kuberay.DRIVER_ENV, "1")
+    assert kuberay_entry.runner(TRAIN, there) is stages.train
+
+
 def test_submit_says_in_one_line_when_the_kubernetes_api_is_not_reachable(
     kfp_submit, cli, tmp_path, monkeypatch
 ):
