@@ -8,7 +8,7 @@ from the pydoc topics' vocabulary, written as 8 JSONL files) and the same `--cpu
 
   * the stage      `flywheel.data.prepare` with `data.source.kind=files`, in a fresh
                    process (so its peak RSS is the driver's own): wall, docs/s, tokens/s,
-                   driver peak RSS, and the stage's per-step timings;
+                   driver peak RSS (VmHWM), its RSS after each step, and per-step timings;
   * the ceiling    the stage's own tokenizer, `encode_batch` over the same texts (Rust,
                    all cores): no stage that tokenizes can beat it;
   * HF datasets    `Dataset.map(batched=True, num_proc=--cpus)` over the same per-document
@@ -104,10 +104,21 @@ def stage_child(corpus: str, out: str, cpus: int) -> None:
             f"ray.num_cpus={cpus}",
         ],
     )
+    from flywheel.progress import DataStepDone
+
+    step_rss: dict[str, int] = {}
+
+    def progress(event) -> None:
+        if isinstance(event, DataStepDone):
+            step_rss[event.step] = _status_bytes("VmRSS")
+
     t0 = time.perf_counter()
-    stats = prepare(profile, Path(out))
+    stats = prepare(profile, Path(out), progress)
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # VmHWM, not getrusage's ru_maxrss: ru_maxrss survives execve, so a child started by
+    # a parent holding 200k texts reports the parent's peak (that was the 1.13 GB measured
+    # at 200k before); VmHWM belongs to this process's own address space.
+    rss = _status_bytes("VmHWM")
     print(
         "RESULT "
         + json.dumps(
@@ -115,6 +126,8 @@ def stage_child(corpus: str, out: str, cpus: int) -> None:
                 "seconds": round(wall, 2),
                 "driver_peak_rss_bytes": rss,
                 "timings": stats.timings,
+                "rss_after_step_bytes": step_rss,
+                "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "docs_kept": stats.docs_kept,
                 "tokens": sum(stats.tokens.values()),
                 "tokens_all": sum(stats.tokens.values()) + sum(stats.tail_tokens.values()),
@@ -123,6 +136,14 @@ def stage_child(corpus: str, out: str, cpus: int) -> None:
         ),
         flush=True,
     )
+
+
+def _status_bytes(field: str) -> int:
+    """A field of /proc/self/status (Linux, in kB) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def run_stage(corpus: Path, out: Path, cpus: int) -> dict:
@@ -351,8 +372,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             corpus = Path(tmp) / "corpus"
             chars = generate(n, corpus)
-            texts = texts_of(corpus)
             stage = run_stage(corpus, Path(tmp) / "out", args.cpus)
+            texts = texts_of(corpus)
             row: dict = {"docs": n, "chars": chars, "stage": stage}
             row["ceiling"] = run_ceiling(texts, Path(tmp) / "out" / "tokenizer")
             if not args.no_peers:

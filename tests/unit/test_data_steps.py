@@ -45,6 +45,60 @@ def test_normalize_text(raw, clean):
     assert steps.normalize_text(raw) == clean
 
 
+# Pieces that exercise every rule: CR/CRLF, tabs, odd and Unicode spaces, invisible and
+# combining characters, indents, trailing spaces, blank-line runs.
+_PIECES = [
+    "a",
+    "b.",
+    " ",
+    "  ",
+    "   ",
+    "\n",
+    "\n\n",
+    "\n\n\n",
+    " \n",
+    "\n ",
+    "\n  x",
+    "\t",
+    "\n\t",
+    "\r",
+    "\r\n",
+    "\x0b",
+    "\x1c",
+    "\xa0",
+    "\u3000",
+    "\u200b",
+    "e\u0301",
+    "é",
+    "_1",
+]
+_ASCII_PIECES = ["a", "b.", " ", "  ", "   ", "\n", "\n\n", "\n\n\n", " \n", "x y", "\t"]
+
+
+@pytest.mark.parametrize("pieces", [_PIECES, _ASCII_PIECES])
+def test_normalize_fast_path_equals_the_line_by_line_definition(pieces):
+    """The str-method fast path for plain ASCII text returns exactly what the general
+    line loop returns, on random texts built from the pieces every rule looks at."""
+    rng = np.random.default_rng(0)
+    fast = 0
+    for _ in range(8000):
+        text = "".join(rng.choice(pieces, size=rng.integers(0, 30)))
+        assert steps.normalize_text(text) == steps.normalize_general(text), repr(text)
+        fast += steps._plain_ascii(text) is not None
+    assert fast > 200  # the fast path was taken, not only the general one
+
+
+def test_alpha_share_ascii_path_equals_the_per_character_count():
+    rng = np.random.default_rng(1)
+    for _ in range(5000):
+        text = "".join(
+            rng.choice([*_ASCII_PIECES, "1", "_", "\x1f", "!"], size=rng.integers(0, 20))
+        )
+        visible = len(text) - sum(map(str.isspace, text))
+        want = sum(map(str.isalpha, text)) / visible if visible else 0.0
+        assert steps.alpha_share(text) == want, repr(text)
+
+
 def test_normalize_leaves_judged_rows_alone():
     batch = docs("Cafe\u0301  x", "Cafe\u0301  y")
     schema.mark(batch, batch["id"] == "d1", schema.QUALITY, "too_short")
