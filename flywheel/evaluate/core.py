@@ -24,6 +24,7 @@ import numpy as np
 from flywheel import artifacts
 from flywheel.config import EvalConfig, Profile
 from flywheel.errors import DataError, FlywheelError
+from flywheel.evaluate import sft as S
 from flywheel.evaluate.metrics import (
     DocSums,
     bits_per_byte,
@@ -283,22 +284,48 @@ load_model = _load
 
 
 def evaluate(profile: Profile, model: str | Path, dataset_dir: Path) -> EvalReport:
-    """Score `model` (a directory or a models:/ URI) on the held-out documents of `dataset_dir`."""
+    """Score `model` (a directory or a models:/ URI) on the held-out split of `dataset_dir`:
+    its documents (raw text) or its samples (instruction/chat, `flywheel.evaluate.sft`)."""
     import torch
 
     t0 = time.perf_counter()
     cfg = profile.eval
     dataset_dir = Path(dataset_dir)
-    doc_ids, texts, data_hash = read_test_split(dataset_dir, cfg.max_docs)
+    manifest = artifacts.DatasetManifest.read(dataset_dir)
+    sft_rows = None
+    if manifest.format == "text":
+        doc_ids, texts, data_hash = read_test_split(dataset_dir, cfg.max_docs)
+    else:
+        sft_rows = S.read_sft_test(dataset_dir, cfg.max_docs)
+        data_hash = manifest.content_hash
     model_dir = resolve_model(profile, model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm, tokenizer = _load(model_dir, device)
     torch.manual_seed(cfg.seed)
 
-    all_sums = score_documents(lm, tokenizer, texts, cfg, device)
+    sft: dict[str, Any] = {}
+    if sft_rows is not None:
+        reference_tok = S.dataset_tokenizer(dataset_dir, tokenizer)
+        items = S.decode_samples(sft_rows, reference_tok)
+        if not items:
+            raise DataError(f"{dataset_dir}: no held-out sample has a prompt and a response")
+        doc_ids = [item.id for item in items]
+        context = _context_length(lm)
+        all_sums = S.score_samples(lm, tokenizer, items, cfg, device, context)
+        examples = S.generate_examples(lm, tokenizer, items, cfg, device, context, reference_tok)
+        sft = {
+            "format": manifest.format,
+            "exact_match": sum(e.exact for e in examples) / len(examples),
+            "rouge_l": sum(e.rouge_l for e in examples) / len(examples),
+            "examples": examples,
+        }
+    else:
+        all_sums = score_documents(lm, tokenizer, texts, cfg, device)
     kept = all_sums.kept_mask()
     sums = all_sums.kept()
     ppl, acc, mean_nll = point_metrics(sums)
+    if sft:
+        sft["response_loss"] = mean_nll
     bpb = bits_per_byte(sums)
     ci = bootstrap_ci(sums, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
     gen = generation_checks(lm, tokenizer, cfg, device) if cfg.prompts else []
@@ -330,6 +357,7 @@ def evaluate(profile: Profile, model: str | Path, dataset_dir: Path) -> EvalRepo
         seconds=time.perf_counter() - t0,
         generation=gen,
         docs=docs,
+        **sft,
     )
     log.info(
         "evaluated %s: %.4f bits/byte, perplexity %.3f, accuracy %.4f on %d docs / %d tokens "

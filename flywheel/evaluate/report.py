@@ -8,6 +8,7 @@ infinity included: a model that diverged must arrive at the gate as NaN, not as 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -57,6 +58,21 @@ class DocScores(BaseModel):
         return self
 
 
+class SftExample(BaseModel):
+    """One held-out prompt of an instruction/chat split: the reference reply, the model's
+    greedy reply and their scores. Keyed by the sample id, so the gate pairs two models'
+    replies to the same prompts."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants", extra="forbid")
+
+    id: str
+    prompt: str = Field(description="the last user turn (the full rendered prompt was sent)")
+    reference: str = Field(description="the held-out assistant reply")
+    output: str = Field(description="the model's greedy reply, cut at its end of turn")
+    exact: bool = Field(description="equal to the reference after whitespace normalisation")
+    rouge_l: float = Field(description="ROUGE-L F1 against the reference (rouge-score)")
+
+
 class EvalReport(JsonFile):
     model_config = ConfigDict(ser_json_inf_nan="constants", extra="forbid")
 
@@ -87,6 +103,27 @@ class EvalReport(JsonFile):
     docs: DocScores | None = Field(
         None, description="per-document scores the gate pairs on; None: cannot be paired"
     )
+    # Instruction/chat splits (flywheel.evaluate.sft). There the per-document scores above
+    # are per held-out sample and cover its response tokens only: bits_per_byte is the
+    # response loss in bits over the responses' UTF-8 bytes, perplexity and accuracy are
+    # over response tokens.
+    format: Literal["text", "instruction", "chat"] = Field(
+        "text", description="the dataset's format (its manifest's)"
+    )
+    response_loss: float | None = Field(
+        None,
+        description="instruction/chat: masked loss, nats per response token of this model's "
+        "tokenizer (the training objective on held-out samples)",
+    )
+    exact_match: float | None = Field(
+        None, description="instruction/chat: share of greedy replies equal to the reference"
+    )
+    rouge_l: float | None = Field(
+        None, description="instruction/chat: mean ROUGE-L F1 of greedy replies"
+    )
+    examples: list[SftExample] = Field(
+        default_factory=list, description="instruction/chat: one entry per held-out prompt"
+    )
 
     # ------------------------------------------------------------------ views
 
@@ -109,6 +146,10 @@ class EvalReport(JsonFile):
             out["perplexity_ci_low"], out["perplexity_ci_high"] = self.perplexity_ci
         if self.accuracy_ci:
             out["accuracy_ci_low"], out["accuracy_ci_high"] = self.accuracy_ci
+        for name in ("response_loss", "exact_match", "rouge_l"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
         if self.generation:
             out["generation_pass_rate"] = sum(g.passed for g in self.generation) / len(
                 self.generation

@@ -9,10 +9,11 @@ per-example table the evaluation report shows.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from flywheel.sft import records as R
 from flywheel.sft.render import IGNORE_INDEX, Renderer, Sample, collate
@@ -28,11 +29,42 @@ def exact_match(output: str, reference: str) -> bool:
     return normalize(output) == normalize(reference)
 
 
-def rouge_l(output: str, reference: str) -> float:
-    """ROUGE-L F1 on rouge-score's tokens (lower-cased alphanumeric words)."""
+@functools.cache
+def _scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    return float(rouge_scorer.RougeScorer(["rougeL"]).score(reference, output)["rougeL"].fmeasure)
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(output: str, reference: str) -> float:
+    """ROUGE-L F1 on rouge-score's tokens (lower-cased alphanumeric words)."""
+    return float(_scorer().score(reference, output)["rougeL"].fmeasure)
+
+
+# ChatML's end-of-turn marker: text, not a token, for a tokenizer trained without it.
+END_OF_TURN = "<|im_end|>"
+
+
+def clean_reply(text: str, tokenizer: Any) -> str:
+    """A reply as a person reads it: cut at the end of its turn, special tokens removed.
+
+    Applied alike to the reference (decoded from the held-out sample, where the template's
+    end-of-turn marker and EOS belong to the response span) and to the model's output.
+    """
+    text = text.split(END_OF_TURN, 1)[0]
+    for special in getattr(tokenizer, "all_special_tokens", []):
+        if special:
+            text = text.replace(special, "")
+    return text.strip()
+
+
+def display_prompt(rendered: str, tokenizer: Any) -> str:
+    """The last user turn of a rendered ChatML prompt (what the table shows); for another
+    template, the rendered prompt without special tokens."""
+    marker = "<|im_start|>user\n"
+    if marker in rendered:
+        return rendered.rsplit(marker, 1)[1].split(END_OF_TURN, 1)[0].strip()
+    return clean_reply(rendered.replace(END_OF_TURN, " "), tokenizer)
 
 
 @dataclass(frozen=True)
@@ -68,12 +100,27 @@ def score(examples: Sequence[Example]) -> GenerationScores:
     )
 
 
+class Scored(Protocol):
+    """What `examples_markdown` shows: `Example` here, `SftExample` in an EvalReport."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def reference(self) -> str: ...
+    @property
+    def output(self) -> str: ...
+    @property
+    def exact(self) -> bool: ...
+    @property
+    def rouge_l(self) -> float: ...
+
+
 def _cell(text: str, limit: int) -> str:
     text = normalize(text).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def examples_markdown(examples: Sequence[Example], limit: int = 160) -> str:
+def examples_markdown(examples: Sequence[Scored], limit: int = 160) -> str:
     """A Markdown table: prompt / reference / output / exact / ROUGE-L, one row each."""
     lines = ["| prompt | reference | output | exact | ROUGE-L |", "|---|---|---|---|---|"]
     for e in examples:
@@ -120,9 +167,32 @@ def generate_reply(
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-    reply = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    # ChatML's end-of-turn marker is text for a tokenizer without it as a token.
-    return reply.split("<|im_end|>", 1)[0].strip()
+    return clean_reply(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), tok)
+
+
+def complete(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, context: int, device: str
+) -> str:
+    """Greedy reply to an already rendered prompt (ending with the generation prompt),
+    at most `max_new_tokens` and within the model's context, cut at the end of its turn."""
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = ids[-(context - 1) :] or [tokenizer.eos_token_id or 0]
+    budget = max(1, min(max_new_tokens, context - len(ids)))
+    inputs = torch.tensor([ids], device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=budget,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    text = tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+    return clean_reply(text, tokenizer)
 
 
 def evaluate_generation(
