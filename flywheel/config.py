@@ -599,6 +599,26 @@ class EvalConfig(_Strict):
     )
 
 
+# Fine-tuning metrics `gate.metrics` can name, and which way is better (flywheel.gate).
+SFT_GATE_METRICS: dict[str, Literal["lower", "higher"]] = {
+    "response_loss": "lower",
+    "rouge_l": "higher",
+    "exact_match": "higher",
+}
+
+
+class MetricRule(_Strict):
+    """A guard on one fine-tuning metric, compared per held-out sample (paired)."""
+
+    margin: float = Field(
+        0.0,
+        ge=0,
+        description="reject only a challenger significantly worse than the champion by more "
+        "than this share of the champion's value (the paired interval wholly beyond it), "
+        "as for gate.margins",
+    )
+
+
 class GatePolicy(_Strict):
     """How a challenger is judged against the champion: on bits per byte, paired document
     by document (see `flywheel.gate`)."""
@@ -652,6 +672,14 @@ class GatePolicy(_Strict):
         description="per-metric margin (share worse than the champion allowed), keys "
         "bits_per_byte | accuracy; a metric not named here uses non_inferiority_margin",
     )
+    metrics: dict[str, MetricRule] = Field(
+        default_factory=dict,
+        description="guards on fine-tuning metrics (data.format instruction/chat), keys "
+        "response_loss (lower is better; compared only between models sharing a tokenizer, "
+        "like accuracy) | rouge_l | exact_match (higher is better), e.g. {rouge_l: {margin: "
+        "0.05}}: each named metric rejects a challenger significantly worse by more than its "
+        "margin; bits per byte (over the responses' bytes) still decides as gate.mode says",
+    )
     require_generation_checks: bool = Field(
         False,
         description="a failed generation check (empty or degenerate output) blocks "
@@ -680,6 +708,13 @@ class GatePolicy(_Strict):
             )
         if any(m < 0 for m in self.margins.values()):
             raise ValueError("gate.margins: margins must be >= 0")
+        for name in sorted(self.metrics):
+            if name not in SFT_GATE_METRICS:
+                hint = " (set it in gate.margins)" if name in ("bits_per_byte", "accuracy") else ""
+                raise ValueError(
+                    f"gate.metrics.{name}: unknown metric; use "
+                    f"{', '.join(SFT_GATE_METRICS)}{hint}"
+                )
         return self
 
 
@@ -1124,13 +1159,11 @@ class Profile(_Strict):
                     _existing_path_or_hub_id(value)
                 except ValueError as exc:
                     raise ValueError(f"{field}: {exc}") from None
-        if self.data.format != "text":
-            # The records, rendering, masking and LoRA parts exist (flywheel.sft) but the data
-            # stage still packs raw text: refusing here beats a run that silently trains on
-            # the records' JSON as if it were prose.
+        if self.gate.metrics and self.data.format == "text":
+            # Raw text has no responses to score: the guard would reject every challenger.
             raise ValueError(
-                f"data.format: {self.data.format!r} is not wired into the data stage yet "
-                "(flywheel.sft holds the library parts); use 'text'"
+                f"gate.metrics.{next(iter(self.gate.metrics))}: fine-tuning metrics need "
+                "data.format instruction or chat (raw text has no responses)"
             )
         if self.gate.require_generation_checks and not self.eval.prompts:
             # Without prompts no check runs, and "all checks passed" would promote unchecked.

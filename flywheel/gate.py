@@ -25,6 +25,14 @@ Rules, in order (all are checked, so the reasons list every failure at once):
    than the accuracy margin AND McNemar's exact test over documents says the drop is
    significant at ``confidence``.
 
+8. with a regression set, no forgetting (see `decide_promotion`);
+9. fine-tuning metrics named in ``gate.metrics`` (response_loss, rouge_l, exact_match):
+   each is compared per held-out sample, paired by id, with a paired bootstrap interval of
+   the difference in its mean; rejected when the whole interval lies on the worse side
+   beyond the metric's margin (a share of the champion's value). A named metric missing
+   from a report fails; response_loss (per token of each model's tokenizer) is compared
+   only between models sharing a tokenizer, as accuracy is.
+
 Perplexity is per token of each model's own tokenizer, so it is shown and bounded but
 never compared between models: a model could "win" on it by cutting text differently.
 Bits per byte counts the same bytes for both.
@@ -42,7 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel import artifacts
 from flywheel.artifacts import JsonFile
-from flywheel.config import GatePolicy, Profile
+from flywheel.config import SFT_GATE_METRICS, GatePolicy, Profile
+from flywheel.evaluate.metrics import LN2
 from flywheel.evaluate.paired import PairedDifference, accuracy_pairs, paired_bootstrap
 from flywheel.evaluate.report import EvalReport
 
@@ -88,6 +97,23 @@ class PairedTest(BaseModel):
         )
 
 
+class MetricTest(BaseModel):
+    """Rule 9: one fine-tuning metric of `gate.metrics`, paired per held-out sample."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+    metric: str
+    better: Literal["lower", "higher"]
+    n: int = Field(description="held-out samples scored by both models (paired by id)")
+    challenger: float
+    champion: float
+    diff: float = Field(description="challenger - champion")
+    ci: tuple[float, float] = Field(description="paired bootstrap interval of diff")
+    margin: float
+    threshold: float = Field(description="diff beyond this, wholly, is significantly worse")
+    passed: bool
+
+
 class Decision(JsonFile):
     model_config = ConfigDict(ser_json_inf_nan="constants")
 
@@ -105,6 +131,9 @@ class Decision(JsonFile):
         description="the paired test on the pinned regression set (the champion's domain); "
         "None: no regression set was evaluated",
     )
+    metric_tests: list[MetricTest] = Field(
+        default_factory=list, description="rule 9: the gate.metrics guards compared"
+    )
     has_champion: bool
     policy: GatePolicy
 
@@ -120,16 +149,25 @@ class Decision(JsonFile):
             f"| metric | challenger | {conf} CI | champion | {conf} CI | delta |",
             "|---|---:|---|---:|---|---:|",
         ]
-        rows = (
+        rows: tuple[tuple[str, str], ...] = (
             ("bits_per_byte", "lower is better; decides"),
             ("perplexity", "lower is better; per own token"),
             ("accuracy", "higher is better; per own token"),
         )
+        if challenger.format != "text":
+            rows = (
+                ("bits_per_byte", "lower is better; over response bytes; decides"),
+                ("response_loss", "lower is better; nats per own response token"),
+                ("perplexity", "lower is better; per own response token"),
+                ("accuracy", "higher is better; per own response token"),
+                ("rouge_l", "higher is better; greedy replies"),
+                ("exact_match", "higher is better; greedy replies"),
+            )
         for name, note in rows:
             ch = getattr(challenger, name)
-            ch_ci = getattr(challenger, f"{name}_ci")
+            ch_ci = getattr(challenger, f"{name}_ci", None)
             cp = getattr(champion, name) if champion else None
-            cp_ci = getattr(champion, f"{name}_ci") if champion else None
+            cp_ci = getattr(champion, f"{name}_ci", None) if champion else None
             rel = self.deltas.get(f"{name}_rel")
             lines.append(
                 f"| {name} ({note}) | {_num(ch)} | {_ci(ch_ci)} | "
@@ -155,7 +193,23 @@ class Decision(JsonFile):
                 f"{r.threshold:+.4f} |",
                 "",
             ]
+        if self.metric_tests:
+            lines += ["### Fine-tuning metrics (gate.metrics, paired per sample)", ""]
+            lines += [
+                "| metric | n | challenger | champion | difference | "
+                f"{self.policy.confidence:.0%} paired interval | worse beyond | ok |",
+                "|---|---:|---:|---:|---:|---|---:|---|",
+            ]
+            for m in self.metric_tests:
+                lines.append(
+                    f"| {m.metric} ({m.better} is better) | {m.n} | {m.challenger:.4f} | "
+                    f"{m.champion:.4f} | {m.diff:+.4f} | [{m.ci[0]:+.4f}, {m.ci[1]:+.4f}] | "
+                    f"{m.threshold:+.4f} | {'yes' if m.passed else 'no'} |"
+                )
+            lines.append("")
         lines += ["### Reasons", ""] + [f"- {r}" for r in self.reasons]
+        if challenger.examples:
+            lines += ["", *_examples_lines(challenger, champion)]
         if challenger.generation:
             lines += ["", "### Generation checks (challenger)", ""]
             lines += ["| prompt | output | s/token | repetition | ok |", "|---|---|---:|---:|---|"]
@@ -172,7 +226,14 @@ class Decision(JsonFile):
             f"({p.bootstrap_samples} paired resamples), max bits per byte "
             f"{p.max_bits_per_byte:g}, max perplexity {p.max_perplexity:g}, min accuracy "
             f"{p.min_accuracy:g}, min relative improvement {p.min_relative_improvement:.1%}, "
-            f"margins {_margins(p)}.",
+            f"margins {_margins(p)}"
+            + (
+                ", fine-tuning metrics "
+                + ", ".join(f"{k} {r.margin:.1%}" for k, r in p.metrics.items())
+                if p.metrics
+                else ""
+            )
+            + ".",
         ]
         return "\n".join(lines) + "\n"
 
@@ -246,6 +307,7 @@ def decide_promotion(
     reg = None
     if regression is not None and champion is not None:
         reg = _regression(*regression, policy, passes, fails, deltas)
+    tests = _sft_metrics(challenger, champion, policy, passes, fails, deltas)
 
     promote = not fails
     return Decision(
@@ -255,6 +317,7 @@ def decide_promotion(
         deltas=deltas,
         paired=paired,
         regression=reg,
+        metric_tests=tests,
         has_champion=champion is not None,
         policy=policy,
     )
@@ -447,6 +510,141 @@ def _regression(
     else:
         passes.append(f"{shown}: no forgetting beyond the margin")
     return PairedTest.of(diff, policy, threshold, accuracy_compared=False)
+
+
+def _sft_metrics(
+    ch: EvalReport,
+    cp: EvalReport | None,
+    policy: GatePolicy,
+    passes: list[str],
+    fails: list[str],
+    deltas: dict[str, float],
+) -> list[MetricTest]:
+    """Rule 9: the fine-tuning metrics `gate.metrics` names, each paired per sample."""
+    tests: list[MetricTest] = []
+    for name, rule in policy.metrics.items():
+        better = SFT_GATE_METRICS[name]
+        if getattr(ch, name) is None:
+            fails.append(
+                f"gate.metrics names {name} but the challenger's evaluation has none "
+                f"(evaluated on a {ch.format} dataset)"
+            )
+            continue
+        if cp is None:
+            continue  # no champion: rules 1-3 decide
+        if getattr(cp, name) is None:
+            fails.append(f"{name}: the champion's evaluation has none, cannot compare")
+            continue
+        if not (math.isfinite(getattr(ch, name)) and math.isfinite(getattr(cp, name))):
+            continue  # rule 1 (or 5) already failed on it
+        if name == "response_loss":
+            pairs = _loss_pairs(ch, cp)
+            if pairs is None:
+                passes.append(
+                    "response_loss not compared: the models have different tokenizers (it is "
+                    "per token of each model's own; bits per byte over the responses is compared)"
+                )
+                continue
+        else:
+            pairs = _example_pairs(ch, cp, name)
+        num_a, den_a, num_b, den_b = pairs
+        if len(num_a) < 2:
+            fails.append(f"{name}: only {len(num_a)} sample(s) scored by both models")
+            continue
+        diff = paired_bootstrap(
+            num_a,
+            den_a,
+            num_b,
+            den_b,
+            policy.bootstrap_samples,
+            policy.confidence,
+            policy.seed,
+        )
+        scale = LN2 if name == "response_loss" else 1.0  # bits per token -> nats
+        a, b = diff.challenger * scale, diff.champion * scale
+        d, lo, hi = diff.diff * scale, diff.low * scale, diff.high * scale
+        sign = 1.0 if better == "lower" else -1.0
+        threshold = sign * rule.margin * abs(b) or 0.0
+        worse = lo > threshold if better == "lower" else hi < threshold
+        ok = math.isfinite(lo) and math.isfinite(hi) and not worse
+        deltas[f"{name}_abs"] = d
+        deltas[f"{name}_rel"] = d / b if b else (0.0 if d == 0 else math.inf)
+        deltas[f"{name}_ci_low"], deltas[f"{name}_ci_high"] = lo, hi
+        side = "above" if better == "lower" else "below"
+        (passes if ok else fails).append(
+            f"{name} ({better} is better): {a:.4f} vs the champion's {b:.4f}, paired "
+            f"difference {d:+.4f}, {policy.confidence:.0%} interval [{lo:+.4f}, {hi:+.4f}] "
+            f"over {diff.n_docs} samples; rejected when wholly {side} {threshold:+.4f} "
+            f"(margin {rule.margin:.1%} of the champion's): "
+            + ("not significantly worse" if ok else "significantly worse")
+        )
+        tests.append(
+            MetricTest(
+                metric=name,
+                better=better,
+                n=diff.n_docs,
+                challenger=a,
+                champion=b,
+                diff=d,
+                ci=(lo, hi),
+                margin=rule.margin,
+                threshold=threshold,
+                passed=ok,
+            )
+        )
+    return tests
+
+
+Pairs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _loss_pairs(ch: EvalReport, cp: EvalReport) -> Pairs | None:
+    """(bits, tokens) per sample of both models, paired by id; None when the two cut the
+    samples into different tokens (per-token losses then measure different things)."""
+    if ch.docs is None or cp.docs is None:
+        return np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0)
+    i, j = _common_docs(ch, cp)
+    a_tok, b_tok = np.array(ch.docs.tokens)[i], np.array(cp.docs.tokens)[j]
+    if ch.tokenizer is None or ch.tokenizer != cp.tokenizer or not np.array_equal(a_tok, b_tok):
+        return None
+    return np.array(ch.docs.bits)[i], a_tok, np.array(cp.docs.bits)[j], b_tok
+
+
+def _example_pairs(ch: EvalReport, cp: EvalReport, name: str) -> Pairs:
+    """Per-example values of `name` (rouge_l, or exact as 0/1) of both models, paired by id;
+    the denominators are ones, so the bootstrap compares means."""
+    at = {e.id: e for e in cp.examples}
+    common = [(e, at[e.id]) for e in ch.examples if e.id in at]
+    field = "exact" if name == "exact_match" else name
+    a = np.array([float(getattr(x, field)) for x, _ in common])
+    b = np.array([float(getattr(y, field)) for _, y in common])
+    return a, np.ones(len(a)), b, np.ones(len(b))
+
+
+def _examples_lines(ch: EvalReport, cp: EvalReport | None, limit: int = 50) -> list[str]:
+    """The per-example table: prompt / reference / the challenger's reply (and the
+    champion's, paired by id), with ROUGE-L."""
+    at = {e.id: e for e in cp.examples} if cp else {}
+    head = "| prompt | reference | challenger | ROUGE-L |"
+    rule = "|---|---|---|---:|"
+    if at:
+        head += " champion | ROUGE-L |"
+        rule += "---|---:|"
+    lines = [f"### Held-out prompts ({len(ch.examples)}, greedy replies)", "", head, rule]
+    for e in ch.examples[:limit]:
+        row = f"| {_cell(e.prompt)} | {_cell(e.reference)} | {_cell(e.output)} | {e.rouge_l:.3f} |"
+        if at:
+            other = at.get(e.id)
+            row += f" {_cell(other.output)} | {other.rouge_l:.3f} |" if other else " | |"
+        lines.append(row)
+    if len(ch.examples) > limit:
+        lines += ["", f"{len(ch.examples) - limit} more in the evaluation report (JSON)."]
+    return lines
+
+
+def _cell(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _num(x: float | None) -> str:
