@@ -411,6 +411,11 @@ def prepare(
     for a split); every row rejected or dropped so far is written first, with its reason,
     and the error says where.
     """
+    if profile.data.format != "text":
+        # Instruction/chat records: one loss-masked sample per record (flywheel.sft.stage).
+        from flywheel.sft.stage import prepare_records
+
+        return prepare_records(profile, out_dir, progress, store=store, label=label)
     cfg = profile.data
     out_dir = Path(out_dir)
     # A missing or empty corpus, an output that would touch the source or a stranger's

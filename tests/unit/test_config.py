@@ -94,9 +94,8 @@ def test_a_base_path_on_a_pvc_the_pods_mount_is_not_checked_here():
 
 
 @pytest.mark.parametrize("fmt", ["instruction", "chat"])
-def test_a_record_format_the_data_stage_cannot_read_yet_is_refused(fmt):
-    """flywheel.sft exists, the data stage does not call it yet: a chat profile must not
-    silently train on the records' JSON as prose."""
-    with pytest.raises(ConfigError, match=r"data\.format: .* not wired"):
-        load_profile(None, [f"data.format={fmt}"])
-    assert load_profile(None, ["data.format=text"]).data.format == "text"
+def test_a_record_format_loads_now_the_data_stage_reads_it(fmt):
+    """The data stage hands instruction/chat to flywheel.sft.stage (it was refused before)."""
+    assert load_profile(None, [f"data.format={fmt}"]).data.format == fmt
+    with pytest.raises(ConfigError, match=r"data\.format"):
+        load_profile(None, ["data.format=xml"])

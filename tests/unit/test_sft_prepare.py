@@ -40,6 +40,7 @@ def test_demo_set_prepared_split_and_masked(tok, tmp_path):
     assert len(rejects) == sum(stats.rejects.values())
     assert {
         "id": str(len(records)),
+        "source": "",
         "reason": R.MISSING_FIELD,
         "detail": "no 'response' field (data.columns.response)",
     } in rejects
