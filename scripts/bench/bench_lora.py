@@ -17,9 +17,12 @@ peak RSS of each Ray Train worker (the kernel's high-water mark, VmHWM, read fro
 /proc while the worker lives), and the held-out loss of the exported (merged) model on the
 validation split, scored here in the driver. Ratios are LoRA / full.
 
-Data: the pydoc topics as packed text blocks (tests/fixtures_data.py), the loss on every
-token. A dataset directory with a `labels` column (an SFT split from flywheel.sft) is
-scored on response tokens only: pass it with --data.
+Data (`--data`):
+  text   the pydoc topics as packed blocks (tests/fixtures_data.py); loss on every token.
+  sft    the pydoc instruction set (flywheel.sft.demo) through the data stage
+         (`data.format: instruction`, the base's tokenizer, ChatML, prompt tokens masked);
+         the base is pretrained on the text set first; loss on response tokens only.
+  DIR    a prepared dataset (an SFT one, with a `labels` column, is scored on responses).
 """
 
 from __future__ import annotations
@@ -128,6 +131,20 @@ def held_out_loss(model_dir: str, dataset_dir: Path, max_rows: int) -> tuple[flo
     return total / len(blocks), "all tokens"
 
 
+def sft_dataset(overrides: list[str], base: str, out: Path) -> Path:
+    """The pydoc instruction set through the data stage, tokenized with the base's tokenizer."""
+    from flywheel.data.stage import prepare
+
+    # ~35 held-out samples of the ~230 records (the default 5% leaves ~10).
+    split = "data.split.validation_share=0.15"
+    profile = load_profile(
+        None, ["data.format=instruction", f"model.base={base}", split, *overrides]
+    )
+    stats = prepare(profile, out)
+    print("sft data: " + ", ".join(f"{k} {v:g}" for k, v in stats.metrics().items()))
+    return out
+
+
 def trainable_params(checkpoint: str, model_dir: str) -> tuple[int, int]:
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     if state.get("params"):  # the adapter methods count on the worker (PEFT model)
@@ -154,7 +171,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="fine-tuning steps per method")
     ap.add_argument("--base-steps", type=int, default=60, help="steps of the base, from scratch")
     ap.add_argument("--base", type=Path, default=None, help="a save_pretrained base model dir")
-    ap.add_argument("--data", type=Path, default=None, help="a prepared dataset (default: text)")
+    ap.add_argument("--data", default="text", help="text | sft | a prepared dataset directory")
     ap.add_argument("--repeats", type=int, default=1, help="rounds of (full, lora); medians")
     ap.add_argument("--eval-rows", type=int, default=256, help="validation rows scored")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench_lora.json")
@@ -165,15 +182,17 @@ def main() -> None:
     os.chdir(work)  # the state dir (.flywheel: MLflow, Ray checkpoints) lands here
     common = [f"train.max_steps={args.steps}", "train.checkpoint_every=100000", *args.overrides]
     probe = load_profile(None, common)
-    data = args.data
-    if data is None:
+    if args.data in ("text", "sft"):
         from fixtures_data import build_dataset
 
+        # The text set is also what the base is pretrained on in sft mode.
         data = build_dataset(
             work / "ds",
             block_size=probe.data.block_size,
             vocab_size=probe.data.tokenizer.vocab_size,
         )
+    else:
+        data = Path(args.data)
     base = str(args.base) if args.base else None
     base_wall = None
     if base is None:
@@ -190,6 +209,8 @@ def main() -> None:
         base = train(pre, data, work / "base", tags={"trigger_reason": "benchmark"}).model_dir
         base_wall = time.perf_counter() - t0
         print(f"base: {args.base_steps} steps from scratch in {base_wall:.0f} s -> {base}")
+    if args.data == "sft":
+        data = sft_dataset(args.overrides, base, work / "sft")
     base_loss, scored = held_out_loss(base, data, args.eval_rows)
 
     rounds = []
@@ -265,6 +286,7 @@ def main() -> None:
         "base": {"path": base, "steps": None if args.base else args.base_steps},
         "base_wall_s": base_wall,
         "base_held_out_loss": base_loss,
+        "data": args.data,
         "scored": scored,
         "rows": rows,
         "ratios_lora_over_full": ratios,
