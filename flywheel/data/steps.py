@@ -55,7 +55,7 @@ def _plain_ascii(text: str) -> str | None:
     """normalize_text for the common case, with str methods only (~30x faster than the
     line loop): ASCII, no whitespace but spaces and newlines, no indented line. None when
     the text is not that case. Held equal to the general path by a fuzz test."""
-    if not text.isascii() or text.startswith(" ") or "\n " in text:
+    if not isinstance(text, str) or not text.isascii() or text.startswith(" ") or "\n " in text:
         return None
     if any(c in text for c in _ODD_ASCII_SPACE):
         return None
@@ -109,7 +109,9 @@ _ASCII_LETTERS = bytes(c for c in range(128) if chr(c).isalpha())
 
 
 def alpha_share(text: str) -> float:
-    if text.isascii():  # count by deleting bytes in C (5x the per-character map below)
+    if (
+        isinstance(text, str) and text.isascii()
+    ):  # count by deleting bytes in C (5x the per-character map below)
         raw = text.encode("ascii")
         visible = len(raw.translate(None, _ASCII_SPACES))
         alpha = len(raw) - len(raw.translate(None, _ASCII_LETTERS))
@@ -196,6 +198,47 @@ class ExactDedup(schema.Step):
         mask[dup[dup].index] = True
         detail = pd.Series("", index=batch.index)
         detail[dup[dup].index] = "copy of " + first[dup]
+        schema.mark(batch, mask, schema.EXACT_DEDUP, "exact_duplicate", detail)
+        return batch
+
+
+class ExactFirst(schema.Step):
+    """Per group of buckets of (`key`, `id`) rows: (`key`, `first`) for each key held by
+    more than one id, `first` its smallest id. The stage's exact dedup shuffles only these
+    two columns (not the texts) and marks the copies with MarkCopies: the same drops as
+    ExactDedup, which stays as the one-batch definition a unit test holds them to."""
+
+    row_wise = False
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids = batch.groupby("key", sort=True)["id"].agg(["min", "max"])
+        dup = ids[ids["min"] != ids["max"]]
+        return pd.DataFrame({"key": dup.index.astype(object), "first": dup["min"].to_numpy()})
+
+
+class MarkCopies(schema.Step):
+    """Mark rows whose key has a smaller `first` id (ExactFirst's rows, as Ray object refs
+    of Arrow tables, read once per task): a broadcast join whose size is the number of
+    duplicated texts, not the corpus."""
+
+    def __init__(self, tables: list):
+        self.tables = tables
+        self.first: dict[str, str] | None = None
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.first is None:
+            import ray
+
+            table = pa.concat_tables(ray.get(self.tables)).to_pandas() if self.tables else None
+            self.first = (
+                {} if table is None else dict(zip(table["key"], table["first"], strict=True))
+            )
+        if not self.first:
+            return batch
+        first = batch["key"].map(self.first)
+        mask = first.notna() & (first != batch["id"]) & schema.pending(batch)
+        detail = pd.Series("", index=batch.index, dtype=object)
+        detail[mask] = "copy of " + first[mask]
         schema.mark(batch, mask, schema.EXACT_DEDUP, "exact_duplicate", detail)
         return batch
 
@@ -447,20 +490,182 @@ def duplicate_components(edges: pd.DataFrame) -> dict[str, str]:
     return {k: find(k) for k in parent if find(k) != k}
 
 
-class ApplyDrops(schema.Step):
-    """Mark documents whose key is in `drops` ({key: kept key}) as near-duplicates."""
+def components_frame(edges: pd.DataFrame) -> pd.DataFrame:
+    """`duplicate_components` as rows (`key`, `kept`): the one-task path of the stage."""
+    drops = duplicate_components(edges)
+    return pd.DataFrame(
+        {"key": pd.Series(list(drops), dtype=object), "kept": pd.Series(list(drops.values()))}
+    )
 
-    def __init__(self, drops: dict[str, str], kept_ids: dict[str, str] | None = None):
-        self.drops = drops
-        self.kept_ids = kept_ids or {}
+
+# Near-duplicate components in Ray when the edges are too many for one task: min-label
+# propagation. Every node starts labelled with the smallest key among itself and its
+# neighbours; each round sends every node's label to its neighbours (SendLabels, grouped
+# by the sender) and keeps the smallest label each node received (MinLabel, grouped by
+# the receiver), until no label changes. The fixed point labels each node with the
+# smallest key of its component: the same answer as the union-find. A task holds one
+# bucket of edges and labels, so its memory is (edges + nodes) / NUM_BUCKETS.
+# Rows of both steps: `key`, `target`, `label` (strings; "" where not used), `bucket`.
+
+
+class SendLabels(schema.Step):
+    """Per group of senders: label rows (`target` == "") and edge rows (`key` -> `target`).
+    Out: candidate rows (`key`=receiver, `label`=candidate, `target`="own" on the row that
+    carries a node's current label)."""
+
+    row_wise = False
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        is_label = batch["target"] == ""
+        labels = batch.loc[is_label, ["key", "label"]]
+        sends = batch.loc[~is_label, ["key", "target"]].merge(labels, on="key", how="inner")
+        keys = pd.concat([labels["key"], sends["target"]], ignore_index=True)
+        return pd.DataFrame(
+            {
+                "key": keys,
+                "target": ["own"] * len(labels) + [""] * len(sends),
+                "label": pd.concat([labels["label"], sends["label"]], ignore_index=True),
+                "bucket": _bucket(keys) if len(keys) else pd.Series([], dtype="int64"),
+            }
+        )
+
+
+class MinLabel(schema.Step):
+    """Per group of receivers: each node's new label (the smallest candidate), `changed`
+    where it is smaller than the label it had (its `target == "own"` row)."""
+
+    row_wise = False
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        new = batch.groupby("key", sort=True)["label"].min()
+        old = batch[batch["target"] == "own"].set_index("key")["label"]
+        old = old[~old.index.duplicated()].reindex(new.index)
+        return pd.DataFrame(
+            {
+                "key": new.index.astype(object),
+                "target": "",
+                "label": new.to_numpy(),
+                "bucket": _bucket(pd.Series(new.index, dtype=object)).to_numpy()
+                if len(new)
+                else np.zeros(0, dtype=np.int64),
+                "changed": (old.isna() | (new != old)).to_numpy().astype(np.int64),
+            }
+        )
+
+
+def propagate_components(edges: pd.DataFrame) -> dict[str, str]:
+    """The Ray path's rounds run in one process (all rows one group): {dropped: kept}.
+    The reference that tests hold equal to the union-find."""
+    both = edge_rows(edges)
+    labels = MinLabel()(initial_rows(both))
+    while True:
+        sent = SendLabels()(pd.concat([labels.drop(columns="changed"), both], ignore_index=True))
+        labels = MinLabel()(sent)
+        if not labels["changed"].any():
+            break
+    moved = labels[labels["key"] != labels["label"]]
+    return dict(zip(moved["key"], moved["label"], strict=True))
+
+
+def edge_rows(edges: pd.DataFrame) -> pd.DataFrame:
+    """Both directions of each edge as send rows (`key` sends its label to `target`)."""
+    a, b = edges["a"].astype(str), edges["b"].astype(str)
+    keys = pd.concat([a, b], ignore_index=True)
+    return pd.DataFrame(
+        {
+            "key": keys,
+            "target": pd.concat([b, a], ignore_index=True),
+            "label": "",
+            "bucket": _bucket(keys) if len(keys) else pd.Series([], dtype="int64"),
+        }
+    )
+
+
+def initial_rows(both: pd.DataFrame) -> pd.DataFrame:
+    """Round 0's candidates from send rows: each node's own key ("own") and its
+    neighbours' keys, grouped by the receiving node."""
+    keys = pd.concat([both["key"], both["key"]], ignore_index=True)
+    return pd.DataFrame(
+        {
+            "key": keys,
+            "target": ["own"] * len(both) + [""] * len(both),
+            "label": pd.concat([both["key"], both["target"]], ignore_index=True),
+            "bucket": pd.concat([both["bucket"], both["bucket"]], ignore_index=True),
+        }
+    )
+
+
+class ApplyDrops(schema.Step):
+    """Mark documents whose key is in `drops` ({key: kept key}) as near-duplicates.
+
+    `tables`/`id_tables`: instead of dicts, Ray object refs of Arrow tables (`key`, `kept`)
+    and (`kept`, `kept_id`) made by Ray tasks: the drops reach each task without passing
+    through the driver (a broadcast join; a task holds the documents that have a
+    near-duplicate, not the corpus). `copy_tables`: (`key`, `kept_id`) of exact copies of
+    the champion's data (flywheel.data.index). A kept key starting with `index.MARK` is a
+    champion document; replayed champion documents are never dropped for it.
+    """
+
+    def __init__(
+        self,
+        drops: dict[str, str] | None = None,
+        kept_ids: dict[str, str] | None = None,
+        tables: list | None = None,
+        id_tables: list | None = None,
+        copy_tables: list | None = None,
+    ):
+        self.drops = drops or {}
+        self.kept_ids = kept_ids or {}
+        self.copies: dict[str, str] = {}
+        self.tables = tables or []
+        self.id_tables = id_tables or []
+        self.copy_tables = copy_tables or []
+
+    def _load(self) -> None:
+        """Once per task: Ray calls one instance for each of its batches."""
+        if not (self.tables or self.id_tables or self.copy_tables):
+            return
+        import ray
+
+        def frame(refs: list) -> pd.DataFrame:
+            return pa.concat_tables(ray.get(refs)).to_pandas()
+
+        if self.tables:
+            table = frame(self.tables)
+            self.drops = dict(zip(table["key"], table["kept"], strict=True))
+        if self.id_tables:
+            ids = frame(self.id_tables)
+            self.kept_ids = dict(zip(ids["kept"], ids["kept_id"], strict=True))
+        if self.copy_tables:
+            copies = frame(self.copy_tables)
+            self.copies = dict(zip(copies["key"], copies["kept_id"], strict=True))
+        self.tables = self.id_tables = self.copy_tables = []
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from flywheel.data import index
+
+        self._load()
+        replay = batch["source"] == index.REPLAY_SOURCE if "source" in batch else False
+        if self.copies:
+            kept = batch["key"].map(self.copies)
+            mask = kept.notna() & ~replay
+            detail = pd.Series("", index=batch.index, dtype=object)
+            detail[mask] = [f"copy of {k} (champion's data)" for k in kept[mask]]
+            schema.mark(batch, mask, schema.EXACT_DEDUP, index.COPY, detail)
         if not self.drops:
             return batch
         kept = batch["key"].map(self.drops)
-        mask = kept.notna()
-        detail = kept.where(mask, "").map(lambda k: f"near-duplicate of {self.kept_ids.get(k, k)}")
-        schema.mark(batch, mask, schema.NEAR_DEDUP, "near_duplicate", detail)
+        champion = kept.fillna("").str.startswith(index.MARK)
+        mask = kept.notna() & ~(champion & replay)
+        detail = pd.Series("", index=batch.index, dtype=object)
+        detail[mask] = [
+            f"near-duplicate of {self.kept_ids.get(k, k)}"
+            + (" (champion's data)" if k.startswith(index.MARK) else "")
+            for k in kept[mask]
+        ]
+        reason = pd.Series("near_duplicate", index=batch.index, dtype=object)
+        reason[champion] = index.NEAR
+        schema.mark(batch, mask, schema.NEAR_DEDUP, reason, detail)
         return batch
 
 

@@ -9,6 +9,9 @@ from the pydoc topics' vocabulary, written as 8 JSONL files) and the same `--cpu
   * the stage      `flywheel.data.prepare` with `data.source.kind=files`, in a fresh
                    process (so its peak RSS is the driver's own): wall, docs/s, tokens/s,
                    driver peak RSS (VmHWM), its RSS after each step, and per-step timings;
+  * given tokenizer the stage again with `data.tokenizer.base` = the tokenizer the first
+                   run trained: the stage without its BPE training pass, which pre-tokenizes
+                   every train text once more (skip with --no-given-tokenizer);
   * the ceiling    the stage's own tokenizer, `encode_batch` over the same texts (Rust,
                    all cores): no stage that tokenizes can beat it;
   * HF datasets    `Dataset.map(batched=True, num_proc=--cpus)` over the same per-document
@@ -90,7 +93,7 @@ def texts_of(corpus: Path) -> list[str]:
 # ------------------------------------------------------------------------ stage
 
 
-def stage_child(corpus: str, out: str, cpus: int) -> None:
+def stage_child(corpus: str, out: str, cpus: int, *extra: str) -> None:
     """Run inside a fresh process: the stage, then one JSON line with its numbers."""
     from flywheel.config import load_profile
     from flywheel.data import prepare
@@ -102,6 +105,7 @@ def stage_child(corpus: str, out: str, cpus: int) -> None:
             f"data.source.path={corpus}",
             "data.source.id_field=id",
             f"ray.num_cpus={cpus}",
+            *extra,
         ],
     )
     from flywheel.progress import DataStepDone
@@ -146,8 +150,8 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def run_stage(corpus: Path, out: Path, cpus: int) -> dict:
-    cmd = [sys.executable, __file__, "--child-stage", str(corpus), str(out), str(cpus)]
+def run_stage(corpus: Path, out: Path, cpus: int, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--child-stage", str(corpus), str(out), str(cpus), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -362,6 +366,12 @@ def main() -> None:
         "--cpus", type=int, default=2, help="Ray CPUs, datasets num_proc, datatrove workers"
     )
     ap.add_argument("--no-peers", action="store_true", help="only the stage and the ceiling")
+    ap.add_argument(
+        "--no-given-tokenizer",
+        action="store_true",
+        help="skip the second stage run with data.tokenizer.base = the first run's tokenizer "
+        "(the stage without training its BPE, which reads every train text once more)",
+    )
     ap.add_argument("--edges", type=int, default=200_000, help="edges for the clustering bench")
     ap.add_argument("--out", default="bench-results/bench_data.json")
     args = ap.parse_args()
@@ -375,11 +385,16 @@ def main() -> None:
             stage = run_stage(corpus, Path(tmp) / "out", args.cpus)
             texts = texts_of(corpus)
             row: dict = {"docs": n, "chars": chars, "stage": stage}
+            if not args.no_given_tokenizer:  # the stage without its BPE training pass
+                given = f"data.tokenizer.base={Path(tmp) / 'out' / 'tokenizer'}"
+                row["stage_given_tokenizer"] = run_stage(
+                    corpus, Path(tmp) / "out-given", args.cpus, given
+                )
             row["ceiling"] = run_ceiling(texts, Path(tmp) / "out" / "tokenizer")
             if not args.no_peers:
                 row["datasets"] = run_datasets(texts, Path(tmp) / "out" / "tokenizer", args.cpus)
                 row["datatrove"] = run_datatrove(corpus, Path(tmp) / "dt", args.cpus)
-            for name in ("stage", "ceiling", "datasets", "datatrove"):
+            for name in ("stage", "stage_given_tokenizer", "ceiling", "datasets", "datatrove"):
                 if row.get(name):
                     row[name]["docs_per_s"] = round(n / row[name]["seconds"], 1)
             row["stage_vs_ceiling"] = round(
@@ -393,7 +408,8 @@ def main() -> None:
     print()
     header = (
         f"{'docs':>8} {'stage s':>8} {'docs/s':>7} {'tok/s':>9} {'RSS GB':>7} "
-        f"{'ceiling docs/s':>15} {'x ceil':>7} {'datasets docs/s':>16} {'datatrove docs/s':>17}"
+        f"{'ceiling docs/s':>15} {'x ceil':>7} {'given-tok docs/s':>17} {'datasets docs/s':>16} "
+        f"{'datatrove docs/s':>17}"
     )
     print(header)
     print("-" * len(header))
@@ -403,6 +419,7 @@ def main() -> None:
             f"{r['docs']:>8,} {st['seconds']:>8.1f} {st['docs_per_s']:>7,.0f} "
             f"{st['tokens_all'] / st['seconds']:>9,.0f} {st['driver_peak_rss_bytes'] / 1e9:>7.2f} "
             f"{r['ceiling']['docs_per_s']:>15,.0f} {r['stage_vs_ceiling']:>7.2f} "
+            f"{(r.get('stage_given_tokenizer') or {}).get('docs_per_s', float('nan')):>17,.0f} "
             f"{(r.get('datasets') or {}).get('docs_per_s', float('nan')):>16,.0f} "
             f"{(r.get('datatrove') or {}).get('docs_per_s', float('nan')):>17,.0f}"
         )
@@ -437,7 +454,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child-stage":
-        stage_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if len(sys.argv) >= 5 and sys.argv[1] == "--child-stage":
+        stage_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
     else:
         main()

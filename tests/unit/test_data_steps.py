@@ -156,6 +156,22 @@ def test_content_key_and_bucket():
     assert out["bucket"].between(0, steps.NUM_BUCKETS - 1).all()
 
 
+def test_exact_first_and_mark_copies_drop_what_exact_dedup_drops():
+    """The stage's two-part exact dedup (keys and ids grouped, copies broadcast) marks the
+    same rows with the same detail as the one-batch ExactDedup, same-id copies included."""
+    rng = np.random.default_rng(4)
+    texts = [f"text {int(t)}" for t in rng.integers(0, 40, size=200)]
+    ids = [f"id{int(i)}" for i in rng.integers(0, 150, size=200)]
+    batch = steps.ContentKey()(docs(*texts, ids=ids))
+    want = steps.ExactDedup()(batch.copy())
+    first = steps.ExactFirst()(batch[["key", "id", "bucket"]])
+    mark = steps.MarkCopies([])
+    mark.first = dict(zip(first["key"], first["first"], strict=True))
+    got = mark(batch.copy())
+    assert (want["reason"] == "exact_duplicate").sum() > 50
+    pd.testing.assert_frame_equal(got, want)
+
+
 def test_exact_dedup_keeps_smallest_id():
     batch = steps.ContentKey()(docs("dup text", "unique", "dup text", ids=["z", "a", "b"]))
     out = steps.ExactDedup()(batch)
@@ -253,6 +269,26 @@ def test_duplicate_components_keep_smallest_key():
     edges = pd.DataFrame({"a": ["b", "c", "x"], "b": ["c", "d", "y"]})
     assert steps.duplicate_components(edges) == {"c": "b", "d": "b", "y": "x"}
     assert steps.duplicate_components(pd.DataFrame({"a": [], "b": []})) == {}
+
+
+def random_edges(seed: int, nodes: int, edges: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    halves = rng.integers(0, 2**63, size=(nodes, 2))
+    keys = np.array([f"{x:016x}{y:016x}" for x, y in halves])
+    a, b = rng.integers(0, nodes, edges), rng.integers(0, nodes, edges)
+    return pd.DataFrame({"a": keys[a[a != b]], "b": keys[b[a != b]]})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_label_propagation_finds_the_union_find_components(seed):
+    """The Ray path's rounds (SendLabels/MinLabel, run here in one process) end where the
+    union-find does: every node labelled with its component's smallest key."""
+    edges = random_edges(seed, nodes=300, edges=120 + 10 * seed)
+    want = steps.duplicate_components(edges)
+    assert len(set(want.values())) > 20 and len(want) > 2 * len(set(want.values()))
+    assert steps.propagate_components(edges) == want
+    chain = pd.DataFrame({"a": edges["a"][:40].tolist(), "b": edges["a"][1:41].tolist()})
+    assert steps.propagate_components(chain) == steps.duplicate_components(chain)
 
 
 def test_apply_drops():
