@@ -38,6 +38,7 @@ REFERENCE_TEXT = "text/reference.parquet"
 TOKENIZER_DIR = "tokenizer"
 REJECTS = "rejects.jsonl"
 TOKEN_COLUMN = "input_ids"
+LABEL_COLUMN = "labels"  # SFT samples: input_ids with -100 where no loss is taken
 
 TRAINING_INFO = "flywheel_training.json"
 

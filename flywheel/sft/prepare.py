@@ -33,7 +33,7 @@ from flywheel.errors import DataError
 from flywheel.sft.records import Conversation, Reject, parse_records
 from flywheel.sft.render import Renderer, Sample, padding_share, render_all
 
-LABEL_COLUMN = "labels"
+LABEL_COLUMN = artifacts.LABEL_COLUMN
 ID_COLUMN = "id"
 PART = "part-00000.parquet"
 # The micro-batch the manifest's padding share is measured at (the default train one).

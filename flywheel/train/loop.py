@@ -48,7 +48,8 @@ def _maybe_inject_fault(fault: dict[str, Any] | None, step: int, rank: int) -> N
 
 
 def _batches(shard, micro: int, seed: int):
-    """Endless micro-batches of token ids from this worker's shard, reshuffled per epoch."""
+    """Endless micro-batches of packed blocks from this worker's shard, reshuffled per
+    epoch, as model inputs (every token is a label: blocks hold no padding)."""
     import numpy as np
     import torch
 
@@ -64,10 +65,56 @@ def _batches(shard, micro: int, seed: int):
             local_shuffle_buffer_size=micro * 8,
             local_shuffle_seed=seed + epoch,
         ):
-            ids = np.stack(batch["input_ids"]).astype(np.int64)
+            ids = torch.from_numpy(np.stack(batch["input_ids"]).astype(np.int64))
             n += 1
-            yield torch.from_numpy(ids)
+            yield {"input_ids": ids, "labels": ids}
         if n == 0:
+            raise RuntimeError("this worker's dataset shard holds less than one micro batch")
+        epoch += 1
+
+
+# SFT micro-batches are cut from windows of this many micro-batches of shuffled samples,
+# sorted by length: padding falls from ~47% (random batches) to ~10% on the demo set.
+LENGTH_WINDOW = 16
+
+
+def group_by_length(samples: list, micro: int, rng) -> tuple[list[list], list]:
+    """Micro-batches of similar-length samples from one shuffled window, in random order,
+    and the samples left over (fewer than `micro`) for the next window."""
+    ordered = sorted(samples, key=lambda s: len(s.input_ids))
+    full = len(ordered) // micro * micro
+    groups = [ordered[i : i + micro] for i in range(0, full, micro)]
+    rng.shuffle(groups)
+    return groups, ordered[full:]
+
+
+def _sft_batches(shard, micro: int, seed: int, pad_id: int):
+    """Endless micro-batches of SFT samples: padded to the longest in the micro-batch, with
+    an attention mask, labels -100 on prompts (from the data stage) and on padding."""
+    import random
+
+    from flywheel.sft.render import Sample, collate
+
+    epoch = 0
+    left: list[Sample] = []  # fewer than a micro-batch, carried into the next window
+    while True:
+        n = 0
+        rng = random.Random(seed + epoch)
+        for batch in shard.iter_batches(
+            batch_size=micro * LENGTH_WINDOW,
+            batch_format="numpy",
+            local_shuffle_buffer_size=micro * LENGTH_WINDOW * 2,
+            local_shuffle_seed=seed + epoch,
+        ):
+            window = left + [
+                Sample("", ids.tolist(), labels.tolist())
+                for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)
+            ]
+            groups, left = group_by_length(window, micro, rng)
+            for group in groups:
+                n += 1
+                yield collate(group, pad_id)
+        if n == 0 and len(left) < micro:
             raise RuntimeError("this worker's dataset shard holds less than one micro batch")
         epoch += 1
 
@@ -130,21 +177,44 @@ def _model_state_for_export(engine, zero_stage: int) -> dict | None:
     return engine.module.state_dict()
 
 
-def _validation_loss(engine, blocks: list[list[int]], micro: int) -> float:
-    """Mean loss (nats per token) on a fixed slice of validation blocks. Every rank runs the
-    whole slice (under ZeRO-3 every rank must join each forward), so all agree on it."""
+def validation_batches(rows: list, micro: int, pad_id: int) -> list[dict]:
+    """Model inputs for a validation slice: packed blocks (lists of ids: every token a
+    label) or SFT samples (`{"input_ids", "labels"}`: the loss on responses only)."""
     import torch
+
+    from flywheel.sft.render import Sample, collate
+
+    out = []
+    for i in range(0, len(rows), micro):
+        part = rows[i : i + micro]
+        if isinstance(part[0], dict):
+            out.append(collate([Sample("", r["input_ids"], r["labels"]) for r in part], pad_id))
+        else:
+            ids = torch.tensor(part, dtype=torch.long)
+            out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _validation_loss(engine, rows: list, micro: int, pad_id: int) -> float:
+    """Mean loss (nats per label token) on a fixed validation slice: over every token of
+    packed blocks, over the response tokens of SFT samples. Every rank runs the whole slice
+    (under ZeRO-3 every rank must join each forward), so all agree on it."""
+    import torch
+
+    from flywheel.sft.render import IGNORE_INDEX
 
     engine.eval()
     total, n = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(blocks), micro):
-            ids = torch.tensor(blocks[i : i + micro], dtype=torch.long, device=engine.device)
-            # Blocks are all block_size long, so each batch's mean weighs tokens equally.
-            total += float(engine(input_ids=ids, labels=ids).loss.float()) * len(ids)
-            n += len(ids)
+        for batch in validation_batches(rows, micro, pad_id):
+            inputs = {k: v.to(engine.device) for k, v in batch.items()}
+            # The model's loss is the mean over this batch's label tokens (shifted by one):
+            # weighed by their count, every response token counts once in the slice.
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(engine(**inputs).loss.float()) * count
+            n += count
     engine.train()
-    return total / n
+    return total / n if n else float("nan")
 
 
 def _ask_to_stop(validation: dict[str, Any], step: int, value: float, rank: int, device) -> bool:
@@ -185,6 +255,12 @@ def _export_adapters(profile, plan, weights: dict | None, out: Path) -> None:
         return build_model(profile.model, plan.model_source, plan.dataset)
 
     export_from_state(base, profile.train.lora, weights, out, merged_name=HF_DIR)
+
+
+def pad_token_id(plan) -> int:
+    """The id SFT micro-batches are padded with (masked out: any id in the vocabulary)."""
+    d = plan.dataset
+    return next((i for i in (d.pad_token_id, d.eos_token_id) if i is not None), 0)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -296,33 +372,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and not final:
             _wait_committed()
 
-    tokens_per_step = plan.tokens_per_step
+    sft = plan.dataset.is_sft
+    pad_id = pad_token_id(plan)
     shard = ray.train.get_dataset_shard("train")
     # Reshuffle after a restart rather than replay the same order: exact data position is
     # not restored (Ray Data streams), so a restart sees a fresh permutation instead.
-    batches = _batches(shard, plan.micro_batch, t.seed + step)
+    if sft:
+        batches = _sft_batches(shard, plan.micro_batch, t.seed + step, pad_id)
+    else:
+        batches = _batches(shard, plan.micro_batch, t.seed + step)
     first = next(batches)
     startup["restore_first_batch_s"] = time.time() - imported - startup["deepspeed_init_s"]
     startup["worker_entered_at"] = entered
     batches = itertools.chain([first], batches)
     engine.train()
-    loss_sum = torch.zeros((), device=device)
+    # Summed over micro-batches, then over ranks in one all-reduce per step:
+    # loss, real (non-pad) tokens, positions computed (real + padding).
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    counts = [0, 0]
     tick = time.perf_counter()
     while step < t.max_steps:
         _maybe_inject_fault(config.get("fault"), step + 1, rank)
         lr = scheduler.get_last_lr()[0]
         for _ in range(plan.grad_accum):
-            ids = next(batches).to(device)
-            loss = engine(input_ids=ids, labels=ids).loss
+            batch = next(batches)
+            # SFT: the model's loss is the mean over this micro-batch's response tokens
+            # (labels -100 elsewhere), each micro-batch weighed alike (as HF Trainer does).
+            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float()
+            sums[0] += loss.detach().to(sums.dtype)  # stays on the device: no sync per micro-step
+            mask = batch.get("attention_mask")  # counted on the host copy
+            counts[0] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            counts[1] += batch["input_ids"].numel()
         step += 1
-        tokens += tokens_per_step
-        # One scalar all-reduce per step: the logged loss is the global batch's, not rank 0's.
-        dist.all_reduce(loss_sum)
-        mean_loss = loss_sum.item() / (plan.grad_accum * plan.world_size)
-        loss_sum.zero_()
+        # One small all-reduce per step: the logged loss and token counts are the global
+        # batch's, not rank 0's.
+        sums[1], sums[2] = counts
+        counts = [0, 0]
+        dist.all_reduce(sums)
+        mean_loss = sums[0].item() / (plan.grad_accum * plan.world_size)
+        step_tokens, computed = int(sums[1].item()), int(sums[2].item())
+        sums.zero_()
+        tokens += step_tokens
         now = time.perf_counter()
         dt, tick = now - tick, now
         norm = engine.get_global_grad_norm()
@@ -332,7 +424,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": lr,
             "grad_norm": float(norm) if norm is not None else float("nan"),
             "step_s": dt,
-            "tokens_per_s": tokens_per_step / dt,
+            # Real tokens only: padding is computed but not learned from.
+            "tokens": step_tokens,
+            "tokens_per_s": step_tokens / dt,
+            "padding": 1 - step_tokens / computed if computed else 0.0,
             "attempt": attempt,
         }
         if rank == 0:
@@ -344,7 +439,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if queue is not None:
                 queue.put_nowait({k: row[k] for k in ("step", "loss", "lr", "tokens_per_s")})
         if validation is not None and step in report_at:
-            val = _validation_loss(engine, validation["blocks"], plan.micro_batch)
+            val = _validation_loss(engine, validation["blocks"], plan.micro_batch, pad_id)
             row["val_loss"] = val
             if tracker:
                 tracker.add(step, {"val_loss": val})

@@ -48,15 +48,30 @@ class DatasetInfo(BaseModel):
     path: str
     train_files: list[str]
     train_blocks: int
+    """Rows of the train split: packed blocks (text) or samples (instruction / chat)."""
     block_size: int
+    """Tokens per block (text), or the most a sample may hold (instruction / chat)."""
     vocab_size: int
     content_hash: str | None
     eos_token_id: int | None
     pad_token_id: int | None
+    format: Literal["text", "instruction", "chat"] = "text"
+    sample_tokens: int | None = None
+    """Real (unpadded) tokens in the train split's samples (instruction / chat)."""
+
+    @property
+    def is_sft(self) -> bool:
+        return self.format != "text"
 
     @property
     def train_tokens(self) -> int:
+        if self.sample_tokens is not None:
+            return self.sample_tokens
         return self.train_blocks * self.block_size
+
+    @property
+    def mean_row_tokens(self) -> float:
+        return self.train_tokens / self.train_blocks if self.train_blocks else 0.0
 
 
 class ModelSource(BaseModel):
@@ -85,6 +100,10 @@ class TrainPlan(BaseModel):
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on: exact for packed blocks; for SFT samples the
+        expected count (their mean length; the loop counts each step's real tokens)."""
+        if self.dataset.is_sft:
+            return round(self.global_batch * self.dataset.mean_row_tokens)
         return self.global_batch * self.dataset.block_size
 
 
@@ -219,14 +238,18 @@ def inspect_dataset(dataset_dir: str | Path) -> DatasetInfo:
     files = artifacts.split_files(root, "train")
     if not files:
         raise DataError(f"{root / 'train'}: no parquet shards")
+    sft = manifest.format != "text"
+    # SFT rows are unpadded samples with their labels; text rows are block_size tokens.
+    columns = [artifacts.TOKEN_COLUMN, *([artifacts.LABEL_COLUMN] if sft else [])]
     blocks = 0
     width: int | None = None
     for f in files:
         meta = pq.ParquetFile(f)
-        if artifacts.TOKEN_COLUMN not in meta.schema_arrow.names:
-            raise DataError(f"{f}: no column '{artifacts.TOKEN_COLUMN}'")
+        for column in columns:
+            if column not in meta.schema_arrow.names:
+                raise DataError(f"{f}: no column '{column}' ({manifest.format} dataset)")
         blocks += meta.metadata.num_rows
-        if width is None and meta.metadata.num_rows:
+        if not sft and width is None and meta.metadata.num_rows:
             first = meta.read_row_group(0, columns=[artifacts.TOKEN_COLUMN]).column(0)[0]
             width = len(first)
     block_size = int(manifest.block_size or width or 0)
@@ -243,6 +266,8 @@ def inspect_dataset(dataset_dir: str | Path) -> DatasetInfo:
         content_hash=manifest.content_hash,
         eos_token_id=eos,
         pad_token_id=pad,
+        format=manifest.format,
+        sample_tokens=manifest.tokens.get("train") if sft else None,
     )
 
 
@@ -267,7 +292,11 @@ def _model_source(profile: Profile, init_from: str | None) -> ModelSource:
             raise ConfigError(f"init_from: {init_from} is not a model directory")
         return ModelSource(kind="init_from", path=str(Path(init_from).resolve()))
     if profile.model.base:
-        return ModelSource(kind="base", path=profile.model.base)
+        from flywheel.registry import resolve_model_source
+
+        # models:/<name>@<alias> is the registry version's merged save_pretrained directory
+        # (downloaded into the registry cache); a path or hub id passes unchanged.
+        return ModelSource(kind="base", path=resolve_model_source(profile.model.base, profile))
     return ModelSource(kind="fresh")
 
 
@@ -464,6 +493,12 @@ def make_plan(profile: Profile, dataset_dir: str | Path, init_from: str | None =
     raw, source = load_deepspeed_json(profile)
     ds = deepspeed_config(profile, raw, source)
     data = inspect_dataset(dataset_dir)
+    if data.is_sft and data.train_blocks < global_batch:
+        raise DataError(
+            f"{dataset_dir}: {data.train_blocks} training samples is fewer than one global "
+            f"batch of {global_batch}; lower train.micro_batch_size / grad_accum / "
+            "scaling.num_workers or prepare more records"
+        )
     if data.train_blocks < global_batch:
         raise DataError(
             f"{dataset_dir}: {data.train_tokens:,} training tokens ({data.train_blocks} blocks of "

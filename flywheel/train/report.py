@@ -61,14 +61,16 @@ class TrainResult(BaseModel):
 
 def loop_throughput(history: list[dict[str, Any]], tokens_per_step: int) -> tuple[float, float]:
     """(tokens/s, loop seconds). The first step of each attempt is left out: it pays for
-    lazy initialisation (allocator, gloo buffers), not for training."""
+    lazy initialisation (allocator, gloo buffers), not for training. A step's own `tokens`
+    (the loop's count of real, unpadded tokens) wins over `tokens_per_step`."""
     steady = [
         r for i, r in enumerate(history) if i and r.get("attempt") == history[i - 1].get("attempt")
     ]
     loop_s = sum(r["step_s"] for r in history)
     rows = steady or history
     secs = sum(r["step_s"] for r in rows)
-    return (len(rows) * tokens_per_step / secs if secs > 0 else 0.0), loop_s
+    tokens = sum(r.get("tokens", tokens_per_step) for r in rows)
+    return (tokens / secs if secs > 0 else 0.0), loop_s
 
 
 def loss_curve_html(history: list[dict[str, Any]], title: str, subtitle: str = "") -> str:

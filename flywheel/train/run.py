@@ -301,19 +301,21 @@ def training_dataset(profile: Profile, plan: TrainPlan, files: list[str] | None 
     from flywheel.runtime.crossing import dataset_filesystem
 
     workers = profile.train.scaling.num_workers
+    # SFT samples carry their labels (-100 on prompts); packed text blocks are their own.
+    columns = [artifacts.TOKEN_COLUMN, *([artifacts.LABEL_COLUMN] if plan.dataset.is_sft else [])]
     if read_up_front(plan, worker_resources(profile), workers):
         import pyarrow.parquet as pq
 
         # Read here with pyarrow and hand Ray the table: for a small split this is ~0.1 s,
         # where a Ray Data read (list files, schedule read tasks) takes several seconds.
         return ray.data.from_arrow(
-            pq.ParquetDataset(plan.dataset.train_files).read(columns=[artifacts.TOKEN_COLUMN])
+            pq.ParquetDataset(plan.dataset.train_files).read(columns=columns)
         )
     files = files or plan.dataset.train_files
     fs = dataset_filesystem(files, profile.storage.endpoint_url)
     if fs is not None:  # URIs: the read tasks on the cluster open them with this filesystem
         files = [storage.parse(f, "storage.root").path for f in files]
-    return ray.data.read_parquet(files, columns=[artifacts.TOKEN_COLUMN], filesystem=fs)
+    return ray.data.read_parquet(files, columns=columns, filesystem=fs)
 
 
 def torch_trainer(

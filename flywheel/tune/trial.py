@@ -38,16 +38,23 @@ class TrialPruned(Exception):
         self.step = step
 
 
-def validation_slice(dataset_dir: str | Path, n: int = VALIDATION_BLOCKS) -> list[list[int]]:
-    """The first `n` token blocks of the validation split, as plain lists."""
+def validation_slice(dataset_dir: str | Path, n: int = VALIDATION_BLOCKS) -> list[Any]:
+    """The first `n` rows of the validation split, as plain data: token blocks (lists of
+    ids), or for an SFT dataset samples with their labels (`{"input_ids", "labels"}`: the
+    loop scores the masked response loss)."""
     import pyarrow.parquet as pq
 
     from flywheel import artifacts
 
-    blocks: list[list[int]] = []
+    sft = artifacts.DatasetManifest.read(dataset_dir).format != "text"
+    blocks: list[Any] = []
     for f in artifacts.split_files(dataset_dir, "validation"):
-        col = pq.read_table(f, columns=[artifacts.TOKEN_COLUMN]).column(0)
-        blocks += [list(map(int, b)) for b in col.to_pylist()[: n - len(blocks)]]
+        if sft:
+            cols = [artifacts.TOKEN_COLUMN, artifacts.LABEL_COLUMN]
+            blocks += pq.read_table(f, columns=cols).to_pylist()[: n - len(blocks)]
+        else:
+            col = pq.read_table(f, columns=[artifacts.TOKEN_COLUMN]).column(0)
+            blocks += [list(map(int, b)) for b in col.to_pylist()[: n - len(blocks)]]
         if len(blocks) >= n:
             break
     if not blocks:
