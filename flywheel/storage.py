@@ -338,6 +338,22 @@ def upload_dir(
     return loc
 
 
+def remove_tree(value: str, field: str = "storage.root", endpoint_url: str | None = None) -> bool:
+    """Delete a directory or prefix and everything under it; False when nothing was there.
+    Only for what the caller itself wrote (hand-off copies): never a user's data."""
+    import pyarrow.fs as pafs
+
+    loc = parse(value, field)
+    fs = filesystem(loc, endpoint_url)
+    try:
+        if fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
+            return False
+        fs.delete_dir(loc.path)
+    except Exception as exc:
+        raise _fail(exc, loc, field, endpoint_url) from None
+    return True
+
+
 def download(fs: pyarrow.fs.FileSystem, path: str, dest: Path, names: tuple[str, ...] = ()) -> Path:
     """Copy `path` (a directory on `fs`), or only its entries `names`, into `dest`."""
     import pyarrow.fs as pafs

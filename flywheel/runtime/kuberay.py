@@ -51,6 +51,7 @@ from flywheel.runtime.kuberay_manifest import (  # the manifest side, re-exporte
     TASK_LABEL,
     VERSION,
     fit_problems,
+    handoff_run_uri,
     handoff_uri,
     job_name,
     label_value,
@@ -79,6 +80,7 @@ __all__ = [
     "cleanup_after",
     "cleanup_run",
     "fit_problems",
+    "handoff_run_uri",
     "handoff_uri",
     "job_name",
     "label_value",
@@ -253,6 +255,13 @@ def cleanup_run(profile: Profile, run_id: str, cluster: Cluster | None = None) -
     gone += [f"raycluster/{n}" for n in cluster.delete_selected(RAYCLUSTERS, selector)]
     for item in gone:
         log.warning("deleted %s of run %s", item, run_id)
+    # The run's hand-off place (specs, results, what a killed step left): ours, all of it.
+    from flywheel import storage
+
+    if storage.is_uri(profile.storage.root):  # else no step could have written one
+        run_dir = handoff_run_uri(profile, run_id)
+        if storage.remove_tree(run_dir, "storage.root", profile.storage.endpoint_url):
+            gone.append(f"handoff {run_dir}")
     return gone
 
 

@@ -77,12 +77,18 @@ def launch(
         "outputs": out_uris,
         "result": result_uri,
     }
-    kuberay.run(p, stage, run_id, spec)
-    text = kuberay.read_text(result_uri, url)
-    for name, path in outputs.items():
-        loc = storage.parse(out_uris[name], "storage.root")
-        storage.download(storage.filesystem(loc, url), loc.path, Path(path))
-        text = text.replace(json.dumps(OUT_MARK + name)[1:-1], json.dumps(str(path))[1:-1])
+    try:
+        kuberay.run(p, stage, run_id, spec)
+        text = kuberay.read_text(result_uri, url)
+        for name, path in outputs.items():
+            loc = storage.parse(out_uris[name], "storage.root")
+            storage.download(storage.filesystem(loc, url), loc.path, Path(path))
+            text = text.replace(json.dumps(OUT_MARK + name)[1:-1], json.dumps(str(path))[1:-1])
+    finally:
+        # The payload copies (datasets, models) go once the step holds its outputs, or has
+        # failed; spec.json and result.json, small, stay for the run's exit handler.
+        for uri in [*in_uris.values(), *out_uris.values()]:
+            storage.remove_tree(uri, "storage.root", url)
     return json.loads(text)
 
 

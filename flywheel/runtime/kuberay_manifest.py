@@ -272,6 +272,11 @@ def fit_problems(profile: Profile, task: str) -> list[str]:
 
 def handoff_uri(profile: Profile, run_id: str, task: str) -> str:
     """Where a step and its RayJob exchange inputs, outputs and the spec: a storage URI."""
+    return f"{handoff_run_uri(profile, run_id)}/{task}"
+
+
+def handoff_run_uri(profile: Profile, run_id: str) -> str:
+    """The hand-off place of all of a run's steps (the exit handler removes it)."""
     from flywheel import storage
 
     root = profile.storage.root
@@ -282,4 +287,4 @@ def handoff_uri(profile: Profile, run_id: str, task: str) -> str:
             + (f"{root!r}, a path on the step's own disk" if root else "unset")
         )
     loc = storage.parse(root, "storage.root")
-    return loc.child(HANDOFF_DIR, label_value(run_id), task).display()
+    return loc.child(HANDOFF_DIR, label_value(run_id)).display()

@@ -18,7 +18,7 @@ from test_ray_address import cluster  # noqa: F401  (the real head, reused)
 
 from flywheel.config import load_profile
 from flywheel.errors import FlywheelError
-from flywheel.runtime import kuberay
+from flywheel.runtime import kuberay, kuberay_manifest
 from flywheel.runtime.kuberay_entry import train
 
 pytestmark = [
@@ -91,8 +91,11 @@ def test_train_runs_in_a_rayjob_and_the_step_gets_the_model(standin, work, capsy
     assert f"flywheel: stage train of run {RUN_ID} in this RayJob" in out
     assert "flywheel: stage train done" in out
     # Only URIs crossed: the spec names the store, never the step's dataset path.
-    spec = (work / "store" / "kuberay" / RUN_ID / "train" / "spec.json").read_text()
+    handoff = work / "store" / kuberay_manifest.HANDOFF_DIR / RUN_ID / "train"
+    spec = (handoff / "spec.json").read_text()
     assert str(work / "dataset") not in spec and str(work / "store") in spec
+    # The payload copies are gone once the step holds its model; the small records stay.
+    assert sorted(p.name for p in handoff.rglob("*") if p.is_file()) == ["result.json", "spec.json"]
     # Cleaned up on success: no RayJob, no RayCluster left.
     assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
     name = kuberay.job_name(RUN_ID, "train")

@@ -20,7 +20,7 @@ from test_kfp_client import package  # noqa: F401  (a trivial compiled pipeline,
 
 from flywheel.config import config_file, load_profile
 from flywheel.errors import ConfigError, FlywheelError
-from flywheel.runtime import kuberay
+from flywheel.runtime import kuberay, kuberay_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 needs_crds = pytest.mark.skipif(
@@ -280,9 +280,13 @@ def test_a_killed_step_leaves_its_rayjob_and_the_exit_handler_deletes_it(standin
     assert name in standin.names("rayjobs"), "a killed step cannot clean up after itself"
     assert len(standin.names("rayclusters", kuberay.run_selector(RUN))) == 1
 
+    handoff = tmp_path / "store" / kuberay_manifest.HANDOFF_DIR / RUN
+    assert (handoff / "train" / "spec.json").is_file()
+
     gone = kuberay.cleanup_run(p, RUN)  # what the retrain pipeline's exit handler calls
 
-    assert gone == [f"rayjob/{name}"]
+    assert gone == [f"rayjob/{name}", f"handoff {kuberay.handoff_run_uri(p, RUN)}"]
+    assert not handoff.exists() and (tmp_path / "store" / kuberay_manifest.HANDOFF_DIR).is_dir()
     assert standin.names("rayjobs", kuberay.run_selector(RUN)) == []
     assert standin.names("rayclusters", kuberay.run_selector(RUN)) == []
     assert standin.names("rayjobs") == [other["metadata"]["name"]]
