@@ -358,8 +358,10 @@ def _compare(
             f"({ch.data_hash[:12]} vs {cp.data_hash[:12]})"
         )
         return None
-    for name in ("bits_per_byte", "perplexity", "accuracy"):
+    for name in ("bits_per_byte", "perplexity", "accuracy", *SFT_GATE_METRICS):
         a, b = getattr(ch, name), getattr(cp, name)
+        if a is None or b is None:
+            continue  # a fine-tuning metric of a raw-text report
         deltas[f"{name}_abs"] = a - b
         deltas[f"{name}_rel"] = (a - b) / b if b else (0.0 if a == b else math.inf)
     if ch.non_finite():

@@ -193,6 +193,11 @@ def test_the_decision_markdown_shows_the_metrics_and_the_examples():
     d = decide_promotion(ch, CHAMPION, policy(rouge_l=0.05))
     md = d.to_markdown(ch, CHAMPION)
     assert "| rouge_l (higher is better; greedy replies) |" in md
+    # Every fine-tuning metric has its delta, named in gate.metrics or not.
+    row = next(line for line in md.splitlines() if line.startswith("| exact_match ("))
+    assert (
+        row.endswith(f"| {d.deltas['exact_match_rel']:+.2%} |") and d.deltas["exact_match_rel"] < 0
+    )
     assert "### Fine-tuning metrics (gate.metrics, paired per sample)" in md
     assert "| rouge_l (higher is better) | 100 |" in md and "| no |" in md
     assert "### Held-out prompts (100, greedy replies)" in md
