@@ -164,3 +164,37 @@ def test_cli_data_prepare_on_the_pydoc_instruction_set(state_dir, cli):
     assert m.format == "instruction" and m.content_hash.startswith(made[0].name)
     assert "response tokens" in out and "padding at micro-batch 8" in out
     assert sum(m.sequences.values()) > 150
+
+
+def test_sharegpt_chat_from_a_saved_hf_dataset_through_the_column_map(state_dir, tmp_path):
+    import datasets
+
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": r["prompt"]},
+                {"from": "gpt", "value": r["response"]},
+            ]
+        }
+        for r in GOOD
+    ] + [{"conversations": [{"from": "gpt", "value": "An answer to nothing."}]}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    profile = load_profile(
+        None,
+        [
+            "data.format=chat",
+            "data.source.kind=hf",
+            f"data.source.path={tmp_path / 'hf'}",
+            "data.columns.messages=conversations",
+            "data.columns.role=from",
+            "data.columns.content=value",
+            *SHORT,
+        ],
+    )
+    stats = prepare(profile, tmp_path / "ds")
+    assert stats.docs_read == 10 and stats.docs_kept == 9
+    assert stats.rejected == {R.BAD_TURN_ORDER: 1}
+    (reject,) = [
+        json.loads(x) for x in (tmp_path / "ds" / artifacts.REJECTS).read_text().splitlines()
+    ]
+    assert reject["id"].endswith(":9") and reject["source"].startswith("hf:")
