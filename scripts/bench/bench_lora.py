@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="profile overrides, e.g. train.lora.rank=16")
     args = ap.parse_args()
 
+    args.out = args.out.resolve()  # before the chdir below
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     os.chdir(work)  # the state dir (.flywheel: MLflow, Ray checkpoints) lands here
     common = [f"train.max_steps={args.steps}", "train.checkpoint_every=100000", *args.overrides]
