@@ -271,7 +271,11 @@ def gate(
         )
         registry = Registry(p)
         version = registry.register_candidate(
-            Path(model_dir), tags=tags, model_card=card, run_id=train_run_id or None
+            Path(model_dir),
+            tags=tags,
+            model_card=card,
+            run_id=train_run_id or None,
+            data_format=manifest.format,  # SFT models serve chat turns
         )
         entry.metrics.update(
             {

@@ -30,20 +30,26 @@ from flywheel.registry.history import (
     rollback_target,
 )
 from flywheel.registry.lineage import (
+    ADAPTER_ARTIFACT,
     CARD_ARTIFACT,
     CHALLENGER,
     CHAMPION,
     LATEST,
     MODEL_ARTIFACT,
     REGISTERED_BY_FLYWHEEL,
+    TAG_ADAPTER,
+    TAG_DATA_FORMAT,
     TAG_FLAVOR,
+    TAG_METHOD,
     TAG_REGISTERED_BY,
     candidate_identity,
     clip,
+    training_tags,
 )
 from flywheel.registry.lock import alias_lock
 from flywheel.registry.packaging import download as download_cached
-from flywheel.registry.packaging import safe_name, save_mlflow_model
+from flywheel.registry.packaging import download_adapter, safe_name, save_mlflow_model
+from flywheel.sft.render import CHATML, TEMPLATES
 from flywheel.tracking import artifact_location, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -194,10 +200,21 @@ class Registry:
         tags: dict[str, str],
         model_card: str,
         run_id: str | None = None,
+        data_format: str = "text",
     ) -> str:
         """Log `model_dir` (a save_pretrained directory) as a new version with alias
         `challenger`; returns the version. The version is created with its tags, so no
-        reader ever sees it without its lineage."""
+        reader ever sees it without its lineage, nor without what it was trained as
+        (`lineage.training_tags`: method, base, parameter counts, LoRA config).
+
+        The version is the merged model (`model_dir` itself: what serving and the next warm
+        start load, with no PEFT needed). A LoRA run's ``adapter/`` subdirectory is logged
+        as the artifact ``adapter`` of the same run, its URI in the version's
+        ``flywheel.adapter`` tag: one version stays one candidate (the gate, the aliases and
+        their history move one thing), where a second registered model for adapters would
+        need its aliases moved in step under a second lock. `data_format` (the dataset
+        manifest's) picks the serving input: chat turns for instruction/chat data.
+        """
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise RegistryError(f"{model_dir}: not a model directory (no config.json)")
@@ -221,9 +238,16 @@ class Registry:
             )
             run_id = run.info.run_id
         run = self._call(f"read run {run_id}", self._client.get_run, run_id)
+        trained = training_tags(model_dir)
         with tempfile.TemporaryDirectory(prefix="flywheel-register-") as tmp:
             local = Path(tmp) / MODEL_ARTIFACT
-            flavor = save_mlflow_model(model_dir, local, model_card)
+            flavor = save_mlflow_model(
+                model_dir,
+                local,
+                model_card,
+                data_format=data_format,
+                chat_template=TEMPLATES.get(self.profile.data.chat_template, CHATML),
+            )
             self._call(
                 f"upload model to run {run_id}",
                 self._client.log_artifacts,
@@ -231,11 +255,23 @@ class Registry:
                 str(local),
                 MODEL_ARTIFACT,
             )
+        adapter = model_dir / ADAPTER_ARTIFACT
+        if (adapter / "adapter_config.json").is_file():
+            self._call(
+                f"upload adapter to run {run_id}",
+                self._client.log_artifacts,
+                run_id,
+                str(adapter),
+                ADAPTER_ARTIFACT,
+            )
+            trained[TAG_ADAPTER] = f"{run.info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT}"
         self._call("upload model card", self._client.log_text, run_id, model_card, CARD_ARTIFACT)
         if own_run:
             self._call("finish registration run", self._client.set_terminated, run_id)
         all_tags = {
             **{k: clip(str(v), 100_000) for k, v in tags.items()},
+            **trained,
+            TAG_DATA_FORMAT: data_format,
             TAG_FLAVOR: flavor,
             TAG_REGISTERED_BY: REGISTERED_BY_FLYWHEEL,
         }
@@ -387,6 +423,20 @@ class Registry:
         info = self._version(version_or_alias)
         cache = self.profile.state_path("registry-cache", safe_name(self.name))
         return download_cached(self._mlflow, info, cache)
+
+    def download_adapter(self, version_or_alias: str) -> Path:
+        """The LoRA adapter logged with a version (`register_candidate`), as a local PEFT
+        directory (cached like `download`). NotFoundError when the version has none (a
+        full fine-tune, or a version registered before adapters were logged)."""
+        info = self._version(version_or_alias)
+        uri = info.tags.get(TAG_ADAPTER)
+        if not uri:
+            method = info.tags.get(TAG_METHOD, "full")
+            raise NotFoundError(
+                f"{self.name} version {info.version} has no adapter (train.method {method})"
+            )
+        cache = self.profile.state_path("registry-cache", safe_name(self.name))
+        return download_adapter(self._mlflow, info, uri, cache)
 
 
 def parse_model_uri(uri: str) -> tuple[str, str]:

@@ -1,12 +1,15 @@
-"""What a registered version carries: the tag names two sides must agree on, and the
-lineage tags of a candidate. Pure: no MLflow."""
+"""What a registered version carries: the tag names two sides must agree on, the lineage
+tags of a candidate and what it was trained as. No MLflow."""
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flywheel import contracts
+from flywheel.sft.lora import ADAPTER_DIR
 
 if TYPE_CHECKING:
     from flywheel.evaluate.report import EvalReport
@@ -17,6 +20,8 @@ CHALLENGER = contracts.CHALLENGER
 LATEST = "latest"
 MODEL_ARTIFACT = "model"
 CARD_ARTIFACT = "model_card.md"
+# A LoRA run's adapter: logged as this artifact of the version's run (next to MODEL_ARTIFACT).
+ADAPTER_ARTIFACT = ADAPTER_DIR
 # Lineage tag keys on each version, as the pipeline writes them (`lineage_tags` builds
 # them); plain keys so any MLflow client reads `training_run_id` without knowing flywheel.
 TAG_DATA_HASH = "data_manifest_hash"
@@ -73,3 +78,70 @@ def candidate_identity(tags: dict[str, str]) -> dict[str, str] | None:
     if not all(tags.get(k) for k in CANDIDATE_KEYS):
         return None
     return {k: str(tags[k]) for k in CANDIDATE_KEYS}
+
+
+# What a version was trained as (from its model directory), for a reader comparing versions.
+TAG_METHOD = "flywheel.method"
+TAG_BASE_MODEL = "flywheel.base_model"
+TAG_PARAMS_TRAINABLE = "flywheel.params.trainable"
+TAG_PARAMS_TOTAL = "flywheel.params.total"
+TAG_LORA = "flywheel.lora"
+TAG_ADAPTER = "flywheel.adapter"  # the adapter's artifact URI (LoRA runs)
+TAG_DATA_FORMAT = "flywheel.data_format"
+
+
+def _tensor_count(files: list[Path]) -> int:
+    """Parameters in safetensors files, from their headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                total += math.prod(st.get_slice(key).get_shape())
+    return total
+
+
+def training_tags(model_dir: Path) -> dict[str, str]:
+    """Method, base model, trainable and total parameters and (LoRA) the adapter config of
+    a trained model directory: its training record (`artifacts.TRAINING_INFO`), its
+    weights' headers and, for LoRA, PEFT's own ``adapter/adapter_config.json``.
+
+    Counted as training saw them: a LoRA run trains the adapter's parameters on top of the
+    base's (total = merged weights + adapter, as `flywheel.sft.lora.count_parameters`).
+    """
+    from flywheel.artifacts import TRAINING_INFO
+
+    info_file = model_dir / TRAINING_INFO
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    train = info.get("train") or {}
+    model = info.get("model") or {}
+    source = (info.get("summary") or {}).get("model_source") or {}
+    method = str(train.get("method") or "full")
+    adapter = model_dir / ADAPTER_DIR
+    lora = adapter / "adapter_config.json"
+    base = source.get("path") if source.get("kind") != "fresh" else None
+    base = base or model.get("base")
+    if not base and lora.is_file():
+        base = json.loads(lora.read_text()).get("base_model_name_or_path")
+    merged = _tensor_count(sorted(model_dir.glob("*.safetensors")))
+    trainable = merged
+    out = {TAG_METHOD: method, TAG_BASE_MODEL: str(base or "fresh")}
+    if method != "full" and lora.is_file():
+        trainable = _tensor_count(sorted(adapter.glob("*.safetensors")))
+        peft = json.loads(lora.read_text())
+        targets = peft.get("target_modules") or []
+        out[TAG_LORA] = json.dumps(
+            {
+                "r": peft.get("r"),
+                "lora_alpha": peft.get("lora_alpha"),
+                "lora_dropout": peft.get("lora_dropout"),
+                "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+            },
+            sort_keys=True,
+        )
+    total = merged + (trainable if method != "full" else 0)
+    if merged:
+        out[TAG_PARAMS_TRAINABLE] = str(trainable)
+        out[TAG_PARAMS_TOTAL] = str(total)
+    return out

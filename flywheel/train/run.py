@@ -26,6 +26,7 @@ from flywheel import artifacts, contracts, storage
 from flywheel.config import Profile
 from flywheel.errors import ConfigError, FlywheelError, StorageError
 from flywheel.progress import Progress, StageDone, TrainPlanned, TrainStarted, TrainStep, ignore
+from flywheel.sft.lora import ADAPTER_DIR
 from flywheel.train.loop import HF_DIR, STATE_FILE, train_loop_per_worker
 from flywheel.train.plan import TrainPlan, make_plan, train_resources
 from flywheel.train.report import TrainResult, loop_throughput, loss_curve_html
@@ -130,7 +131,10 @@ def _local_checkpoint(checkpoint: Any) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
         yield storage.download(
-            checkpoint.filesystem, checkpoint.path, Path(tmp), names=(STATE_FILE, HF_DIR)
+            checkpoint.filesystem,
+            checkpoint.path,
+            Path(tmp),
+            names=(STATE_FILE, HF_DIR, ADAPTER_DIR),
         )
 
 
@@ -407,6 +411,8 @@ def _export(
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in (checkpoint_dir / HF_DIR).iterdir():
         shutil.copy2(item, out_dir / item.name)
+    if (checkpoint_dir / ADAPTER_DIR).is_dir():  # a LoRA run: the registry logs it too
+        shutil.copytree(checkpoint_dir / ADAPTER_DIR, out_dir / ADAPTER_DIR, dirs_exist_ok=True)
     AutoTokenizer.from_pretrained(str(dataset_dir / artifacts.TOKENIZER_DIR)).save_pretrained(
         str(out_dir)
     )
@@ -537,6 +543,7 @@ def train(
                 "global_batch": plan.global_batch,
                 "world_size": plan.world_size,
                 "data_hash": plan.dataset.content_hash,
+                "model_source": plan.model_source.model_dump(mode="json"),  # the registry's base
                 "mlflow_run_id": run_id,
                 "checkpoint": checkpoint_uri,
             }

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ from fixtures_models import (
     split_paragraphs,
     train_tokenizer,
 )
+from fixtures_services import free_port, stop
 from fixtures_services import mlflow_server as start_mlflow_server
 
 from flywheel.config import Profile
@@ -61,7 +67,7 @@ def test_lifecycle_through_a_tracking_server(mlflow_server, models, tmp_path, mo
     assert reg.version("challenger").version == "1"
     info = reg.version("2")
     assert info.source.startswith("mlflow-artifacts:/")  # proxied through the server
-    assert info.tags["flywheel.flavor"] == "transformers"
+    assert info.tags["flywheel.flavor"] == "pyfunc"
     reg.promote(v1, reason="bootstrap", actor="ci")
     reg.promote(v2, reason="won the gate", actor="ci")
     reg.rollback(reason="regression", actor="oncall")
@@ -87,8 +93,75 @@ def test_lifecycle_through_a_tracking_server(mlflow_server, models, tmp_path, mo
         served = mlflow.pyfunc.load_model("models:/server-lm@champion")
     finally:
         mlflow.set_tracking_uri(previous)
-    out = served.predict(["The for statement"])
-    assert isinstance(out[0], str) and out[0].startswith("The for statement")
+    out = served.predict({"prompt": ["The for statement"]}, params={"max_new_tokens": 3})
+    assert out[0]["generated_tokens"] == 3 and isinstance(out[0]["text"], str)
+
+
+def _invoke(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_mlflow_models_serve_honours_max_new_tokens(mlflow_server, models, tmp_path, monkeypatch):
+    """The real `mlflow models serve -m models:/<name>@champion` (what a person runs): a
+    request's max_new_tokens bounds the reply. Before the signature declared params, the
+    server dropped them and every reply had the logged default length."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    reg = Registry(_profile(tmp_path / "state", mlflow_server, "served-lm"))
+    version = reg.register_candidate(models[0], tags=lineage_tags(data_hash="h"), model_card="#")
+    reg.promote(version, reason="serve it", actor="ci")
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "models", "serve",
+        "-m", "models:/served-lm@champion",
+        "--env-manager", "local",
+        "-h", "127.0.0.1",
+        "-p", str(port),
+        "-w", "1",
+    ]  # fmt: skip
+    # The server execs `uvicorn` by name: the venv's bin must be on PATH, as when activated.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PATH": path}
+    log_path = tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(
+                        f"mlflow models serve did not start: {log_path.read_text()[-2000:]}"
+                    )
+                time.sleep(0.5)
+            replies = {
+                n: _invoke(
+                    url,
+                    {
+                        "dataframe_records": [{"prompt": "The for statement"}],
+                        "params": {"max_new_tokens": n},
+                    },
+                )["predictions"][0]
+                for n in (2, 10)
+            }
+        finally:
+            stop(proc)
+    counts = {n: reply["generated_tokens"] for n, reply in replies.items()}
+    assert 1 <= counts[2] <= 2 and counts[2] < counts[10] <= 10, counts
+    # The longer bound gave the longer text: the count describes the reply itself.
+    assert replies[2]["text"] and len(replies[2]["text"]) < len(replies[10]["text"])
 
 
 def _race(profile: Profile, versions: tuple[str, str]) -> list[tuple[str, str]]:

@@ -80,17 +80,108 @@ def test_registered_versions_carry_lineage_alias_card_and_flavour(base):
     assert v3.tags["training_run_id"] == "train-3"
     assert v3.tags["pipeline_run_id"] == "pipe-3"
     assert v3.tags["trigger_reason"] == "test"
-    assert v3.tags["flywheel.flavor"] == "transformers"
+    assert v3.tags["flywheel.flavor"] == "pyfunc"
     assert v3.description == "# card 3"
     assert reg.champion() is None and reg.champion_uri() is None and reg.history() == []
-    # Logged with the transformers flavour (what `mlflow models serve` needs) and the card.
+    # What it was trained as: a full fine-tune of a fresh model, every parameter trained.
+    from transformers import AutoModelForCausalLM
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base[1]).parameters())
+    assert v3.tags["flywheel.method"] == "full" and v3.tags["flywheel.base_model"] == "fresh"
+    assert v3.tags["flywheel.params.trainable"] == v3.tags["flywheel.params.total"] == str(n)
+    assert v3.tags["flywheel.data_format"] == "text" and "flywheel.adapter" not in v3.tags
+    # Logged as flywheel's pyfunc (what `mlflow models serve` runs) with the card, and a
+    # signature whose params are the generation knobs serving honours.
     client = reg._client
     files = {f.path for f in client.list_artifacts(v3.run_id, "model")}
-    assert {"model/MLmodel", "model/model", "model/components", "model/model_card.md"} <= files
+    assert {"model/MLmodel", "model/artifacts", "model/serving_model.py"} <= files
+    assert "model/model_card.md" in files
     mlmodel = client.download_artifacts(v3.run_id, "model/MLmodel", str(base[0].parent / "dl"))
-    text = Path(mlmodel).read_text()
-    assert "transformers:" in text and "task: text-generation" in text
-    assert "python_function:" in text
+    from mlflow.models import Model
+
+    meta = Model.load(mlmodel)
+    assert "python_function" in meta.flavors
+    params = {p.name: p.default for p in meta.signature.params.params}
+    # A 64-position model serves at most 32 new tokens by default; greedy by default.
+    assert params == {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0}
+    assert meta.signature.inputs.input_names() == ["prompt"]
+
+
+def _lora_model_dir(root: Path, base_model_dir: Path) -> tuple[Path, object]:
+    """A LoRA run's output layout: the merged model's files, its adapter in adapter/."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.config import LoraConfig
+    from flywheel.sft.lora import apply_lora, save_adapter_and_merged
+
+    peft = apply_lora(
+        AutoModelForCausalLM.from_pretrained(base_model_dir), LoraConfig(rank=4, alpha=8)
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():  # as if trained: LoRA starts with B = 0, a no-op update
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    saved = save_adapter_and_merged(peft, root / "work", merged_name="hf")
+    out = root / "lora-model"
+    shutil.copytree(saved.merged, out)
+    shutil.copytree(saved.adapter, out / "adapter")
+    AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out)
+    info = {
+        "train": {"method": "lora"},
+        "summary": {"model_source": {"kind": "base", "path": "models:/flywheel-lm@champion"}},
+    }
+    (out / "flywheel_training.json").write_text(json.dumps(info))
+    return out, saved
+
+
+def test_a_lora_version_is_the_merged_model_with_its_adapter_and_counts(reg, base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.sft.lora import load_adapter
+
+    model_dir, saved = _lora_model_dir(tmp_path, base[1])
+    version = reg.register_candidate(
+        model_dir, tags=lineage_tags(data_hash="h"), model_card="# lora", data_format="chat"
+    )
+    tags = reg.version(version).tags
+    assert tags["flywheel.method"] == "lora"
+    assert tags["flywheel.base_model"] == "models:/flywheel-lm@champion"
+    # The counts PEFT's model had while training (adapter trainable, base + adapter total).
+    assert int(tags["flywheel.params.trainable"]) == saved.params.trainable
+    assert int(tags["flywheel.params.total"]) == saved.params.total
+    assert 0 < saved.params.trainable < saved.params.total
+    lora = json.loads(tags["flywheel.lora"])
+    assert lora["r"] == 4 and lora["lora_alpha"] == 8
+    assert lora["target_modules"] == ["c_attn", "c_fc", "c_proj"]  # auto for gpt2
+    assert tags["flywheel.adapter"].endswith("/adapter") and tags["flywheel.data_format"] == "chat"
+    # The version serves the merged weights (no adapter inside) with a chat tokenizer.
+    merged = reg.download(version)
+    assert not (merged / "adapter").exists()
+    assert AutoTokenizer.from_pretrained(merged).chat_template  # chatml, stored for serving
+    # The adapter comes back on its own and loads onto the base it was trained on.
+    adapter = reg.download_adapter(version)
+    assert adapter.name == f"v{version}-adapter" and (adapter / "adapter_config.json").is_file()
+    load_adapter(AutoModelForCausalLM.from_pretrained(base[1]), adapter)
+    with pytest.raises(NotFoundError, match=r"version 1 has no adapter \(train.method full\)"):
+        reg.download_adapter("1")
+    # An SFT version takes chat turns and carries a chat-format input example.
+    from mlflow.models import Model
+
+    run_id = reg.version(version).run_id
+    mlmodel = reg._client.download_artifacts(run_id, "model/MLmodel", str(tmp_path / "dl"))
+    meta = Model.load(mlmodel)
+    assert meta.signature.inputs.input_names() == ["messages"]
+    example = json.loads(
+        Path(
+            reg._client.download_artifacts(
+                run_id, "model/serving_input_example.json", str(tmp_path / "dl")
+            )
+        ).read_text()
+    )
+    assert example["dataframe_split"]["data"][0][0][0]["role"] == "user"
+    assert example["params"]["max_new_tokens"] == 32
 
 
 def test_promote_rollback_and_history(reg):
