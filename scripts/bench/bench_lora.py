@@ -178,7 +178,11 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="profile overrides, e.g. train.lora.rank=16")
     args = ap.parse_args()
 
-    args.out = args.out.resolve()  # before the chdir below
+    # Paths the caller gave are the caller's: resolved before the chdir below.
+    args.out = args.out.resolve()
+    args.base = args.base.resolve() if args.base else None
+    if args.data not in ("text", "sft"):
+        args.data = str(Path(args.data).resolve())
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     os.chdir(work)  # the state dir (.flywheel: MLflow, Ray checkpoints) lands here
     common = [f"train.max_steps={args.steps}", "train.checkpoint_every=100000", *args.overrides]
