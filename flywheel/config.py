@@ -345,6 +345,23 @@ class ModelConfig(_Strict):
     n_embd: int = Field(64, ge=8)
     context: int = Field(128, ge=8, description="maximum positions")
     warm_start: bool = Field(True, description="start from the registry champion when one exists")
+    warm_start_from: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="what a warm start loads from the champion. merged (the default): its "
+        "merged weights, the registered version itself: one artifact, no base model needed in "
+        "the pod, and exactly the weights that were evaluated and serve. adapter: model.base "
+        "plus the champion's LoRA adapter (a champion trained with train.method lora), merged "
+        "before training: to carry the adapter onto a base of the same architecture",
+    )
+
+    @model_validator(mode="after")
+    def _adapter_needs_a_base(self) -> ModelConfig:
+        if self.warm_start and self.warm_start_from == "adapter" and not self.base:
+            raise ValueError(
+                "model.warm_start_from: adapter needs model.base (the base the champion's "
+                "adapter goes on); or use merged"
+            )
+        return self
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:

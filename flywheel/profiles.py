@@ -101,7 +101,8 @@ def with_params(profile: Profile, params: dict[str, Any] | None) -> Profile:
 
 def champion_model_dir(profile: Profile) -> Path | None:
     """The warm-start policy: the champion's model, downloaded (the registry's cache), when
-    the profile warm-starts and a champion exists; else None (train from the base/fresh)."""
+    the profile warm-starts and a champion exists; else None (train from the base/fresh).
+    `model.warm_start_from: adapter`: model.base plus the champion's adapter instead."""
     if not profile.model.warm_start:
         return None
     from flywheel.registry import CHAMPION, Registry
@@ -109,6 +110,10 @@ def champion_model_dir(profile: Profile) -> Path | None:
     registry = Registry(profile)
     if registry.champion() is None:
         return None
+    if profile.model.warm_start_from == "adapter":  # model.base + the champion's adapter
+        from flywheel.train.model import champion_on_base
+
+        return champion_on_base(profile, registry)
     return registry.download(CHAMPION)
 
 

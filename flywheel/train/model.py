@@ -1,14 +1,17 @@
-"""Build the causal LM a run starts from: a directory/hub id, or a fresh GPT-2/Llama."""
+"""Build the causal LM a run starts from: a directory/hub id, or a fresh GPT-2/Llama; and
+the warm start from a base plus the champion's adapter (`champion_on_base`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flywheel.config import ModelConfig
+from flywheel.config import ModelConfig, Profile
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
+    from flywheel.registry import Registry
     from flywheel.train.plan import DatasetInfo, ModelSource
 
 
@@ -59,3 +62,57 @@ def build_model(cfg: ModelConfig, source: ModelSource, data: DatasetInfo) -> Pre
         return AutoModelForCausalLM.from_config(fresh_config(cfg, data))
     # make_plan checked that the vocabulary and positions cover the dataset.
     return AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
+
+
+def champion_on_base(profile: Profile, registry: Registry) -> Path:
+    """`model.warm_start_from: adapter`: `model.base` plus the champion's LoRA adapter,
+    merged into a save_pretrained directory (with the base's tokenizer) that a warm start
+    loads like any model directory.
+
+    Cached under the registry cache by champion version and base, so the data stage (which
+    reads its tokenizer) and the train stage build it once. A champion without an adapter
+    (a full fine-tune) is the profile's error.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.errors import ConfigError
+    from flywheel.registry import CHAMPION, NotFoundError, resolve_model_source
+    from flywheel.registry.packaging import COMPLETE, safe_name
+    from flywheel.sft.lora import load_adapter
+
+    base = profile.model.base
+    if not base:
+        raise ConfigError("model.warm_start_from: adapter needs model.base (the adapter's base)")
+    info = registry.version(CHAMPION)
+    try:
+        adapter = registry.download_adapter(CHAMPION)
+    except NotFoundError as exc:
+        raise ConfigError(
+            f"model.warm_start_from: adapter: {exc}; use merged (the champion's weights)"
+        ) from None
+    cache = profile.state_path("registry-cache", safe_name(registry.name))
+    dest = cache / f"v{info.version}-on-{safe_name(base)}"
+    if (dest / COMPLETE).is_file():
+        return dest
+    base_dir = resolve_model_source(base, profile)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=cache))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        merged = load_adapter(model, adapter).merge_and_unload()
+        out = staging / "model"
+        merged.save_pretrained(out)
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+        (out / COMPLETE).write_text(info.version)
+        try:
+            os.replace(out, dest)
+        except OSError:
+            if not (dest / COMPLETE).is_file():  # a concurrent build won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest

@@ -184,6 +184,39 @@ def test_a_lora_version_is_the_merged_model_with_its_adapter_and_counts(reg, bas
     assert example["params"]["max_new_tokens"] == 32
 
 
+def test_warm_start_from_merged_weights_or_from_the_base_plus_the_champions_adapter(
+    reg, base, tmp_path
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flywheel.errors import ConfigError
+    from flywheel.profiles import champion_model_dir
+
+    model_dir, _ = _lora_model_dir(tmp_path, base[1])
+    version = reg.register_candidate(model_dir, tags=lineage_tags(data_hash="h"), model_card="#")
+    reg.promote(version, reason="r", actor="x")
+    merged = champion_model_dir(reg.profile)  # the default: the registered merged weights
+    assert merged == reg.download(version)
+    state = reg.profile.model_dump()
+    state["model"] |= {"base": str(base[1]), "warm_start_from": "adapter"}
+    on_base = champion_model_dir(Profile.model_validate(state))
+    assert on_base.name == f"v{version}-on-{str(base[1]).replace('/', '_')}"
+    # The same base plus the same adapter: the weights the merged version holds.
+    a = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(on_base).state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    base_w = AutoModelForCausalLM.from_pretrained(base[1]).state_dict()
+    assert not all(torch.equal(base_w[k], b[k]) for k in b)  # the adapter was applied
+    # A champion without an adapter (a full fine-tune) cannot give one.
+    reg.promote("1", reason="r", actor="x")
+    with pytest.raises(ConfigError, match=r"model.warm_start_from: adapter: .*no adapter"):
+        champion_model_dir(Profile.model_validate(state))
+    state["model"]["base"] = None
+    with pytest.raises(ValueError, match=r"model\.warm_start_from: adapter needs model\.base"):
+        Profile.model_validate(state)
+
+
 def test_promote_rollback_and_history(reg):
     e1 = reg.promote("1", reason="first champion", actor="ci")
     e2 = reg.promote("2", reason="won the gate", actor="pipeline:run-2")
