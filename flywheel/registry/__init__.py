@@ -1,8 +1,11 @@
 """The model registry: a thin adapter over MLflow's, with aliases (never the deprecated stages).
 
-- Every evaluated candidate is a version of ``registry.model_name``, logged with MLflow's
-  transformers flavour (so ``mlflow models serve -m models:/<name>@champion`` serves it),
-  born with its lineage tags, then given the alias ``challenger``.
+- Every evaluated candidate is a version of ``registry.model_name``, logged as flywheel's
+  pyfunc (`serving_model`: ``mlflow models serve -m models:/<name>@champion`` serves it and
+  honours max_new_tokens/temperature/top_p), born with its lineage tags and what it was
+  trained as (method, base, parameter counts, LoRA config; a LoRA run's adapter is an
+  artifact of the same run), then given the alias ``challenger``.
+- ``model.base: models:/<name>@<alias>`` is resolved by `resolve_model_source`.
 - Alias ``champion`` is production. Every move of it (promotion, manual promotion,
   rollback) is planned by one pure function (`history.plan_move`) and executed by
   `Registry._move` under the alias lock: the target's promotion tags, then the history
@@ -13,7 +16,8 @@ The parts, each one job:
 - `lineage`   tag names and the lineage tags of a candidate (pure)
 - `history`   the append-only history and the alias-move protocol (pure)
 - `lock`      the lock that serialises alias moves, kept in the registry itself
-- `packaging` the transformers flavour in, a save_pretrained directory out, the cache
+- `packaging` the pyfunc in, a save_pretrained directory (or an adapter) out, the cache
+- `serving_model` the pyfunc itself, logged from code (imports nothing from flywheel)
 - `adapter`   the MLflow client: bounded retries (tenacity), errors as RegistryError
 - `core`      `Registry`, composing the above
 

@@ -120,8 +120,11 @@ def training_tags(model_dir: Path) -> dict[str, str]:
     method = str(train.get("method") or "full")
     adapter = model_dir / ADAPTER_DIR
     lora = adapter / "adapter_config.json"
-    base = source.get("path") if source.get("kind") != "fresh" else None
-    base = base or model.get("base")
+    # As the profile named it (models:/flywheel-lm@champion, not the cache directory it
+    # resolved to); a warm start's init_from directory; nothing for a fresh model.
+    kind = source.get("kind")
+    base = source.get("path") if kind == "init_from" else None
+    base = base or (None if kind == "fresh" else model.get("base") or source.get("path"))
     if not base and lora.is_file():
         base = json.loads(lora.read_text()).get("base_model_name_or_path")
     merged = _tensor_count(sorted(model_dir.glob("*.safetensors")))

@@ -129,8 +129,10 @@ def _lora_model_dir(root: Path, base_model_dir: Path) -> tuple[Path, object]:
     shutil.copytree(saved.adapter, out / "adapter")
     AutoTokenizer.from_pretrained(base_model_dir).save_pretrained(out)
     info = {
+        "model": {"base": "models:/flywheel-lm@champion"},
         "train": {"method": "lora"},
-        "summary": {"model_source": {"kind": "base", "path": "models:/flywheel-lm@champion"}},
+        # model.base as resolved for training: the registry cache's directory.
+        "summary": {"model_source": {"kind": "base", "path": str(base_model_dir)}},
     }
     (out / "flywheel_training.json").write_text(json.dumps(info))
     return out, saved
