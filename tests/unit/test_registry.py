@@ -186,6 +186,30 @@ def test_a_lora_version_is_the_merged_model_with_its_adapter_and_counts(reg, bas
     assert example["params"]["max_new_tokens"] == 32
 
 
+def test_a_lora_runs_exported_model_directory_keeps_its_adapter(base, tmp_path):
+    """train.run._export (the Model artifact of the train step): the merged weights at the
+    top, the adapter in adapter/, the model source in the summary: what registration reads."""
+    from transformers import AutoTokenizer
+
+    from flywheel.artifacts import TOKENIZER_DIR
+    from flywheel.registry.lineage import training_tags
+    from flywheel.train.run import _export
+
+    _, saved = _lora_model_dir(tmp_path, base[1])
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(saved.merged, ckpt / "hf")
+    shutil.copytree(saved.adapter, ckpt / "adapter")
+    AutoTokenizer.from_pretrained(base[1]).save_pretrained(tmp_path / "ds" / TOKENIZER_DIR)
+    profile = Profile(state_dir=str(tmp_path / "state"), train={"method": "lora"})
+    source = {"kind": "init_from", "path": "/cache/flywheel-lm/v2"}
+    out = tmp_path / "out"
+    _export(ckpt, tmp_path / "ds", out, {"model_source": source}, profile)
+    assert (out / "config.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    tags = training_tags(out)
+    assert tags["flywheel.method"] == "lora" and tags["flywheel.base_model"] == source["path"]
+    assert int(tags["flywheel.params.trainable"]) == saved.params.trainable
+
+
 def test_warm_start_from_merged_weights_or_from_the_base_plus_the_champions_adapter(
     reg, base, tmp_path
 ):
