@@ -170,11 +170,31 @@ def _wait_committed(timeout_s: float = 120.0) -> None:
         log.warning("checkpoint not confirmed within %.0f s: %s", timeout_s, exc)
 
 
-def _model_state_for_export(engine, zero_stage: int) -> dict | None:
-    """Full weights on rank 0. ZeRO-3 shards parameters, so every rank joins the gather."""
-    if zero_stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict()
+def _model_state_for_export(engine, zero_stage: int, rank: int) -> dict | None:
+    """Full weights on rank 0 (None elsewhere under ZeRO-3).
+
+    ZeRO-3 shards every parameter, so every rank joins the gather of each one, through
+    DeepSpeed's public `zero.GatheredParameters`, one parameter at a time: no rank holds
+    more than one full weight beyond its shards. Tied weights appear once (GPT-2's head is
+    its embedding); buffers are not sharded.
+    """
+    if zero_stage != 3:
+        return engine.module.state_dict()
+    import deepspeed
+
+    module = engine.module
+    keys = set(module.state_dict().keys())  # names only: the tensors are this rank's shards
+    state: dict = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().clone().cpu()
+    if rank != 0:
+        return None
+    for name, buf in module.named_buffers():
+        if name in keys:  # persistent buffers only, as state_dict has them
+            state[name] = buf.detach().clone().cpu()
+    return state
 
 
 def validation_batches(rows: list, micro: int, pad_id: int) -> list[dict]:
@@ -343,7 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="flywheel-ckpt-") as tmp:
             engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=f"step{step}")
             if final:
-                weights = _model_state_for_export(engine, plan.zero_stage)
+                weights = _model_state_for_export(engine, plan.zero_stage, rank)
                 if rank == 0 and t.method == "full":
                     engine.module.save_pretrained(os.path.join(tmp, HF_DIR), state_dict=weights)
                 elif rank == 0:  # hf/ is the merged model (what serving loads), adapter/ beside
