@@ -223,6 +223,14 @@ class DedupConfig(_Strict):
     threshold: float = Field(
         0.8, gt=0, le=1, description="Jaccard similarity that makes a near-duplicate"
     )
+    against_champion: bool = Field(
+        False,
+        description="also drop exact/near duplicates of the champion's dataset (found through "
+        "its data-hash lineage tag in the dataset store; see flywheel.data.index)",
+    )
+    index: str | None = Field(
+        None, description="a dataset directory (or its dedup_index/) to drop duplicates of"
+    )
 
     @model_validator(mode="after")
     def _bands_divide(self) -> DedupConfig:

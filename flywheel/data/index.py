@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flywheel.config import DedupConfig, Profile
+from flywheel.data import schema
 from flywheel.errors import DataError
 
 INDEX_DIR = "dedup_index"
@@ -63,8 +64,10 @@ def index_rows(batch: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-class WriteIndex:
+class WriteIndex(schema.Step):
     """Per key bucket: one Parquet file of index rows sorted by key. Returns (file, rows)."""
+
+    row_wise = False
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir

@@ -24,6 +24,7 @@ import socket
 from pathlib import Path
 
 from flywheel import artifacts, contracts
+from flywheel.data.index import INDEX_DIR
 from flywheel.errors import DataError
 
 # Dropped documents (filters, dedup) with block, reason and detail: not part of the
@@ -41,6 +42,7 @@ _WORK = re.compile(r"^\..*\.incoming-(\d+)-[0-9a-f]{8}$")
 _LEGACY_WORK = re.compile(r"^\.incoming-(\d+)$")  # the CLI's own name before this module
 _SHARD = re.compile(r"^part-\d{5}\.parquet$")
 _TOKENIZER_FILE = re.compile(r"^[\w.-]+\.(json|txt|model|jinja)$")
+_INDEX_FILE = re.compile(r"^(part-\d{3}\.parquet|index\.json)$")  # flywheel.data.index
 _TOP_FILES = {artifacts.MANIFEST, *REPORTS, FAILED}
 _TEXT_FILES = {Path(artifacts.TEST_TEXT).name, Path(artifacts.REFERENCE_TEXT).name}
 
@@ -67,10 +69,13 @@ def foreign_entries(path: Path, limit: int = 3) -> list[str]:
             *artifacts.SPLITS,
             artifacts.TEXT_DIR,
             artifacts.TOKENIZER_DIR,
+            INDEX_DIR,
         ):
-            pattern = {artifacts.TEXT_DIR: None, artifacts.TOKENIZER_DIR: _TOKENIZER_FILE}.get(
-                name, _SHARD
-            )
+            pattern = {
+                artifacts.TEXT_DIR: None,
+                artifacts.TOKENIZER_DIR: _TOKENIZER_FILE,
+                INDEX_DIR: _INDEX_FILE,
+            }.get(name, _SHARD)
             for child in sorted(entry.iterdir()):
                 ok = child.is_file() and not child.is_symlink()
                 if name == artifacts.TEXT_DIR:
@@ -319,7 +324,7 @@ class Workspace:
 
 def _clear_stage_entries(path: Path) -> None:
     """Remove what this stage writes in `path` (only its names; `kind_of` vouched for them)."""
-    for name in (*artifacts.SPLITS, artifacts.TEXT_DIR, artifacts.TOKENIZER_DIR):
+    for name in (*artifacts.SPLITS, artifacts.TEXT_DIR, artifacts.TOKENIZER_DIR, INDEX_DIR):
         shutil.rmtree(path / name, ignore_errors=True)
     for name in _TOP_FILES:
         (path / name).unlink(missing_ok=True)

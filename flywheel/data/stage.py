@@ -4,13 +4,14 @@
          > tokenizer (trained on train) > tokenize > pack + write shards > reports + manifest
 
 Everything proportional to the corpus runs in Ray: per-document steps in `map_batches`,
-keyed ones (exact dedup, the LSH band join, packing by shard, one task per report file)
-as `groupby(...).map_groups`; shards and reports are written by those tasks
-(`flywheel.data.shards`). The driver holds counts (added up from per-batch counts), small
-samples (the reference sample's keys), the near-duplicate edges (only documents that have
-a near-duplicate), and streams two things without keeping them: the sorted row digests
-into the content hash, and the train texts into the tokenizer trainer (HF tokenizers
-trains in one process by design).
+keyed ones (exact dedup's keys and ids, the LSH band join, near-duplicate components,
+packing by shard, one task per report file, the dedup index by key bucket) as
+`groupby(...).map_groups`; shards, reports and the index are written by those tasks
+(`flywheel.data.shards`, `flywheel.data.index`). The drops reach the documents as Ray
+object refs (a broadcast join sized by the duplicates, never by the corpus). The driver
+holds counts (added up from per-batch counts), small samples (the reference sample's
+keys), object refs, and streams the sorted row digests into the content hash without
+keeping them; the tokenizer trains inside a Ray task.
 
 Determinism: sources are listed in sorted order and read with Ray's `preserve_order`;
 every choice between documents (which copy to keep, the split, the reference sample,
@@ -34,7 +35,7 @@ import pyarrow as pa
 from flywheel import artifacts
 from flywheel import progress as progress_events
 from flywheel.config import DataConfig, Profile
-from flywheel.data import output, schema, shards, sources, steps, tokenizer
+from flywheel.data import index, output, schema, shards, sources, steps, tokenizer
 from flywheel.data.output import DROPPED
 from flywheel.data.stats import DataStats
 from flywheel.errors import DataError, FlywheelError
@@ -44,7 +45,8 @@ from flywheel.runtime import ensure_ray
 # Bump when a step's logic changes what it outputs: it is part of the content hash, so
 # a dataset prepared by older code is never mistaken for one prepared by this code.
 # 2: MinHash over 64-bit shingle hashes (rensa); shards cut by key range (flywheel.data.shards).
-PIPELINE_VERSION = 2
+# 3: a dedup index (flywheel.data.index) written with every dataset.
+PIPELINE_VERSION = 3
 UNITS_PER_BATCH = 8
 
 
@@ -111,10 +113,22 @@ def clean(ds, cfg: DataConfig):
 
 
 def exact_dedup(ds, cfg: DataConfig):
+    """Exact copies marked: the keys and ids are grouped by bucket in Ray (the texts do not
+    move), the duplicated keys broadcast to the tasks that mark them."""
     ds = ds.map_batches(schema.keep_only, batch_format="pandas")
-    if cfg.dedup.exact:
-        ds = ds.groupby("bucket").map_groups(steps.ExactDedup(), batch_format="pandas")
-    return ds
+    if not cfg.dedup.exact:
+        return ds
+    first = (
+        ds.select_columns(["key", "id", "bucket"])
+        .groupby("bucket")
+        .map_groups(steps.ExactFirst(), batch_format="pandas")
+        .materialize()
+    )
+    return ds.map_batches(
+        steps.MarkCopies(first.to_arrow_refs()),
+        batch_format="pandas",
+        batch_size=cfg.batch_size,
+    )
 
 
 def _sig_rows(batch: pd.DataFrame) -> pd.DataFrame:
@@ -149,18 +163,23 @@ def _pairs_by(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
     return rows
 
 
-def near_duplicate_edges(docs, cfg: DataConfig) -> pd.DataFrame:
-    """Verified near-duplicate pairs (a, b, jaccard), found with LSH and Ray groupbys.
+def near_duplicate_edges(docs, cfg: DataConfig, seen: Path | None = None):
+    """Verified near-duplicate pairs (a, b, jaccard) as a materialized Ray dataset, found
+    with LSH and Ray groupbys; None when no two documents share a band.
 
     1. one row per (document, band) -> group by band bucket -> candidate pairs;
     2. pairs keyed by b + signatures -> group -> pairs carrying b's signature;
     3. those keyed by a + signatures -> group -> Jaccard estimate, kept if >= threshold.
     Steps 2-3 are a join of pairs with signatures written as two groupbys: the
     signatures never gather in one process, and only candidate pairs move twice.
+    `seen`: a dedup index whose documents join the graph as nodes keyed `index.MARK + key`.
     """
     sigs = docs.map_batches(schema.keep_only, batch_format="pandas").map_batches(
         _sig_rows, batch_format="pandas"
     )
+    champion = index.read(seen) if seen is not None else None
+    if champion is not None:
+        sigs = sigs.union(champion.map_batches(index.sig_rows, batch_format="pandas"))
     sigs = sigs.materialize()
     pairs = (
         sigs.map_batches(
@@ -168,25 +187,78 @@ def near_duplicate_edges(docs, cfg: DataConfig) -> pd.DataFrame:
         )
         .groupby("bucket")
         .map_groups(steps.BandCandidates(), batch_format="pandas")
+        .map_batches(index.not_both_champion, batch_format="pandas")
         .materialize()
     )
-    empty = pd.DataFrame(
-        {"a": pd.Series([], dtype=str), "b": pd.Series([], dtype=str), "jaccard": []}
-    )
     if pairs.count() == 0:
-        return empty
+        return None
     with_b = (
         sigs.union(pairs.map_batches(_pairs_by("b"), batch_format="pandas"))
         .groupby("bucket")
         .map_groups(steps.AttachSignature(), batch_format="pandas")
     )
-    edges = (
+    return (
         sigs.union(with_b.map_batches(_pairs_by("a"), batch_format="pandas"))
         .groupby("bucket")
         .map_groups(steps.VerifyPairs(cfg.dedup.threshold), batch_format="pandas")
+        .materialize()
     )
-    found = edges.to_pandas()
-    return found if len(found) else empty
+
+
+# Up to this many verified edges, one Ray task clusters them with the union-find
+# (~150 MB of keys); above it, min-label propagation over Ray groupbys
+# (`steps.SendLabels`/`steps.MinLabel`), whose tasks hold one bucket each.
+ONE_TASK_EDGES = 1_000_000
+
+
+def near_duplicate_components(edges, one_task_edges: int = ONE_TASK_EDGES):
+    """{dropped key -> kept key} as a materialized Ray dataset (`key`, `kept`): each
+    connected component of `edges` keeps its smallest key. Never on the driver."""
+    kw = {"batch_format": "pandas"}
+    if edges.count() <= one_task_edges:
+        return (
+            edges.repartition(1).map_batches(steps.components_frame, batch_size=None, **kw)
+        ).materialize()
+    both = edges.map_batches(steps.edge_rows, **kw).materialize()
+    labels = (
+        both.map_batches(steps.initial_rows, **kw)
+        .groupby("bucket")
+        .map_groups(steps.MinLabel(), **kw)
+        .materialize()
+    )
+    while True:  # rounds: the longest shortest path in a component, plus one
+        labels = (
+            labels.drop_columns(["changed"])
+            .union(both)
+            .groupby("bucket")
+            .map_groups(steps.SendLabels(), **kw)
+            .groupby("bucket")
+            .map_groups(steps.MinLabel(), **kw)
+            .materialize()
+        )
+        if not labels.sum("changed"):
+            break
+    return labels.map_batches(_moved, **kw).materialize()
+
+
+def _moved(batch: pd.DataFrame) -> pd.DataFrame:
+    moved = batch[batch["key"] != batch["label"]]
+    return pd.DataFrame({"key": moved["key"], "kept": moved["label"]})
+
+
+class _KeptIds(schema.Step):
+    """Rows (`kept`, `kept_id`): the id of each kept document named in `tables` (object
+    refs of the components), read from the documents still kept."""
+
+    def __init__(self, tables: list):
+        self.tables = tables
+        self.kept: set | None = None
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.kept is None:
+            self.kept = set(steps.frame_of_refs(self.tables)["kept"])
+        mine = batch[(batch["reason"] == "") & batch["key"].isin(self.kept)]
+        return pd.DataFrame({"kept": mine["key"], "kept_id": mine["id"]})
 
 
 def _counts(ds, by: list[str], where: Callable[[pd.DataFrame], pd.Series] | None = None):
@@ -221,7 +293,9 @@ def _digests_hash(ds) -> str:
     return h.hexdigest()
 
 
-def _content_hash(cfg: DataConfig, digests: pd.Series | None = None, inputs: str = "") -> str:
+def _content_hash(
+    cfg: DataConfig, digests: pd.Series | None = None, inputs: str = "", seen: str = ""
+) -> str:
     if digests is not None:
         inputs = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
     payload = {
@@ -230,9 +304,13 @@ def _content_hash(cfg: DataConfig, digests: pd.Series | None = None, inputs: str
         # batch_size changes how work is cut, never the output; where the corpus lies
         # (source.path) is not content: the digests already cover every row's id, source
         # name and text, so a moved corpus keeps its hash.
-        "data": cfg.model_dump(mode="json", exclude={"batch_size": True, "source": {"path"}}),
+        "data": cfg.model_dump(
+            mode="json", exclude={"batch_size": True, "source": {"path"}, "dedup": {"index"}}
+        ),
         "inputs": inputs,
     }
+    if seen:  # the dataset deduplicated against (where its index lies is not content)
+        payload["dedup_against"] = seen
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -422,12 +500,13 @@ def prepare(
     # files, or a base tokenizer that cannot load: all fail here, before Ray starts.
     units = None if cfg.source.kind == "hf" else sources.list_units(cfg.source)
     check_output(cfg, out_dir, store, label)
+    seen = index.resolve(profile)  # the champion's dedup index (registry lookup), or None
     base = tokenizer.load_base(cfg.tokenizer.base) if cfg.tokenizer.base else None
     if store:
         work = output.Workspace(out_dir, "dataset", store=True)
     else:
         work = output.Workspace(out_dir.parent, out_dir.name, final=out_dir)
-    run = _Run(profile, work.path, progress or progress_events.ignore)
+    run = _Run(profile, work.path, progress or progress_events.ignore, seen)
 
     def final() -> Path | None:
         if not store:
@@ -462,7 +541,7 @@ def prepare(
 class _Run:
     """One run of the stage in its working directory; keeps what it judged for a failure."""
 
-    def __init__(self, profile: Profile, work: Path, report: Progress):
+    def __init__(self, profile: Profile, work: Path, report: Progress, seen: Path | None = None):
         self.profile = profile
         self.cfg = profile.data
         self.work = work
@@ -471,6 +550,7 @@ class _Run:
         self.reports: list[tuple[str, object]] = []
         self.content_hash: str | None = None
         self.dropped_written = False
+        self.seen = seen
 
     def write_dropped(self) -> None:
         """rejects.jsonl and dropped.jsonl from what was judged so far (a failed run keeps
@@ -509,7 +589,9 @@ class _Run:
                 reject_counts = _counts(
                     cleaned, ["source", "reason"], lambda b: b["dropped_by"] == schema.READ
                 )
-                content_hash = self.content_hash = _content_hash(cfg, inputs=_digests_hash(cleaned))
+                content_hash = self.content_hash = _content_hash(
+                    cfg, inputs=_digests_hash(cleaned), seen=index.seen_hash(self.seen)
+                )
                 info.update(rows=rows_read, rejected=int(judged.loc[is_reject, "n"].sum()))
             self.reports = [
                 (artifacts.REJECTS, _where(cleaned, _rejected)),
@@ -535,25 +617,48 @@ class _Run:
                 exact = _counts(deduped, ["dropped_by", "reason"], _judged)
                 self.reports.append((DROPPED, _where(deduped, _dropped)))
                 info.update(exact_duplicates=int(exact["n"].sum()))
-            drops: dict[str, str] = {}
-            kept_ids: dict[str, str] = {}
+            # The drops stay in Ray: ApplyDrops gets object refs, the driver only counts.
+            apply_drops = steps.ApplyDrops()
+            champion = index.read(self.seen) if self.seen is not None else None
+            if champion is not None and cfg.dedup.exact:
+                with step("champion_copies") as info:
+                    copies = (
+                        deduped.select_columns(["key", "reason", "source", "bucket"])
+                        .map_batches(index.copy_key_rows, batch_format="pandas")
+                        .union(champion.map_batches(index.index_key_rows, batch_format="pandas"))
+                        .groupby("bucket")
+                        .map_groups(index.copies, batch_format="pandas")
+                        .materialize()
+                    )
+                    apply_drops.copy_tables = copies.to_arrow_refs()
+                    info.update(champion_copies=copies.count())
             if cfg.dedup.near:
                 with step("near_dedup") as info:
-                    edges = near_duplicate_edges(deduped, cfg)
-                    drops = steps.duplicate_components(edges)
-                    roots = set(drops.values())
-                    if roots:
-                        found = _where(deduped, _keys_in(roots))
-                        ids = found.select_columns(["key", "id"]).to_pandas()
-                        kept_ids = dict(zip(ids["key"], ids["id"], strict=True))
-                    info.update(candidate_edges=len(edges), near_duplicates=len(drops))
+                    edges = near_duplicate_edges(deduped, cfg, self.seen)
+                    n_edges = n_drops = 0
+                    if edges is not None and (n_edges := edges.count()):
+                        components = near_duplicate_components(edges)
+                        n_drops = components.count()
+                        refs = components.to_arrow_refs()
+                        kept_ids = deduped.select_columns(["key", "id", "reason"]).map_batches(
+                            _KeptIds(refs), batch_format="pandas"
+                        )
+                        if champion is not None:
+                            kept_ids = kept_ids.union(
+                                champion.select_columns(["key", "id"]).map_batches(
+                                    index.id_rows, batch_format="pandas"
+                                )
+                            )
+                        apply_drops.tables = refs
+                        apply_drops.id_tables = kept_ids.materialize().to_arrow_refs()
+                    info.update(candidate_edges=n_edges, near_duplicates=n_drops)
 
             # -- split
             with step("split") as info:
                 final = (
                     deduped.map_batches(schema.keep_only, batch_format="pandas")
                     .map_batches(
-                        steps.ApplyDrops(drops, kept_ids),
+                        apply_drops,
                         batch_format="pandas",
                         batch_size=cfg.batch_size,
                     )
@@ -563,8 +668,7 @@ class _Run:
                         batch_size=cfg.batch_size,
                     )
                 )
-                if "minhash" in deduped.columns():
-                    final = final.drop_columns(["minhash"])
+                # `minhash` stays for the dedup index (every later reader selects columns).
                 final = final.materialize()
                 near = _counts(final, ["dropped_by", "reason"], _judged)
                 self.reports.append((DROPPED, _where(final, _dropped)))
@@ -645,6 +749,7 @@ class _Run:
                         "tail_tokens": int(stream[split].sum()) - n * seq_len,
                         "files": files,
                     }
+                indexed = index.write(final, cfg.dedup, out_dir, content_hash)
                 ref_keys = set(_reference_keys(final, cfg.reference_sample_docs))
                 self.reports += [
                     (artifacts.TEST_TEXT, _where(final, _test_docs)),
@@ -695,6 +800,11 @@ class _Run:
                     rows[artifacts.TEST_TEXT],
                     rows[artifacts.REFERENCE_TEXT],
                 )
+                manifest["dedup_index"] = {
+                    "path": index.INDEX_DIR,
+                    "docs": indexed,
+                    "deduplicated_against": index.seen_hash(self.seen) or None,
+                }
                 # Written last: a directory with a manifest is a complete dataset.
                 artifacts.DatasetManifest.model_validate(manifest).write(out_dir)
                 info.update(sequences=stats.sequences)

@@ -41,7 +41,8 @@ _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 
 
 def _bucket(keys: pd.Series) -> pd.Series:
-    return keys.str.slice(0, 8).map(lambda h: int(h, 16) % NUM_BUCKETS).astype("int64")
+    # "!": a champion document's key in the near-duplicate graph (flywheel.data.index.MARK).
+    return keys.map(lambda k: int(k.lstrip("!")[:8], 16) % NUM_BUCKETS).astype("int64")
 
 
 # --------------------------------------------------------------------- normalize
@@ -202,6 +203,19 @@ class ExactDedup(schema.Step):
         return batch
 
 
+def frame_of_refs(refs: list) -> pd.DataFrame:
+    """Ray object refs of Arrow tables as one frame (an empty block's columns are null-typed,
+    which pa.concat_tables refuses beside string ones; pandas concatenates both)."""
+    import ray
+
+    frames = [t.to_pandas() for t in ray.get(refs) if t.num_rows] if refs else []
+    if frames:
+        return pd.concat(frames, ignore_index=True)
+    return pd.DataFrame(
+        {c: pd.Series([], dtype=object) for c in ("key", "kept", "kept_id", "first")}
+    )
+
+
 class ExactFirst(schema.Step):
     """Per group of buckets of (`key`, `id`) rows: (`key`, `first`) for each key held by
     more than one id, `first` its smallest id. The stage's exact dedup shuffles only these
@@ -227,12 +241,8 @@ class MarkCopies(schema.Step):
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if self.first is None:
-            import ray
-
-            table = pa.concat_tables(ray.get(self.tables)).to_pandas() if self.tables else None
-            self.first = (
-                {} if table is None else dict(zip(table["key"], table["first"], strict=True))
-            )
+            table = frame_of_refs(self.tables)
+            self.first = dict(zip(table["key"], table["first"], strict=True))
         if not self.first:
             return batch
         first = batch["key"].map(self.first)
@@ -625,11 +635,7 @@ class ApplyDrops(schema.Step):
         """Once per task: Ray calls one instance for each of its batches."""
         if not (self.tables or self.id_tables or self.copy_tables):
             return
-        import ray
-
-        def frame(refs: list) -> pd.DataFrame:
-            return pa.concat_tables(ray.get(refs)).to_pandas()
-
+        frame = frame_of_refs
         if self.tables:
             table = frame(self.tables)
             self.drops = dict(zip(table["key"], table["kept"], strict=True))

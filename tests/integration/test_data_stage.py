@@ -256,6 +256,67 @@ def test_shards_cut_in_ray_hold_the_same_sequences(prepared, corpus, tmp_path, m
         assert [s for part in cut for s in part] == [s for part in whole for s in part]
 
 
+def test_dedup_against_the_champions_index(prepared, corpus, tmp_path):
+    """A later prepare with data.dedup.index = the first dataset drops exact copies and
+    near-copies of its documents (counted like every other drop, the champion's id named),
+    and keeps a replayed champion document."""
+    from flywheel.data import index
+
+    _, first, _ = prepared
+    topics = dict(_topics())
+    names = sorted(list(topics)[:30], key=lambda n: -len(topics[n]))[1:5]  # long, not near.md's
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "copy-a.txt").write_text(topics[names[0]])
+    (new / "copy-b.txt").write_text(topics[names[1]])
+    (new / "edited.txt").write_text(topics[names[2]].replace(" the ", " THE ", 3))
+    replay = {"id": "replay-1", "text": topics[names[3]]}
+    (new / index.REPLAY_SOURCE).write_text(json.dumps(replay) + "\n")
+    fresh = sources.read_module_docstrings(sources.stdlib_root(), "textwrap.py")
+    fresh += sources.read_module_docstrings(sources.stdlib_root(), "string.py")
+    lines = [json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in fresh]
+    (new / "fresh.jsonl").write_text("".join(lines))
+    split = ["data.split.validation_share=0", "data.split.test_share=0"]
+    prepare(
+        _profile(new, f"data.dedup.index={first}", *split, "data.reference_sample_docs=2"),
+        tmp_path / "out",
+    )
+    manifest = json.loads((tmp_path / "out" / artifacts.MANIFEST).read_text())
+    by_reason = manifest["dropped"]["by_reason"]
+    assert by_reason.get(f"exact_dedup:{index.COPY}") == 2
+    assert by_reason.get(f"near_dedup:{index.NEAR}") == 1
+    first_hash = json.loads((first / artifacts.MANIFEST).read_text())["content_hash"]
+    assert manifest["dedup_index"]["deduplicated_against"] == first_hash
+    drops = pd.read_json(tmp_path / "out" / "dropped.jsonl", lines=True)
+    copy = drops[drops["id"] == "copy-a.txt"]
+    assert copy["detail"].tolist() == [f"copy of topics/{names[0]}.txt (champion's data)"]
+    assert "replay-1" not in set(drops["id"])  # replayed on purpose: kept
+    chain = manifest["counts"]["steps"]  # the champion's drops in the step chain too
+    assert chain[-2]["dropped"][index.COPY] == 2 and chain[-1]["dropped"][index.NEAR] == 1
+
+
+def test_near_duplicate_components_in_ray_equal_the_union_find():
+    """Min-label propagation over Ray groupbys (the path past ONE_TASK_EDGES; the `prepared`
+    fixture's planted near-copy takes the one-task path) gives every dropped key its
+    component's smallest key, as the in-process union-find does."""
+    import ray
+
+    from flywheel.data import stage, steps
+
+    rng = np.random.default_rng(3)
+    keys = [f"{x:016x}{y:016x}" for x, y in rng.integers(0, 2**63, size=(40, 2))]
+    # Paths of four (up to three rounds after the first labels; a round is two Ray groupbys,
+    # ~3 s here) and a star; which key of a family is smallest is random.
+    a = [k for i in range(0, 32, 4) for k in keys[i : i + 3]] + [keys[32]] * 7
+    b = [k for i in range(0, 32, 4) for k in keys[i + 1 : i + 4]] + keys[33:40]
+    edges = pd.DataFrame({"a": a, "b": b, "jaccard": 0.9})
+    got = stage.near_duplicate_components(
+        ray.data.from_pandas(edges).repartition(2), one_task_edges=0
+    ).to_pandas()
+    assert dict(zip(got["key"], got["kept"], strict=True)) == steps.duplicate_components(edges)
+    assert len(got) == 8 * 3 + 7
+
+
 def test_too_many_rejects_names_worst_source(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

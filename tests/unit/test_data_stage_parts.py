@@ -175,3 +175,100 @@ def test_step_counts_chain():
         "near_dedup",
     ]
     assert [(c["read"], c["kept"]) for c in counts] == [(10, 9), (9, 9), (9, 7), (7, 6), (6, 6)]
+
+
+# ------------------------------------------------------------ dedup against an index
+
+
+def _dedup_profile(*overrides: str):
+    from flywheel.config import load_profile
+
+    return load_profile(None, list(overrides))
+
+
+def test_dedup_index_missing_or_incompatible_is_a_data_error(tmp_path):
+    import json
+
+    from flywheel.data import index
+
+    with pytest.raises(DataError, match=r"data\.dedup\.index: .* holds no dedup index"):
+        index.resolve(_dedup_profile(f"data.dedup.index={tmp_path}"))
+    (tmp_path / index.INDEX_DIR).mkdir()
+    other = {**index.meta(DataConfig().dedup), "num_perm": 64, "content_hash": "abc"}
+    (tmp_path / index.INDEX_DIR / index.META).write_text(json.dumps(other))
+    with pytest.raises(DataError, match="num_perm 64 vs 128"):
+        index.resolve(_dedup_profile(f"data.dedup.index={tmp_path}"))
+    same = {**index.meta(DataConfig().dedup), "content_hash": "abc"}
+    (tmp_path / index.INDEX_DIR / index.META).write_text(json.dumps(same))
+    found = index.resolve(_dedup_profile(f"data.dedup.index={tmp_path}"))
+    assert found == tmp_path / index.INDEX_DIR and index.seen_hash(found) == "abc"
+    assert index.resolve(_dedup_profile()) is None  # neither option: nothing to dedup against
+
+
+def test_replay_source_is_the_forgetting_replay_file():
+    from flywheel import forgetting
+    from flywheel.data import index
+
+    assert index.REPLAY_SOURCE == forgetting.REPLAY_FILE
+
+
+def test_copies_join_keys_by_bucket_and_apply_drops_marks_champion_drops():
+    from flywheel.data import index, schema, sources
+
+    docs = schema.doc_frame(
+        [
+            sources.doc_row(i, s, t)
+            for i, s, t in [
+                ("new-1", "a.txt", "seen before"),
+                ("new-2", "a.txt", "brand new"),
+                ("new-3", index.REPLAY_SOURCE, "replayed"),
+                ("new-4", "b.txt", "edited copy"),
+            ]
+        ]
+    )
+    docs = steps.ContentKey()(docs)
+    seen = pd.DataFrame({"key": [docs.loc[0, "key"], docs.loc[2, "key"]], "id": ["old-1", "old-3"]})
+    rows = pd.concat([index.copy_key_rows(docs), index.index_key_rows(seen)], ignore_index=True)
+    copies = index.copies(rows)
+    assert copies.to_dict("list") == {"key": [docs.loc[0, "key"]], "kept_id": ["old-1"]}
+    old = index.MARK + "0" * 32
+    apply = steps.ApplyDrops(
+        drops={docs.loc[3, "key"]: old, docs.loc[2, "key"]: old}, kept_ids={old: "old-9"}
+    )
+    apply.copies = dict(zip(copies["key"], copies["kept_id"], strict=True))
+    out = apply(docs)
+    assert out["reason"].tolist() == [index.COPY, "", "", index.NEAR]
+    assert out["dropped_by"].tolist() == [schema.EXACT_DEDUP, "", "", schema.NEAR_DEDUP]
+    assert out.loc[0, "detail"] == "copy of old-1 (champion's data)"
+    assert out.loc[3, "detail"] == "near-duplicate of old-9 (champion's data)"
+
+
+def test_against_champion_finds_its_dataset_through_the_data_hash_tag(tmp_path, monkeypatch):
+    """The champion's data-hash lineage tag names its dataset in the store; no champion is
+    nothing to dedup against; a champion without the tag, or whose dataset is not in the
+    store, is a DataError naming the option. (The registry answer is stubbed: the lookup
+    under test is what follows it.)"""
+    import json
+
+    from flywheel import contracts
+    from flywheel.data import index
+    from flywheel.registry import Registry
+    from flywheel.registry.adapter import ModelVersionInfo
+
+    profile = _dedup_profile(f"state_dir={tmp_path}", "data.dedup.against_champion=true")
+    champion: list = [None]
+    monkeypatch.setattr(Registry, "champion", lambda self: champion[0])
+    assert index.resolve(profile) is None
+    champion[0] = ModelVersionInfo(name="m", version="3", tags={})
+    with pytest.raises(DataError, match=r"version 3.* no data-hash lineage tag"):
+        index.resolve(profile)
+    digest = "ab" * 32
+    champion[0] = ModelVersionInfo(name="m", version="3", tags={contracts.TAG_DATA_HASH: digest})
+    with pytest.raises(DataError, match=f"dataset {digest[:12]} is not in the dataset store"):
+        index.resolve(profile)
+    found = tmp_path / "datasets" / digest[:12] / index.INDEX_DIR
+    found.mkdir(parents=True)
+    (found / index.META).write_text(
+        json.dumps({**index.meta(profile.data.dedup), "content_hash": digest})
+    )
+    assert index.resolve(profile) == found and index.seen_hash(found) == digest
