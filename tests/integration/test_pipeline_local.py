@@ -4,6 +4,8 @@
 2. second run: warm-starts from the champion and is gated against it (fresh evaluation of both)
 3. sabotaged challenger (a fresh model trained for one step): not promoted, run still succeeds
 4. a failing step: the run fails, and the exit handler's summary is still written
+5. configs/sft-local.yaml chained onto that champion: LoRA on models:/flywheel-lm@champion
+   with the pydoc instruction set, gated on the fine-tuning metrics against its own base
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def profile_for(workdir):
-    overrides = [f"state_dir={workdir / '.flywheel'}", *TINY_OVERRIDES, "tune.enabled=false"]
+    # Context 128 (blocks stay 32): room for the instruction samples the SFT run (test 5)
+    # renders with this champion's tokenizer; the extra positions cost nothing per step.
+    overrides = [
+        f"state_dir={workdir / '.flywheel'}",
+        *TINY_OVERRIDES,
+        "tune.enabled=false",
+        "model.context=128",
+    ]
 
     def make(*extra: str):
         return load_profile(None, overrides + list(extra))
@@ -118,3 +127,51 @@ def test_failing_step_still_writes_the_summary(profile_for, workdir):
     assert summary is not None, "the exit handler did not run"
     assert "FAILED" in summary.read_text()
     assert json.loads((run.run_dir / "summary" / "executor_output.json").read_text()) is not None
+
+
+def test_sft_profile_chains_lora_onto_the_champion(profile_for, workdir):
+    """The README's second command on this module's state: the SFT DAG adapts the champion
+    the runs above promoted (no second pretraining DAG), tiny steps."""
+    from flywheel.registry.lineage import TAG_DATA_FORMAT, TAG_METHOD
+
+    registry = Registry(profile_for())
+    base = registry.champion()
+    assert base is not None, "tests 1-2 promote the champion this run adapts"
+    p = load_profile(
+        "configs/sft-local.yaml",
+        [
+            f"state_dir={workdir / '.flywheel'}",
+            "data.block_size=128",  # the champion's context; longer samples are rejects
+            "data.max_reject_share=0.5",  # its 512-token BPE spells the docstrings long
+            "model.context=128",
+            "model.n_embd=32",
+            *[o for o in TINY_OVERRIDES if o.startswith(("train.", "eval."))],
+            "train.max_steps=8",
+            "train.checkpoint_every=8",
+            "eval.max_new_tokens=8",
+        ],
+    )
+    assert p.model.base == "models:/flywheel-lm@champion" and p.train.method == "lora"
+    run = run_local("retrain", p, arguments={"trigger_reason": "sft"})
+    assert run.succeeded, run.log_file.read_text()[-3000:]
+
+    stages = ledger.collect(p, run.run_id)
+    gate = stages["gate"]
+    # Both models scored on the held-out responses, and the named guards compared them.
+    for name in ("response_loss", "rouge_l", "exact_match"):
+        assert f"challenger_{name}" in gate["metrics"], name
+        assert f"champion_{name}" in gate["metrics"], name
+    decision = run.artifact("gate", "decision").read_text()
+    assert "rouge_l (higher is better)" in decision, decision
+    assert "response_loss (lower is better)" in decision, decision
+
+    version = _version(registry, gate["tags"]["version"])
+    assert version.tags[TAG_METHOD] == "lora", version.tags
+    assert version.tags[TAG_DATA_FORMAT] == "instruction", version.tags
+    assert version.tags["trigger_reason"] == "sft"
+    if gate["tags"]["promote"] == "True":
+        assert registry.champion().version == version.version
+    else:  # an honest rejection is an outcome too: the champion stays, the reasons say why
+        assert registry.champion().version == base.version, decision
+        assert "reject" in decision.lower()
+    print(f"SFT version {version.version}: {gate['tags']['verdict']}\n{decision}")
