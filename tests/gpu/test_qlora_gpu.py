@@ -46,6 +46,13 @@ def _held_out_loss(model_dir: str, dataset: Path) -> float:
         return float(model(input_ids=batch, labels=batch).loss)
 
 
+# Strict: the day the loop loads the 4-bit base, this passes and the marker must go.
+@pytest.mark.xfail(
+    strict=True,
+    raises=Exception,
+    reason="train.method qlora is refused by the training loop: the 4-bit base load is not "
+    "wired yet (flywheel/train/loop.py _with_adapters); no GPU was lent to build it on",
+)
 def test_qlora_bf16_on_one_gpu_trains_adapters_on_a_4bit_base(state_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
