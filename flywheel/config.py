@@ -737,8 +737,7 @@ class GatePolicy(_Strict):
             if name not in SFT_GATE_METRICS:
                 hint = " (set it in gate.margins)" if name in ("bits_per_byte", "accuracy") else ""
                 raise ValueError(
-                    f"gate.metrics.{name}: unknown metric; use "
-                    f"{', '.join(SFT_GATE_METRICS)}{hint}"
+                    f"gate.metrics.{name}: unknown metric; use {', '.join(SFT_GATE_METRICS)}{hint}"
                 )
         return self
 
