@@ -66,7 +66,7 @@ def prepare_cmd(
 ) -> None:
     """Prepare a dataset: read, clean, dedup, split, tokenize, pack; print the counts."""
     from flywheel import stages
-    from flywheel.data.stage import check_output as check_dataset_output
+    from flywheel.data.output import check_dataset_output
     from flywheel.defaults import DATASETS
 
     prof = profile_from(profile, overrides)  # a bad profile fails here, before any work

@@ -180,15 +180,13 @@ def read(index: Path):
 
 def sig_rows(batch: pd.DataFrame) -> pd.DataFrame:
     """Index rows as signature rows of the near-duplicate graph (keys marked)."""
-    from flywheel.data import steps
-
     return pd.DataFrame(
         {
             "key": MARK + batch["key"].astype(str),
             "other": "",
             "minhash": batch["minhash"],
             "peer": [b""] * len(batch),
-            "bucket": steps._bucket(batch["key"].astype(str)),
+            "bucket": schema.bucket(batch["key"].astype(str)),
         }
     )
 
@@ -211,11 +209,9 @@ def copy_key_rows(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def index_key_rows(batch: pd.DataFrame) -> pd.DataFrame:
-    from flywheel.data import steps
-
     keys = batch["key"].astype(str)
     return pd.DataFrame(
-        {"key": keys, "id": batch["id"].astype(str), "indexed": True, "bucket": steps._bucket(keys)}
+        {"key": keys, "id": batch["id"].astype(str), "indexed": True, "bucket": schema.bucket(keys)}
     )
 
 

@@ -24,6 +24,8 @@ import socket
 from pathlib import Path
 
 from flywheel import artifacts, contracts
+from flywheel.config import DataConfig
+from flywheel.data import sources
 from flywheel.data.index import INDEX_DIR
 from flywheel.errors import DataError
 
@@ -358,3 +360,31 @@ def _move_into_place(src: Path, final: Path) -> None:
         os.rename(old, final)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------ the data stage's own checks
+
+
+def source_paths(cfg: DataConfig) -> list[Path]:
+    """Local paths the stage reads (an output may not overlap them)."""
+    src = cfg.source
+    if src.kind == "pydocs":
+        return [sources.stdlib_root()]
+    if src.path and Path(src.path).exists():
+        return [Path(src.path)]
+    return []  # a hub dataset name: nothing local to protect
+
+
+def check_dataset_output(
+    cfg: DataConfig, out_dir: Path, store: bool = False, label: str | None = None
+):
+    """Refuse, before any work, an output that overlaps the source or holds what this stage
+    did not write (OutputDirError, exit 2). `store`: `out_dir` holds datasets by hash."""
+    out_dir = Path(out_dir)
+    if store:
+        for source in source_paths(cfg):
+            why = overlap(out_dir, source)
+            if why:
+                raise OutputDirError(f"dataset store {out_dir} {why} (data.source.path={source})")
+        return
+    check_target(out_dir, source_paths(cfg), label)

@@ -439,31 +439,6 @@ def _first(frame: pd.DataFrame, k: int) -> pd.DataFrame:
 # ------------------------------------------------------------------------ stage
 
 
-def source_paths(cfg: DataConfig) -> list[Path]:
-    """Local paths the stage reads (an output may not overlap them)."""
-    src = cfg.source
-    if src.kind == "pydocs":
-        return [sources.stdlib_root()]
-    if src.path and Path(src.path).exists():
-        return [Path(src.path)]
-    return []  # a hub dataset name: nothing local to protect
-
-
-def check_output(cfg: DataConfig, out_dir: Path, store: bool = False, label: str | None = None):
-    """Refuse, before any work, an output that overlaps the source or holds what this stage
-    did not write (OutputDirError, exit 2). `store`: `out_dir` holds datasets by hash."""
-    out_dir = Path(out_dir)
-    if store:
-        for source in source_paths(cfg):
-            why = output.overlap(out_dir, source)
-            if why:
-                raise output.OutputDirError(
-                    f"dataset store {out_dir} {why} (data.source.path={source})"
-                )
-        return
-    output.check_target(out_dir, source_paths(cfg), label)
-
-
 def prepare(
     profile: Profile,
     out_dir: Path,
@@ -499,7 +474,7 @@ def prepare(
     # A missing or empty corpus, an output that would touch the source or a stranger's
     # files, or a base tokenizer that cannot load: all fail here, before Ray starts.
     units = None if cfg.source.kind == "hf" else sources.list_units(cfg.source)
-    check_output(cfg, out_dir, store, label)
+    output.check_dataset_output(cfg, out_dir, store, label)
     seen = index.resolve(profile)  # the champion's dedup index (registry lookup), or None
     base = tokenizer.load_base(cfg.tokenizer.base) if cfg.tokenizer.base else None
     if store:
@@ -687,12 +662,18 @@ class _Run:
                         raise DataError(
                             "data.split: the train split is empty; nothing to train a tokenizer on"
                         )
+                    share = tokenizer.sample_share(cfg.tokenizer, docs["train"])
                     train_texts = (
-                        final.map_batches(_train_texts, batch_format="pandas")
+                        final.map_batches(
+                            _train_texts, fn_kwargs={"share": share}, batch_format="pandas"
+                        )
                         .select_columns(["text"])
                         .materialize()
                     )
-                    tok = tokenizer.train_bpe_in_ray(train_texts, cfg.tokenizer, docs["train"])
+                    tok = tokenizer.train_bpe_in_ray(
+                        train_texts, cfg.tokenizer, round(docs["train"] * share)
+                    )
+                info.update(trained_on_share=share if base is None else 0.0)
                 tok_info = tokenizer.save(tok, tok_dir)
                 info.update(vocab_size=tok_info["vocab_size"])
 
@@ -864,8 +845,11 @@ def _share(cfg: DataConfig, split: str) -> float:
     }[split]
 
 
-def _train_texts(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch[(batch["reason"] == "") & (batch["split"] == "train")]
+def _train_texts(batch: pd.DataFrame, share: float = 1.0) -> pd.DataFrame:
+    keep = (batch["reason"] == "") & (batch["split"] == "train")
+    if share < 1.0:
+        keep &= tokenizer.in_sample(batch["key"], share)
+    return batch[keep]
 
 
 def _manifest(

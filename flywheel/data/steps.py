@@ -28,11 +28,7 @@ from flywheel.data import schema
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-# Groups for the keyed shuffles. Ray's map_groups calls Python once per group, so keying
-# on the band hash itself (~100k distinct values) costs ~1 ms per group; keying on a
-# coarse bucket of it and grouping with pandas inside the UDF is ~40x faster on 2 cores.
-# The result does not depend on this number, only the parallelism does.
-NUM_BUCKETS = 16
+NUM_BUCKETS = schema.NUM_BUCKETS
 
 _SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newlines
 _TRAILING = re.compile(r"[^\S\n]+\n")
@@ -40,9 +36,7 @@ _BLANKS = re.compile(r"\n{3,}")
 _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 
 
-def _bucket(keys: pd.Series) -> pd.Series:
-    # "!": a champion document's key in the near-duplicate graph (flywheel.data.index.MARK).
-    return keys.map(lambda k: int(k.lstrip("!")[:8], 16) % NUM_BUCKETS).astype("int64")
+_bucket = schema.bucket
 
 
 # --------------------------------------------------------------------- normalize

@@ -242,11 +242,10 @@ def prepare_records(
     """`flywheel.data.stage.prepare` for instruction and chat data (same contract: the
     dataset is built beside the target and moved into place; a failure keeps the rejects)."""
     from flywheel.data import output
-    from flywheel.data.stage import check_output
 
     cfg = profile.data
     out_dir = Path(out_dir)
-    check_output(cfg, out_dir, store, label)
+    output.check_dataset_output(cfg, out_dir, store, label)
     work = (
         output.Workspace(out_dir, "dataset", store=True)
         if store
