@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flywheel.config import TokenizerConfig
 from flywheel.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EOS = "<|endoftext|>"
 
@@ -36,6 +40,24 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig, length: int | None = N
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     return wrap(tok)
+
+
+def sample_share(cfg: TokenizerConfig, train_docs: int) -> float:
+    """The share of the train split the BPE trains on (`data.tokenizer.train_docs`)."""
+    if cfg.train_docs is None or train_docs <= cfg.train_docs:
+        return 1.0
+    return cfg.train_docs / train_docs
+
+
+def in_sample(keys: pd.Series, share: float) -> pd.Series:
+    """Whether each document (by its content-hash `key`, hex) is in a `share` sample: the
+    first 32 bits of the hash, uniform, below share x 2^32. Content decides, not order or
+    batching, so the same corpus trains the same tokenizer."""
+    import numpy as np
+    import pandas as pd
+
+    head = keys.str.slice(0, 8).map(lambda h: int(h, 16)).to_numpy(dtype=np.uint64)
+    return pd.Series(head < np.uint64(share * 2**32), index=keys.index)
 
 
 def wrap(tok):

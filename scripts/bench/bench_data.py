@@ -12,6 +12,8 @@ from the pydoc topics' vocabulary, written as 8 JSONL files) and the same `--cpu
   * given tokenizer the stage again with `data.tokenizer.base` = the tokenizer the first
                    run trained: the stage without its BPE training pass, which pre-tokenizes
                    every train text once more (skip with --no-given-tokenizer);
+  * sampled tokenizer the stage with `data.tokenizer.train_docs=--sample-docs`: the BPE
+                   trains on a content-hash sample of the train split (0: skip);
   * the ceiling    the stage's own tokenizer, `encode_batch` over the same texts (Rust,
                    all cores): no stage that tokenizes can beat it;
   * HF datasets    `Dataset.map(batched=True, num_proc=--cpus)` over the same per-document
@@ -372,6 +374,12 @@ def main() -> None:
         help="skip the second stage run with data.tokenizer.base = the first run's tokenizer "
         "(the stage without training its BPE, which reads every train text once more)",
     )
+    ap.add_argument(
+        "--sample-docs",
+        type=int,
+        default=20000,
+        help="also run the stage with data.tokenizer.train_docs=N (0: skip)",
+    )
     ap.add_argument("--edges", type=int, default=200_000, help="edges for the clustering bench")
     ap.add_argument("--out", default="bench-results/bench_data.json")
     args = ap.parse_args()
@@ -390,16 +398,34 @@ def main() -> None:
                 row["stage_given_tokenizer"] = run_stage(
                     corpus, Path(tmp) / "out-given", args.cpus, given
                 )
+            if args.sample_docs and n > args.sample_docs:  # BPE on a sample of the train split
+                row["stage_sampled_tokenizer"] = run_stage(
+                    corpus,
+                    Path(tmp) / "out-sampled",
+                    args.cpus,
+                    f"data.tokenizer.train_docs={args.sample_docs}",
+                )
             row["ceiling"] = run_ceiling(texts, Path(tmp) / "out" / "tokenizer")
             if not args.no_peers:
                 row["datasets"] = run_datasets(texts, Path(tmp) / "out" / "tokenizer", args.cpus)
                 row["datatrove"] = run_datatrove(corpus, Path(tmp) / "dt", args.cpus)
-            for name in ("stage", "stage_given_tokenizer", "ceiling", "datasets", "datatrove"):
+            for name in (
+                "stage",
+                "stage_given_tokenizer",
+                "stage_sampled_tokenizer",
+                "ceiling",
+                "datasets",
+                "datatrove",
+            ):
                 if row.get(name):
                     row[name]["docs_per_s"] = round(n / row[name]["seconds"], 1)
             row["stage_vs_ceiling"] = round(
                 row["stage"]["docs_per_s"] / row["ceiling"]["docs_per_s"], 3
             )
+            if row.get("stage_sampled_tokenizer"):
+                row["sampled_vs_ceiling"] = round(
+                    row["stage_sampled_tokenizer"]["docs_per_s"] / row["ceiling"]["docs_per_s"], 3
+                )
             results.append(row)
             print(json.dumps(row), flush=True)
 
@@ -432,6 +458,11 @@ def main() -> None:
     print(
         f"stage vs ceiling at the largest size: {results[-1]['stage_vs_ceiling']:.2f} (target >= 0.6)"
     )
+    if "sampled_vs_ceiling" in results[-1]:
+        print(
+            f"the same, data.tokenizer.train_docs={args.sample_docs}: "
+            f"{results[-1]['sampled_vs_ceiling']:.2f}"
+        )
     print(
         f"clustering {components['edges']:,} edges: union-find {components['union_find_s']}s, "
         f"scipy connected_components {components['scipy_s']}s"
