@@ -317,6 +317,9 @@ def test_second_retrain_is_gated_against_the_champion(world, first):
         stages["train"]["tags"]["training_run_id"]
     )
     assert train_run.data.tags["flywheel.warm_start"] == "True"
+    # the data stage tokenized with the champion's tokenizer, so the warm start reads the same ids
+    assert "flywheel.tokenizer_mismatch" not in train_run.data.tags
+    assert stages["gate"]["tags"]["version"] == str(newest.version)
 
 
 def test_monitor_reads_a_drifted_window_from_s3_and_retrains(world, first):
