@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,16 +140,34 @@ def flatten(fetched: Path, out: Path) -> None:
         shutil.copytree(fetched, out)
 
 
+def build_cached(dest: Path, stamp: str, build: Callable[[Path], Path]) -> Path:
+    """`dest`, a cache entry built once. `build(staging)` fills a fresh directory beside
+    `dest` and returns the directory to publish, which is marked COMPLETE (with `stamp`)
+    and renamed into place; concurrent builders each stage privately and the first to
+    finish wins the rename. An entry already COMPLETE is returned as it is."""
+    if (dest / COMPLETE).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        out = build(staging)
+        (out / COMPLETE).write_text(stamp)
+        try:
+            os.replace(out, dest)
+        except OSError:
+            if not (dest / COMPLETE).is_file():  # a concurrent build won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
 def download(store: MlflowAdapter, info: ModelVersionInfo, cache: Path) -> Path:
     """A local save_pretrained directory (model + tokenizer) of one version, cached under
     `cache` by version number (a version's files never change). Concurrent downloads
     each stage privately; the first to finish wins the rename."""
-    dest = cache / f"v{info.version}"
-    if (dest / COMPLETE).is_file():
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".v{info.version}-", dir=cache))
-    try:
+
+    def fetch(staging: Path) -> Path:
         fetched = staging / "fetched"
         fetched.mkdir()
         what = f"download version {info.version}"
@@ -176,15 +195,9 @@ def download(store: MlflowAdapter, info: ModelVersionInfo, cache: Path) -> Path:
                 f"{info.name} version {info.version} ({info.source}) holds no Hugging Face "
                 "model (no config.json)"
             )
-        (out / COMPLETE).write_text(info.version)
-        try:
-            os.replace(out, dest)
-        except OSError:
-            if not (dest / COMPLETE).is_file():  # a concurrent download won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
+        return out
+
+    return build_cached(cache / f"v{info.version}", info.version, fetch)
 
 
 def download_adapter(store: MlflowAdapter, info: ModelVersionInfo, uri: str, cache: Path) -> Path:
@@ -192,12 +205,7 @@ def download_adapter(store: MlflowAdapter, info: ModelVersionInfo, uri: str, cac
     as ``v<N>-adapter``."""
     import mlflow.artifacts as mlflow_artifacts
 
-    dest = cache / f"v{info.version}-adapter"
-    if (dest / COMPLETE).is_file():
-        return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".v{info.version}-adapter-", dir=cache))
-    try:
+    def fetch(staging: Path) -> Path:
         fetched = Path(
             store.call(
                 f"download the adapter of version {info.version}",
@@ -209,12 +217,6 @@ def download_adapter(store: MlflowAdapter, info: ModelVersionInfo, uri: str, cac
         )
         if not (fetched / "adapter_config.json").is_file():
             raise RegistryError(f"{uri}: holds no PEFT adapter (no adapter_config.json)")
-        (fetched / COMPLETE).write_text(info.version)
-        try:
-            os.replace(fetched, dest)
-        except OSError:
-            if not (dest / COMPLETE).is_file():  # a concurrent download won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
+        return fetched
+
+    return build_cached(cache / f"v{info.version}-adapter", info.version, fetch)

@@ -73,16 +73,12 @@ def champion_on_base(profile: Profile, registry: Registry) -> Path:
     reads its tokenizer) and the train stage build it once. A champion without an adapter
     (a full fine-tune) is the profile's error.
     """
-    import os
-    import shutil
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flywheel.errors import ConfigError
     from flywheel.registry import CHAMPION, NotFoundError, resolve_model_source
-    from flywheel.registry.packaging import COMPLETE, safe_name
+    from flywheel.registry.packaging import build_cached, safe_name
     from flywheel.sft.lora import load_adapter
 
     base = profile.model.base
@@ -96,23 +92,14 @@ def champion_on_base(profile: Profile, registry: Registry) -> Path:
             f"model.warm_start_from: adapter: {exc}; use merged (the champion's weights)"
         ) from None
     cache = profile.state_path("registry-cache", safe_name(registry.name))
-    dest = cache / f"v{info.version}-on-{safe_name(base)}"
-    if (dest / COMPLETE).is_file():
-        return dest
-    base_dir = resolve_model_source(base, profile)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=cache))
-    try:
+
+    def merge(staging: Path) -> Path:
+        base_dir = resolve_model_source(base, profile)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         merged = load_adapter(model, adapter).merge_and_unload()
         out = staging / "model"
         merged.save_pretrained(out)
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
-        (out / COMPLETE).write_text(info.version)
-        try:
-            os.replace(out, dest)
-        except OSError:
-            if not (dest / COMPLETE).is_file():  # a concurrent build won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
+        return out
+
+    return build_cached(cache / f"v{info.version}-on-{safe_name(base)}", info.version, merge)
