@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:  # both import this module: at run time they would be a cycle
+    from flywheel.config import DataConfig
+    from flywheel.data.stats import DataStats
 
 SCHEMA_VERSION = 1
 
@@ -167,6 +171,56 @@ class DatasetManifest(_Part):
         data = self.model_dump(mode="json")
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
+
+
+def dataset_manifest(
+    cfg: DataConfig,
+    stats: DataStats,
+    *,
+    pipeline_version: int,
+    splits: dict,
+    tok_info: dict,
+    tokenizer: dict,
+    text: dict,
+    steps: list,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The fields of `manifest.json` every data stage writes (raw text and SFT alike), from
+    its config and stats; `tokenizer` adds to the tokenizer entry (where its base came from),
+    `extra` adds top-level fields (`dropped`, `format`, `sft`)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "pipeline_version": pipeline_version,
+        "content_hash": stats.content_hash,
+        "config": cfg.model_dump(mode="json"),
+        "block_size": cfg.block_size,
+        "token_column": TOKEN_COLUMN,
+        # Flat per-split totals (the same numbers as under `splits`) for quick readers.
+        "vocab_size": tok_info["vocab_size"],
+        "docs": stats.docs,
+        "tokens": stats.tokens,
+        "sequences": stats.sequences,
+        "splits": splits,
+        "tokenizer": {
+            "path": TOKENIZER_DIR,
+            "trained": stats.tokenizer_trained,
+            **tokenizer,
+            **tok_info,
+        },
+        "text": text,
+        "counts": {
+            "read": stats.docs_read,
+            "rejected": stats.rejected_total,
+            "kept": stats.docs_kept,
+            "steps": steps,
+        },
+        "rejects": {
+            "file": REJECTS,
+            "by_reason": stats.rejected,
+            "by_source": stats.rejected_by_source,
+        },
+        **extra,
+    }
 
 
 def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:

@@ -855,48 +855,26 @@ def _train_texts(batch: pd.DataFrame, share: float = 1.0) -> pd.DataFrame:
 def _manifest(
     cfg: DataConfig, stats: DataStats, splits: dict, tok_info: dict, n_test: int, n_ref: int
 ) -> dict:
-    return {
-        "schema_version": artifacts.SCHEMA_VERSION,
-        "pipeline_version": PIPELINE_VERSION,
-        "content_hash": stats.content_hash,
-        "config": cfg.model_dump(mode="json"),
-        "block_size": cfg.block_size,
-        "token_column": artifacts.TOKEN_COLUMN,
-        # Flat per-split totals (the same numbers as under `splits`) for quick readers.
-        "vocab_size": tok_info["vocab_size"],
-        "docs": stats.docs,
-        "tokens": stats.tokens,
-        "sequences": stats.sequences,
-        "splits": splits,
-        "tokenizer": {
-            "path": artifacts.TOKENIZER_DIR,
-            "trained": stats.tokenizer_trained,
-            "base": cfg.tokenizer.base,
-            **tok_info,
-        },
-        "text": {
+    return artifacts.dataset_manifest(
+        cfg,
+        stats,
+        pipeline_version=PIPELINE_VERSION,
+        splits=splits,
+        tok_info=tok_info,
+        tokenizer={"base": cfg.tokenizer.base},
+        text={
             "test": artifacts.TEST_TEXT,
             "test_docs": n_test,
             "reference": artifacts.REFERENCE_TEXT,
             "reference_docs": n_ref,
         },
-        "counts": {
-            "read": stats.docs_read,
-            "rejected": stats.rejected_total,
-            "kept": stats.docs_kept,
-            "steps": _step_counts(stats),
-        },
-        "rejects": {
-            "file": artifacts.REJECTS,
-            "by_reason": stats.rejected,
-            "by_source": stats.rejected_by_source,
-        },
-        "dropped": {
+        steps=_step_counts(stats),
+        dropped={
             "file": DROPPED,
             "by_step": stats.dropped,
             "by_reason": stats.dropped_by_reason,
         },
-    }
+    )
 
 
 def _step_counts(stats: DataStats) -> list[dict]:

@@ -376,41 +376,21 @@ def _manifest(
         }
         for s in artifacts.SPLITS
     }
-    return {
-        "schema_version": artifacts.SCHEMA_VERSION,
-        "pipeline_version": SFT_PIPELINE_VERSION,
-        "content_hash": stats.content_hash,
-        "format": cfg.format,
-        "config": cfg.model_dump(mode="json"),
-        # The longest a sample may be (longer ones are rejects); rows are unpadded.
-        "block_size": cfg.block_size,
-        "token_column": artifacts.TOKEN_COLUMN,
-        "vocab_size": tok_info["vocab_size"],
-        "docs": stats.docs,
-        "tokens": stats.tokens,
-        "sequences": stats.sequences,
-        "splits": splits,
-        "tokenizer": {
-            "path": artifacts.TOKENIZER_DIR,
-            "trained": stats.tokenizer_trained,
+    return artifacts.dataset_manifest(
+        cfg,
+        stats,
+        pipeline_version=SFT_PIPELINE_VERSION,
+        splits=splits,
+        tok_info=tok_info,
+        tokenizer={
             "base": found[1] if found else None,
             "base_field": found[0] if found else None,
-            **tok_info,
         },
         # No raw-text held-out documents: the held-out records are the test split's samples.
-        "text": {"test": "", "test_docs": 0, "reference": "", "reference_docs": 0},
-        "counts": {
-            "read": stats.docs_read,
-            "rejected": stats.rejected_total,
-            "kept": stats.docs_kept,
-            "steps": [],
-        },
-        "rejects": {
-            "file": artifacts.REJECTS,
-            "by_reason": stats.rejected,
-            "by_source": stats.rejected_by_source,
-        },
-        "sft": {
+        text={"test": "", "test_docs": 0, "reference": "", "reference_docs": 0},
+        steps=[],
+        format=cfg.format,
+        sft={
             "label_column": P.LABEL_COLUMN,
             "samples": stats.sequences,
             "tokens": stats.tokens,
@@ -422,4 +402,4 @@ def _manifest(
             "train_on_inputs": cfg.train_on_inputs,
             "packing": False,
         },
-    }
+    )
