@@ -33,6 +33,7 @@ from flywheel.evaluate.metrics import (
     repetition,
 )
 from flywheel.evaluate.report import DocScores, EvalReport, GenerationCheck
+from flywheel.sft import metrics as M
 
 log = logging.getLogger(__name__)
 
@@ -226,28 +227,21 @@ def generation_checks(
     model: Any, tokenizer: Any, cfg: EvalConfig, device: str
 ) -> list[GenerationCheck]:
     """Greedy continuations of the profile's prompts: non-empty, not looping, and how fast."""
-    import torch
-
     context = _context_length(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     checks = []
     for prompt in cfg.prompts:
-        ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"][
-            -(context - 1) :
-        ] or [tokenizer.eos_token_id or 0]
-        budget = max(1, min(cfg.max_new_tokens, context - len(ids)))
-        inputs = torch.tensor([ids], device=device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=inputs,
-                attention_mask=torch.ones_like(inputs),
-                max_new_tokens=budget,
-                do_sample=False,
-                pad_token_id=pad,
-            )
+        # No stop at the tokenizer's EOS: the model's generation config decides, as served.
+        new = M.greedy(
+            model,
+            tokenizer,
+            prompt,
+            cfg.max_new_tokens,
+            context=context,
+            device=device,
+            stop_at_eos=False,
+        )
         elapsed = time.perf_counter() - t0
-        new = out[0, len(ids) :].tolist()
         text = tokenizer.decode(new, skip_special_tokens=True)
         rep = repetition(new)
         checks.append(

@@ -147,41 +147,32 @@ def response_loss(model: Any, samples: Sequence[Sample], pad_id: int, micro: int
     return total / count if count else float("nan")
 
 
-def generate_reply(
-    model: Any, renderer: Renderer, conv: R.Conversation, max_new_tokens: int = 64
-) -> str:
-    """Greedy reply to `conv` without its last (assistant) turn, cut at EOS."""
-    import torch
+def greedy(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    context: int | None = None,
+    device: str = "cpu",
+    stop_at_eos: bool = True,
+) -> list[int]:
+    """The new token ids of the greedy continuation of `prompt` (no special tokens added).
 
-    prompt_turns = conv.as_messages()[:-1]
-    text = renderer.text(prompt_turns, generation_prompt=True)
-    tok = renderer.tokenizer
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    return clean_reply(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), tok)
-
-
-def complete(
-    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, context: int, device: str
-) -> str:
-    """Greedy reply to an already rendered prompt (ending with the generation prompt),
-    at most `max_new_tokens` and within the model's context, cut at the end of its turn."""
+    With `context` (the model's length) the prompt keeps its tail and the budget shrinks so
+    prompt + reply fit. `stop_at_eos`: stop at the tokenizer's EOS (the end of a chat turn);
+    False leaves the stop to the model's own generation config (raw-text continuations).
+    """
     import torch
 
     ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
-    ids = ids[-(context - 1) :] or [tokenizer.eos_token_id or 0]
-    budget = max(1, min(max_new_tokens, context - len(ids)))
+    budget = max_new_tokens
+    if context is not None:
+        ids = ids[-(context - 1) :] or [tokenizer.eos_token_id or 0]
+        budget = max(1, min(max_new_tokens, context - len(ids)))
     inputs = torch.tensor([ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = {"eos_token_id": tokenizer.eos_token_id} if stop_at_eos else {}
     with torch.inference_mode():
         out = model.generate(
             input_ids=inputs,
@@ -189,10 +180,30 @@ def complete(
             max_new_tokens=budget,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            **stop,
         )
-    text = tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
-    return clean_reply(text, tokenizer)
+    return list(out[0, len(ids) :].tolist())
+
+
+def generate_reply(
+    model: Any, renderer: Renderer, conv: R.Conversation, max_new_tokens: int = 64
+) -> str:
+    """Greedy reply to `conv` without its last (assistant) turn, cut at EOS."""
+    text = renderer.text(conv.as_messages()[:-1], generation_prompt=True)
+    tok = renderer.tokenizer
+    model.eval()
+    return clean_reply(
+        tok.decode(greedy(model, tok, text, max_new_tokens), skip_special_tokens=True), tok
+    )
+
+
+def complete(
+    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, context: int, device: str
+) -> str:
+    """Greedy reply to an already rendered prompt (ending with the generation prompt),
+    at most `max_new_tokens` and within the model's context, cut at the end of its turn."""
+    new = greedy(model, tokenizer, prompt, max_new_tokens, context=context, device=device)
+    return clean_reply(tokenizer.decode(new, skip_special_tokens=True), tokenizer)
 
 
 def evaluate_generation(
