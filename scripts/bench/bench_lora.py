@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common import machine, print_table, write_result  # noqa: E402
 
 from flywheel.config import load_profile  # noqa: E402
 from flywheel.train import train  # noqa: E402
@@ -274,18 +275,12 @@ def main() -> None:
         ("peak RSS/worker MB", "peak_rss_worker_mb", "{:,.0f}"),
         ("held-out loss", "held_out_loss", "{:.3f}"),
     ]
-    print(f"{'method':<12}" + "".join(f"{c:>20}" for c, _, _ in cols))
-    for m in METHODS:
-        print(f"{m:<12}" + "".join(f"{f.format(rows[m][k]):>20}" for _, k, f in cols))
-    print(f"{'lora / full':<12}" + "".join(f"{ratios[k]:>20.3f}" for _, k, _ in cols))
+    table = [(m, [f.format(rows[m][k]) for _, k, f in cols]) for m in METHODS]
+    table.append(("lora / full", [f"{ratios[k]:.3f}" for _, k, _ in cols]))
+    print_table("method", [c for c, _, _ in cols], table)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_avg": os.getloadavg(),
-        },
+        "machine": machine(),
         "overrides": common,
         "steps": args.steps,
         "base": {"path": base, "steps": None if args.base else args.base_steps},
@@ -297,8 +292,7 @@ def main() -> None:
         "ratios_lora_over_full": ratios,
         "rounds": rounds,
     }
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common import machine, print_table, write_result  # noqa: E402
 
 from flywheel.config import Profile, load_profile  # noqa: E402
 from flywheel.train import make_plan, train  # noqa: E402
@@ -210,35 +211,30 @@ def main() -> None:
     )
     cols = ["loop tok/s", *(f"loop x {b}" for b in baselines), "wall s", "e2e tok/s"]
     cols += [f"e2e x {b}" for b in baselines] + (["MFU"] if args.gpu else [])
-    print(f"{'path':<12}" + "".join(f"{c:>20}" for c in cols))
+    table = []
     for r in rows:
         vals = [f"{r['loop_tokens_per_s']:,.0f}", *(f"{r[f'loop_x_{b}']:.2f}" for b in baselines)]
         vals += [f"{r['wall_s']:.1f}", f"{r['e2e_tokens_per_s']:,.0f}"]
         vals += [f"{r[f'e2e_x_{b}']:.2f}" for b in baselines] + (
             [f"{r['mfu']:.1%}"] if args.gpu else []
         )
-        print(f"{r['path']:<12}" + "".join(f"{v:>20}" for v in vals))
+        table.append((r["path"], vals))
+    print_table("path", cols, table)
     fly0 = rounds[-1]["flywheel"]
     print(
         f"flywheel start-up (last round): {json.dumps({k: round(v, 1) for k, v in fly0['startup'].items()})}"
     )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "mode": "gpu" if args.gpu else "cpu",
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_avg": os.getloadavg(),
-        },
+        "machine": machine(),
         "overrides": overrides,
         "params": params,
         "steps": steps,
         "rows": rows,
         "rounds": rounds,
     }
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ pydoc topics (tests/fixtures_data.py) with the profile's block size and vocabula
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common import machine, write_result  # noqa: E402
 
 from flywheel.config import load_profile  # noqa: E402
 from flywheel.tune import TuneResult, tune  # noqa: E402
@@ -141,20 +141,15 @@ def main() -> None:
         print(f"{k}: {v:.3f}")
 
     report = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_avg": os.getloadavg(),
-        },
+        "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "space": base.tune.search_space,
         "rows": rows,
         "ratios": ratios,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    print()
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":
