@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flywheel.config import Profile, load_profile
@@ -73,6 +74,18 @@ def cli_run_id() -> str:
     from a pipeline's in MLflow; the random tail keeps two commands started in the same
     second apart (a shared id would resume the other's training checkpoints)."""
     return f"cli-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def count_bar(unit: str) -> Progress:
+    """The progress bar of a stage that counts `unit`s towards a total (train: steps, tune:
+    trials): description, bar, done/total, elapsed time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} " + unit),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def table(title: str, rows: list[tuple[str, object]] | dict[str, object]) -> Table:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flywheel.cli.common import (
     DataOpt,
@@ -22,6 +21,7 @@ from flywheel.cli.common import (
     check_output,
     cli_run_id,
     console,
+    count_bar,
     dataset_from,
     profile_from,
     table,
@@ -62,13 +62,7 @@ def train_cmd(
     # Not created here: training creates it at the end, after the inputs are checked.
     target = out or prof.state_root() / "models" / time.strftime("model-%Y%m%d-%H%M%S")
     run_id = cli_run_id()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f} steps"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with count_bar("steps") as bar:
         task = bar.add_task("checking inputs", total=prof.train.max_steps)
 
         def progress(event: Event) -> None:

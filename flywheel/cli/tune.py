@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flywheel.cli.common import (
     DataOpt,
@@ -23,6 +22,7 @@ from flywheel.cli.common import (
     check_output,
     cli_run_id,
     console,
+    count_bar,
     dataset_from,
     profile_from,
     table,
@@ -61,13 +61,7 @@ def tune_cmd(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Not created here: tuning creates it when it writes, after the inputs are checked.
     target = out or prof.state_root() / "tune" / time.strftime("tune-%Y%m%d-%H%M%S")
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f} trials"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with count_bar("trials") as bar:
         task = bar.add_task("checking inputs", total=prof.tune.n_trials)
         best: list[float] = []
 
