@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -100,6 +101,18 @@ def _kuberay_access(prof) -> None:
         err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
 
 
+def _plan_or_session(prof, host, namespace, dry_run: bool, plan: Callable[[str], Any]):
+    """With --dry-run, print the requests `plan(namespace)` would send and return None;
+    else a session to the cluster, after the KubeRay access warning where it applies."""
+    if dry_run:
+        target = _target(prof, host, namespace)
+        _print_plan(plan(target.namespace), target)
+        return None
+    if prof.ray.mode == "kuberay":
+        _kuberay_access(prof)
+    return _session(prof, host, namespace)
+
+
 def submit_cmd(
     pipeline: Annotated[str, typer.Argument(help="pipeline name, e.g. retrain or monitor")],
     overrides: OverridesArg = None,
@@ -133,13 +146,9 @@ def submit_cmd(
         trigger_reason=trigger_reason,
         data_location=data_location,
     )
-    if dry_run:
-        target = _target(prof, host, namespace)
-        _print_plan(plan_submit(spec, target.namespace), target)
+    session = _plan_or_session(prof, host, namespace, dry_run, lambda ns: plan_submit(spec, ns))
+    if session is None:
         return
-    if prof.ray.mode == "kuberay":
-        _kuberay_access(prof)
-    session = _session(prof, host, namespace)
     run = start_run(session, spec)
     ref = run.pipeline
     verb = "uploaded" if ref.uploaded else "reused"
@@ -210,13 +219,10 @@ def schedule_create(
         max_concurrency=max_concurrency,
         catchup=catchup,
     )
-    if dry_run:
-        target = _target(prof, host, namespace)
-        _print_plan(plan_schedule(spec, target.namespace), target)
+    session = _plan_or_session(prof, host, namespace, dry_run, lambda ns: plan_schedule(spec, ns))
+    if session is None:
         return
-    if prof.ray.mode == "kuberay":
-        _kuberay_access(prof)
-    rec = create_schedule(_session(prof, host, namespace), spec)
+    rec = create_schedule(session, spec)
     console.print(
         f"recurring run {rec.name} ({rec.recurring_run_id}): cron '{rec.cron}', {rec.status}"
     )
