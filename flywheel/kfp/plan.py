@@ -305,14 +305,16 @@ def plan_schedule(spec: RunSpec, namespace: str | None) -> list[PlannedRequest]:
     return [
         *_plan_prelude(namespace),
         *_plan_upload_and_experiment(spec, namespace),
-        PlannedRequest(
-            "GET",
-            _p("/recurringruns"),
-            {"page_size": str(PAGE_SIZE), **_ns(namespace)},
-            when=f"refuses if a recurring run is named '{spec.name}'",
-        ),
+        _list_recurring_runs(namespace, f"refuses if a recurring run is named '{spec.name}'"),
         PlannedRequest("POST", _p("/recurringruns"), body=body),
     ]
+
+
+def _list_recurring_runs(namespace: str | None, when: str) -> PlannedRequest:
+    """The look-up of the namespace's recurring runs by name, before creating or acting."""
+    return PlannedRequest(
+        "GET", _p("/recurringruns"), {"page_size": str(PAGE_SIZE), **_ns(namespace)}, when=when
+    )
 
 
 _ACTIONS = {
@@ -329,11 +331,9 @@ def plan_recurring_action(
     method, path = _ACTIONS[action]
     return [
         *_plan_prelude(namespace),
-        PlannedRequest(
-            "GET",
-            _p("/recurringruns"),
-            {"page_size": str(PAGE_SIZE), **_ns(namespace)},
-            when=f"finds {{recurring_run_id}}: the recurring run named or with id '{name_or_id}'",
+        _list_recurring_runs(
+            namespace,
+            f"finds {{recurring_run_id}}: the recurring run named or with id '{name_or_id}'",
         ),
         PlannedRequest(method, _p(path)),
     ]
