@@ -72,14 +72,23 @@ def fresh_model(tokenizer, seed: int = 0):
     return GPT2LMHeadModel(cfg)
 
 
-def train_steps(model, tokenizer, texts: list[str], steps: int, seed: int = 0, lr: float = 1e-2):
-    """A few plain AdamW steps on packed blocks; returns the per-step losses."""
+def train_steps(
+    model,
+    tokenizer,
+    texts: list[str],
+    steps: int,
+    seed: int = 0,
+    lr: float = 1e-2,
+    context: int = CONTEXT,
+):
+    """A few plain AdamW steps on packed blocks of `context` tokens, batch 16; returns the
+    per-step losses."""
     import torch
 
     torch.manual_seed(seed)
     ids = [t for doc in tokenizer(texts)["input_ids"] for t in [*doc, tokenizer.eos_token_id]]
-    n = len(ids) // CONTEXT
-    blocks = torch.tensor(ids[: n * CONTEXT]).view(n, CONTEXT)
+    n = len(ids) // context
+    blocks = torch.tensor(ids[: n * context]).view(n, context)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses = []
