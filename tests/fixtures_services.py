@@ -40,6 +40,25 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def wait_until_up(
+    proc: subprocess.Popen, url: str, log_path: Path, what: str, timeout_s: float
+) -> None:
+    """Poll `url` until it answers 200. If `proc` exits or `timeout_s` passes first, kill it
+    and fail the test with the tail of its log."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{what} did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
 @contextmanager
 def mlflow_server(root: Path, artifacts_destination: str | None = None) -> Iterator[str]:
     """`mlflow server` with its own SQLite backend and proxied artifacts; yields its URL.
@@ -65,18 +84,7 @@ def mlflow_server(root: Path, artifacts_destination: str | None = None) -> Itera
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         # Startup is slow on a busy 2-core box (imports, migrations): tens of seconds.
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_up(proc, f"{url}/health", log_path, "mlflow server", timeout_s=180)
         try:
             yield url
         finally:

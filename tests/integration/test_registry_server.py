@@ -8,7 +8,6 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from fixtures_models import (
     split_paragraphs,
     train_tokenizer,
 )
-from fixtures_services import free_port, stop
+from fixtures_services import free_port, stop, wait_until_up
 from fixtures_services import mlflow_server as start_mlflow_server
 
 from flywheel.config import Profile
@@ -133,19 +132,7 @@ def test_mlflow_models_serve_honours_max_new_tokens(mlflow_server, models, tmp_p
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        f"mlflow models serve did not start: {log_path.read_text()[-2000:]}"
-                    )
-                time.sleep(0.5)
+            wait_until_up(proc, f"{url}/ping", log_path, "mlflow models serve", timeout_s=120)
             replies = {
                 n: _invoke(
                     url,
