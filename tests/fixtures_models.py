@@ -54,7 +54,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB):
     )
 
 
-def fresh_model(tokenizer, seed: int = 0):
+def fresh_model(tokenizer, seed: int = 0, context: int = CONTEXT):
+    """A random-init 2-layer GPT-2 (32 wide) over `tokenizer`, `context` positions."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -63,7 +64,7 @@ def fresh_model(tokenizer, seed: int = 0):
         n_layer=2,
         n_embd=32,
         n_head=2,
-        n_positions=CONTEXT,
+        n_positions=context,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,

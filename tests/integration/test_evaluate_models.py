@@ -154,7 +154,6 @@ def sft_reports(tmp_path_factory):
     import torch
     from fixtures_data import pydoc_texts
     from fixtures_data import train_tokenizer as sft_tokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from flywheel import artifacts
     from flywheel.config import DataConfig
@@ -176,18 +175,7 @@ def sft_reports(tmp_path_factory):
     ).write(ds)
     profile = Profile(eval={"max_docs": 12, "bootstrap_samples": 100, "max_new_tokens": 16})
 
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tok),
-        n_positions=160,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config).eval()
+    model = fresh_model(tok, context=160).eval()
     out, seconds = {}, {}
 
     def score(name):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from fixtures_data import pydoc_texts, train_tokenizer
+from fixtures_models import fresh_model
 
 from flywheel import artifacts
 from flywheel.config import DataConfig, Profile
@@ -24,20 +24,7 @@ BLOCK = 192
 
 
 def tiny_gpt2(tok, seed=0, context=BLOCK):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=len(tok),
-        n_positions=context,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return GPT2LMHeadModel(cfg).eval()
+    return fresh_model(tok, seed, context).eval()
 
 
 def records():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures_data import pydoc_texts, train_tokenizer
+from fixtures_models import fresh_model
 
 from flywheel.sft import metrics as M
 from flywheel.sft import records as R
@@ -47,18 +48,7 @@ def conv(q, a, id_="c"):
 
 @pytest.fixture
 def gpt2(tok):
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=len(tok),
-        n_positions=128,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        eos_token_id=tok.eos_token_id,
-    )
-    return AutoModelForCausalLM.from_config(cfg)
+    return fresh_model(tok, context=128)
 
 
 def test_response_loss_is_the_mean_over_response_tokens_of_all_samples(tok, gpt2):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fixtures_data import pydoc_texts, train_tokenizer
+from fixtures_models import fresh_model
 
 from flywheel.config import DataConfig
 from flywheel.errors import ConfigError
@@ -147,11 +148,7 @@ def test_padding_share():
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tok):
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return fresh_model(tok, context=128).eval()
 
 
 def test_samples_in_one_batch_cannot_see_each_other(tok, tiny_gpt2):
