@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 
-def flywheel(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def flywheel(cwd: Path | None, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`flywheel ARGS` run in `cwd` (None: this process's directory)."""
     return subprocess.run(
         [sys.executable, "-m", "flywheel.cli.main", *args],
         capture_output=True,

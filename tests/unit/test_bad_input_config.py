@@ -8,11 +8,10 @@ a YAML mapping); the state directory's resolution (case 8) is in test_bad_input_
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fixtures_cli import flywheel, nonblank
 
 from flywheel.config import DEFAULT_PROFILE, TaskResources, load_profile
 from flywheel.errors import ConfigError
@@ -152,15 +151,8 @@ def test_a_bound_that_clashes_with_the_rest_of_train_fails_when_tuning_starts(tm
     assert load_profile(None, ["train.max_steps=4", "train.warmup_steps=1"]).train.max_steps == 4
     # And through the CLI: one line, exit 2, before Ray or the study (nothing created).
     (tmp_path / "ds").mkdir()
-    out = subprocess.run(
-        [sys.executable, "-m", "flywheel.cli.main", "tune", "--data", "ds", space],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-        check=False,
-    )
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    out = flywheel(tmp_path, "tune", "--data", "ds", space, timeout=120)
+    lines = nonblank(out.stderr)
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].endswith("train.warmup_steps must not exceed train.max_steps")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
@@ -282,15 +274,8 @@ def test_cli_binary_profile_is_one_line_exit_2_and_creates_nothing(tmp_path):
     path = _write(tmp_path, "p.yaml", bytes(range(128, 256)))
     work = tmp_path / "work"
     work.mkdir()
-    out = subprocess.run(
-        [sys.executable, "-m", "flywheel.cli.main", "models", "list", "--profile", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=work,
-        timeout=120,
-        check=False,
-    )
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    out = flywheel(work, "models", "list", "--profile", str(path), timeout=120)
+    lines = nonblank(out.stderr)
     assert out.returncode == 2
     assert lines == [f"error: {path}: not a text file (a profile is UTF-8 YAML)"]
     assert list(work.iterdir()) == []  # no state directory, no registry
@@ -298,22 +283,14 @@ def test_cli_binary_profile_is_one_line_exit_2_and_creates_nothing(tmp_path):
 
 def test_cli_quotes_a_bracketed_value_verbatim(tmp_path):
     """Rich markup must not eat `[cosine, cubic]` out of the error line."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flywheel.cli.main",
-            "models",
-            "list",
-            "tune.search_space={lr_schedule: {type: categorical, choices: [cosine, cubic]}}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+    out = flywheel(
+        tmp_path,
+        "models",
+        "list",
+        "tune.search_space={lr_schedule: {type: categorical, choices: [cosine, cubic]}}",
         timeout=120,
-        check=False,
     )
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    lines = nonblank(out.stderr)
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert "choices: [cosine, cubic]}}):" in lines[0]
     assert "'cubic' is not a valid train.lr_schedule" in lines[0]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
+import fixtures_cli
 import pytest
 
 EXPECTED = [
@@ -23,13 +23,7 @@ EXPECTED = [
 
 
 def flywheel(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flywheel.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return fixtures_cli.flywheel(None, *args, timeout=120)
 
 
 def test_help_lists_every_command():

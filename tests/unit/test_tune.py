@@ -316,24 +316,9 @@ def test_an_unreachable_storage_fails_with_the_field_and_no_password(state_dir, 
     ],
 )
 def test_cli_errors_are_one_line_before_any_work(args, code, message, state_dir):
-    import subprocess
-    import sys
+    from fixtures_cli import flywheel, nonblank
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flywheel.cli.main",
-            "tune",
-            "--data",
-            "/nonexistent-dataset",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    out = flywheel(None, "tune", "--data", "/nonexistent-dataset", *args, timeout=120)
+    lines = nonblank(out.stderr)
     assert out.returncode == code and len(lines) == 1, out.stderr
     assert message in lines[0] and "Traceback" not in out.stderr
