@@ -367,14 +367,11 @@ def _compare(
     if ch.non_finite():
         return None  # the challenger already failed rule 1; the deltas are still shown
 
-    if ch.docs is None or cp.docs is None:
-        who = "challenger" if ch.docs is None else "champion"
-        fails.append(f"the {who}'s report has no per-document scores: cannot compare paired")
+    paired = _paired_docs(ch, cp, fails)
+    if paired is None:
         return None
-    i, j = _common_docs(ch, cp)
-    if len(i) < 2:
-        fails.append(f"only {len(i)} document(s) scored by both models: cannot compare paired")
-        return None
+    i, j = paired
+    assert ch.docs is not None and cp.docs is not None
     a, b = ch.docs, cp.docs
     diff = _bootstrap(ch, cp, i, j, policy)
     deltas["bits_per_byte_paired_abs"] = diff.diff
@@ -451,6 +448,24 @@ def _compare(
     )
 
 
+def _paired_docs(
+    ch: EvalReport, cp: EvalReport, fails: list[str], where: str = ""
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """`_common_docs`, or None with the reason in `fails` when there is nothing to pair (a
+    report without per-document scores, fewer than two documents in common)."""
+    if ch.docs is None or cp.docs is None:
+        who = "challenger" if ch.docs is None else "champion"
+        fails.append(f"{where}the {who}'s report has no per-document scores: cannot compare paired")
+        return None
+    i, j = _common_docs(ch, cp)
+    if len(i) < 2:
+        fails.append(
+            f"{where}only {len(i)} document(s) scored by both models: cannot compare paired"
+        )
+        return None
+    return i, j
+
+
 def _common_docs(ch: EvalReport, cp: EvalReport) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the documents both reports scored, paired by id (challenger, champion)."""
     assert ch.docs is not None and cp.docs is not None
@@ -487,13 +502,10 @@ def _regression(
     """Rule 8: no forgetting. The paired bits-per-byte difference on the regression set,
     rejected when its whole interval lies above +regression_margin of the champion's."""
     where = "regression set (the champion's domain)"
-    if ch.docs is None or cp.docs is None:
-        fails.append(f"{where}: a report has no per-document scores, cannot compare paired")
+    paired = _paired_docs(ch, cp, fails, f"{where}: ")
+    if paired is None:
         return None
-    i, j = _common_docs(ch, cp)
-    if len(i) < 2:
-        fails.append(f"{where}: only {len(i)} document(s) scored by both models")
-        return None
+    i, j = paired
     diff = _bootstrap(ch, cp, i, j, policy)
     deltas["regression_bits_per_byte_rel"] = diff.rel
     deltas["regression_ci_low"], deltas["regression_ci_high"] = diff.low, diff.high
