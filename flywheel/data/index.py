@@ -88,8 +88,10 @@ class WriteIndex(schema.Step):
 def write(final, cfg: DedupConfig, out_dir: Path, content_hash: str) -> int:
     """The index of `final`'s kept documents under out_dir/dedup_index; returns its rows.
     `content_hash`: the dataset's, so a prepare deduplicated against it names it."""
+    columns = [c for c in ("key", "id", "minhash", "bucket", "reason") if c in final.columns()]
     written = (
-        final.map_batches(index_rows, batch_format="pandas")
+        final.select_columns(columns)  # not the texts: converting them was most of the pass
+        .map_batches(index_rows, batch_format="pandas")
         .groupby("bucket")
         .map_groups(WriteIndex(str(out_dir)), batch_format="pandas")
         .to_pandas()

@@ -25,8 +25,9 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -78,56 +79,67 @@ def _cpus() -> int:
 # ------------------------------------------------------------------------ steps
 
 
-def read_documents(cfg: DataConfig, units: list[str] | None = None):
-    """The source as a Ray dataset of DOC_COLUMNS rows (rejects included)."""
+def read_documents(cfg: DataConfig, units: list[str] | None = None, then: Sequence = ()):
+    """The source as a Ray dataset of DOC_COLUMNS rows (rejects included), each batch of
+    `cfg.batch_size` rows then passed through the steps `then` in the same task."""
     import ray
 
+    kw: dict[str, Any] = {"batch_format": "pandas", "batch_size": cfg.batch_size}
     src = cfg.source
     if src.kind == "hf":
         table = sources.load_hf_table(src)
         ds = ray.data.from_arrow(table).repartition(
             max(1, min(table.num_rows // cfg.batch_size, 4 * _cpus()))
         )
-        return ds.map_batches(
-            sources.RecordsToDocs(src, sources.hf_source_name(src)),
-            batch_format="pandas",
-            batch_size=cfg.batch_size,
-        )
+        ds = ds.map_batches(sources.RecordsToDocs(src, sources.hf_source_name(src)), **kw)
+        for step in then:
+            ds = ds.map_batches(step, **kw)
+        return ds
     units = units if units is not None else sources.list_units(src)
-    ds = ray.data.from_items(
-        sources.unit_rows(units), override_num_blocks=max(1, min(len(units), 8 * _cpus()))
-    ).map_batches(sources.ReadUnits(src), batch_format="pandas", batch_size=UNITS_PER_BATCH)
-    if src.max_docs:
-        ds = ds.limit(src.max_docs)
+    cpus = _cpus()
+    # Units per read task: up to UNITS_PER_BATCH, and at least 4 tasks per CPU where there
+    # are units for them (8 large files were once one task on one core).
+    per_task = max(1, min(UNITS_PER_BATCH, len(units) // (4 * cpus)))
+    items = ray.data.from_items(
+        sources.unit_rows(units), override_num_blocks=max(1, min(len(units), 8 * cpus))
+    )
+    reader = sources.ReadUnits(src)
+    if not src.max_docs:
+        # One map: see schema.Chain for why the steps are not maps of their own here.
+        chain = schema.Chain(reader, *then, batch_size=cfg.batch_size)
+        return items.map_batches(chain, batch_format="pandas", batch_size=per_task)
+    # `limit` before the steps: the first max_docs documents read, and no work on the rest.
+    ds = items.map_batches(reader, batch_format="pandas", batch_size=per_task).limit(src.max_docs)
+    for step in then:
+        ds = ds.map_batches(step, **kw)
     return ds
 
 
-def clean(ds, cfg: DataConfig):
-    """normalize > quality > content key; every row kept, judged ones marked."""
-    kw = {"batch_format": "pandas", "batch_size": cfg.batch_size}
-    return (
-        ds.map_batches(steps.Normalize(), **kw)
-        .map_batches(steps.QualityFilter(cfg.filters), **kw)
-        .map_batches(steps.ContentKey(), **kw)
-    )
+def clean_steps(cfg: DataConfig) -> list[schema.Step]:
+    """normalize > quality > content key > MinHash signature (with near dedup on): every
+    row kept, judged ones marked. The signature is made here, in the read task, rather
+    than after exact dedup: one pass over the texts fewer, at the cost of hashing the
+    exact copies too."""
+    out = [steps.Normalize(), steps.QualityFilter(cfg.filters), steps.ContentKey()]
+    if cfg.dedup.near:
+        out.append(steps.MinHashSignature(cfg.dedup))
+    return out
 
 
-def exact_dedup(ds, cfg: DataConfig):
-    """Exact copies marked: the keys and ids are grouped by bucket in Ray (the texts do not
-    move), the duplicated keys broadcast to the tasks that mark them."""
-    ds = ds.map_batches(schema.keep_only, batch_format="pandas")
+def exact_firsts(docs, cfg: DataConfig) -> list:
+    """Object refs of Arrow tables of (`key`, `first`): each key held by more than one kept
+    document, with its smallest id (steps.ExactFirst). Only keys and ids are grouped in
+    Ray (the texts do not move); the tables are broadcast to steps.MarkCopies. [] with
+    exact dedup off."""
     if not cfg.dedup.exact:
-        return ds
-    first = (
-        ds.select_columns(["key", "id", "bucket"])
+        return []
+    return (
+        docs.select_columns(["key", "id", "bucket", "reason"])
+        .map_batches(schema.keep_only, batch_format="pandas")
         .groupby("bucket")
         .map_groups(steps.ExactFirst(), batch_format="pandas")
         .materialize()
-    )
-    return ds.map_batches(
-        steps.MarkCopies(first.to_arrow_refs()),
-        batch_format="pandas",
-        batch_size=cfg.batch_size,
+        .to_arrow_refs()
     )
 
 
@@ -174,8 +186,11 @@ def near_duplicate_edges(docs, cfg: DataConfig, seen: Path | None = None):
     signatures never gather in one process, and only candidate pairs move twice.
     `seen`: a dedup index whose documents join the graph as nodes keyed `index.MARK + key`.
     """
-    sigs = docs.map_batches(schema.keep_only, batch_format="pandas").map_batches(
-        _sig_rows, batch_format="pandas"
+    # Columns first: a map over whole rows would turn every text into a Python string.
+    sigs = (
+        docs.select_columns(["key", "minhash", "bucket", "reason"])
+        .map_batches(schema.keep_only, batch_format="pandas")
+        .map_batches(_sig_rows, batch_format="pandas")
     )
     champion = index.read(seen) if seen is not None else None
     if champion is not None:
@@ -557,7 +572,7 @@ class _Run:
         with _data_context():
             # -- read, normalize, quality, content key
             with step("read") as info:
-                cleaned = clean(read_documents(cfg, units), cfg).materialize()
+                cleaned = read_documents(cfg, units, clean_steps(cfg)).materialize()
                 judged = _counts(cleaned, ["dropped_by", "reason"])
                 rows_read = int(judged["n"].sum())
                 is_reject = judged["dropped_by"] == schema.READ
@@ -581,14 +596,15 @@ class _Run:
 
             # -- exact + near dedup
             with step("dedup") as info:
-                deduped = exact_dedup(cleaned, cfg)
-                if cfg.dedup.near:
-                    deduped = deduped.map_batches(
-                        steps.MinHashSignature(cfg.dedup),
-                        batch_format="pandas",
-                        batch_size=cfg.batch_size,
-                    )
-                deduped = deduped.materialize()
+                # Decided on keys, ids and signatures alone: the texts stay in `cleaned`
+                # until the split pass applies every drop in one map.
+                firsts = exact_firsts(cleaned, cfg)
+                deduped = (
+                    cleaned.select_columns([c for c in cleaned.columns() if c != "text"])
+                    .map_batches(schema.keep_only, batch_format="pandas")
+                    .map_batches(steps.MarkCopies(firsts), batch_format="pandas")
+                    .materialize()
+                )
                 exact = _counts(deduped, ["dropped_by", "reason"], _judged)
                 self.reports.append((DROPPED, _where(deduped, _dropped)))
                 info.update(exact_duplicates=int(exact["n"].sum()))
@@ -631,7 +647,11 @@ class _Run:
             # -- split
             with step("split") as info:
                 final = (
-                    deduped.map_batches(schema.keep_only, batch_format="pandas")
+                    cleaned.map_batches(schema.keep_only, batch_format="pandas")
+                    .map_batches(
+                        steps.MarkCopies(firsts), batch_format="pandas", batch_size=cfg.batch_size
+                    )
+                    .map_batches(schema.keep_only, batch_format="pandas")
                     .map_batches(
                         apply_drops,
                         batch_format="pandas",
@@ -664,7 +684,8 @@ class _Run:
                         )
                     share = tokenizer.sample_share(cfg.tokenizer, docs["train"])
                     train_texts = (
-                        final.map_batches(
+                        final.select_columns(["key", "split", "text", "reason"])
+                        .map_batches(
                             _train_texts, fn_kwargs={"share": share}, batch_format="pandas"
                         )
                         .select_columns(["text"])
@@ -680,7 +701,8 @@ class _Run:
             # -- tokenize, then pack and write in Ray (see flywheel.data.shards)
             with step("tokenize") as info:
                 tokens = (
-                    final.map_batches(schema.keep_only, batch_format="pandas")
+                    final.select_columns(["key", "split", "text", "reason"])
+                    .map_batches(schema.keep_only, batch_format="pandas")
                     .select_columns(["key", "split", "text"])
                     .map_batches(
                         steps.Tokenize(tok.backend_tokenizer.to_str()),
@@ -733,8 +755,8 @@ class _Run:
                 indexed = index.write(final, cfg.dedup, out_dir, content_hash)
                 ref_keys = set(_reference_keys(final, cfg.reference_sample_docs))
                 self.reports += [
-                    (artifacts.TEST_TEXT, _where(final, _test_docs)),
-                    (artifacts.REFERENCE_TEXT, _where(final, _keys_in(ref_keys))),
+                    (artifacts.TEST_TEXT, _where(final, _test_docs, text=True)),
+                    (artifacts.REFERENCE_TEXT, _where(final, _keys_in(ref_keys), text=True)),
                 ]
                 rows = write_reports(self.reports, out_dir)
                 self.dropped_written = True
@@ -803,8 +825,12 @@ def _rows(keep: Callable[[pd.DataFrame], pd.Series]) -> Callable[[pd.DataFrame],
     return rows
 
 
-def _where(ds, keep: Callable[[pd.DataFrame], pd.Series]):
-    """`ds` rows where `keep(batch)` (vectorised; Ray's row-wise filter costs ~10 us a row)."""
+def _where(ds, keep: Callable[[pd.DataFrame], pd.Series], text: bool = False):
+    """`ds` (materialized) rows where `keep(batch)` (vectorised; Ray's row-wise filter costs
+    ~10 us a row), without the text unless `text`: a report line carries none, and turning
+    every text into a Python string to drop it was most of the cost of a report."""
+    unused = {"minhash"} if text else {"minhash", "text"}
+    ds = ds.select_columns([c for c in ds.columns() if c not in unused])
     return ds.map_batches(_rows(keep), batch_format="pandas")
 
 

@@ -219,6 +219,9 @@ class ExactFirst(schema.Step):
     row_wise = False
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # Only keys seen more than once are grouped: a groupby's min/max over string ids
+        # runs row by row in Python (~50 us a row), and most keys are unique.
+        batch = batch[batch["key"].duplicated(keep=False)]
         ids = batch.groupby("key", sort=True)["id"].agg(["min", "max"])
         dup = ids[ids["min"] != ids["max"]]
         return pd.DataFrame({"key": dup.index.astype(object), "first": dup["min"].to_numpy()})
@@ -290,6 +293,79 @@ def _chain(first: np.ndarray, *rest: np.ndarray) -> np.ndarray:
     return h
 
 
+# Bytes that are word characters for `_NON_WORD` in ASCII text (`\w`: letters, digits,
+# underscore), and each ASCII byte lowercased: the fast path of `_word_hashes`.
+_ASCII_WORD = np.zeros(256, dtype=bool)
+_ASCII_WORD[list(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")] = True
+_ASCII_LOWER = np.arange(256, dtype=np.uint8)
+_ASCII_LOWER[65:91] += 32
+
+
+def _hashed(words: pa.Array) -> np.ndarray:
+    """_string_hashes of each word, computed once per distinct word (most repeat)."""
+    encoded = pc.dictionary_encode(words)
+    return _string_hashes(encoded.dictionary)[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _regex_words(texts: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(document index, word) of every word, lowercased, split by RE2 on `_NON_WORD`."""
+    words = pc.split_pattern_regex(pc.utf8_lower(texts), _NON_WORD)
+    doc = pc.list_parent_indices(words).to_numpy()
+    flat = pc.list_flatten(words)
+    nonempty = pc.greater(pc.binary_length(flat), 0)
+    return doc[nonempty.to_numpy(zero_copy_only=False)], flat.filter(nonempty)
+
+
+def _ascii_words(texts: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """`_regex_words` for ASCII texts, on their bytes with NumPy: the same words (in ASCII,
+    word characters are letters, digits and underscore), several times faster than the
+    regex split, which was most of the cost of a MinHash signature."""
+    offsets = np.frombuffer(texts.buffers()[1], dtype=np.int32)
+    offsets = offsets[texts.offset : texts.offset + len(texts) + 1].astype(np.int64)
+    data = np.frombuffer(texts.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    offsets -= offsets[0]
+    word = _ASCII_WORD[data]
+    if not word.any():
+        return np.zeros(0, dtype=np.int64), pa.array([], type=pa.string())
+    # A word starts (ends) at a word byte whose neighbour before (after) is not one, or
+    # is in another document.
+    before = np.append(False, word[:-1])
+    after = np.append(word[1:], False)
+    inner = offsets[1:-1]
+    inner = inner[(inner > 0) & (inner < len(data))]
+    before[inner] = False
+    after[inner - 1] = False
+    starts = np.flatnonzero(word & ~before)
+    ends = np.flatnonzero(word & ~after) + 1
+    doc = np.searchsorted(offsets, starts, side="right") - 1
+    lengths = ends - starts
+    kept = _ASCII_LOWER[data[word]]
+    word_offsets = np.zeros(len(starts) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=word_offsets[1:])
+    words = pa.Array.from_buffers(
+        pa.string(), len(starts), [None, pa.py_buffer(word_offsets), pa.py_buffer(kept)]
+    )
+    return doc, words
+
+
+def _word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(document index, word hash) of every word of every text, in text order."""
+    arr = pa.array(texts, type=pa.string())
+    ascii = pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)
+    parts = []
+    for mask, words_of in ((ascii, _ascii_words), (~ascii, _regex_words)):
+        if mask.any():
+            rows = np.flatnonzero(mask)
+            doc, words = words_of(arr if mask.all() else arr.filter(pa.array(mask)))
+            parts.append((rows[doc], _hashed(words)))
+    if len(parts) == 1:
+        return parts[0]
+    doc = np.concatenate([d for d, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
+    word = np.concatenate([w for _, w in parts]) if parts else np.zeros(0, dtype=np.uint64)
+    order = np.argsort(doc, kind="stable")
+    return doc[order], word[order]
+
+
 def shingle_hashes(texts: list[str], size: int, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of each text's word `size`-grams (lowercased), as one flat array and
     row offsets (row i is `hashes[offsets[i]:offsets[i + 1]]`), computed for the whole batch
@@ -300,12 +376,7 @@ def shingle_hashes(texts: list[str], size: int, keys: list[str]) -> tuple[np.nda
     the same all-max signature and make them look like duplicates of each other).
     """
     n = len(texts)
-    words = pc.split_pattern_regex(pc.utf8_lower(pa.array(texts, type=pa.string())), _NON_WORD)
-    doc = pc.list_parent_indices(words).to_numpy()
-    flat = pc.list_flatten(words)
-    nonempty = pc.greater(pc.binary_length(flat), 0)
-    flat, doc = flat.filter(nonempty), doc[nonempty.to_numpy(zero_copy_only=False)]
-    word = _string_hashes(flat)
+    doc, word = _word_hashes(texts)
     count = np.bincount(doc, minlength=n)
     parts: list[tuple[np.ndarray, np.ndarray]] = []  # (document index, hash)
     if len(word) >= size:
@@ -401,6 +472,9 @@ class BandCandidates(schema.Step):
         self.max_all_pairs = max_all_pairs
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # Most bands hold one document: keep the others first, on the integer column alone
+        # (dropping duplicate (band, key) string pairs over every row cost seconds).
+        batch = batch[batch["band"].duplicated(keep=False)]
         rows = batch[["band", "key"]].drop_duplicates()
         size = rows.groupby("band")["key"].transform("size")
         rows = rows[size > 1]

@@ -194,6 +194,35 @@ def test_shingle_hashes():
     assert not set(shifted.tolist()) & rows[0]
 
 
+def test_ascii_words_are_the_regex_words():
+    """The NumPy split of ASCII texts gives the words, in order, of the regex split it
+    replaces for them (document boundaries included: a text ending in a word character
+    followed by one starting with one)."""
+    rng = np.random.default_rng(5)
+    alphabet = list("abcXYZ019_ -.,;!?\n\t'\"")
+    for _ in range(300):
+        texts = [
+            "".join(rng.choice(alphabet, size=rng.integers(0, 40)))
+            for _ in range(rng.integers(1, 12))
+        ]
+        arr = pa.array(texts, type=pa.string())
+        want_doc, want = steps._regex_words(arr)
+        got_doc, got = steps._ascii_words(arr)
+        assert got_doc.tolist() == want_doc.tolist()
+        assert got.to_pylist() == want.to_pylist()
+
+
+def test_minhash_signatures_are_pinned():
+    """Signatures of an ASCII and a non-ASCII text, as PIPELINE_VERSION 3 wrote them: a
+    faster path that changed one bit would change every dataset's content under the same
+    version (this digest is from the regex-only implementation it replaced)."""
+    out = steps.MinHashSignature(DedupConfig())(
+        steps.ContentKey()(docs(LOREM, "Ünïcode wörds, ÀND ascii_words 42"))
+    )
+    digest = hashlib.sha256(b"".join(out["minhash"])).hexdigest()
+    assert digest == "4dcf46aa7794bc10f8c32db335a396bf075b73607266c9b7abc155ea43da4ce4"
+
+
 def _sigs(*texts: str, cfg: DedupConfig | None = None) -> pd.DataFrame:
     cfg = cfg or DedupConfig()
     return steps.MinHashSignature(cfg)(steps.ContentKey()(docs(*texts)))
@@ -348,3 +377,45 @@ def test_pack_exact_sequences_with_eos():
     assert tail == 1  # the final EOS does not fill a sequence
     empty, tail = steps.Pack(4, 0).sequences(pd.DataFrame({"input_ids": []}))
     assert empty.shape == (0, 4) and tail == 0
+
+
+class _Expand(schema.Step):
+    """A reader-like step: each input row (`n`) becomes n documents."""
+
+    row_wise = False
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return docs(*[f"text {n} {i}" for n in batch["n"] for i in range(n)])
+
+
+class _Sizes(schema.Step):
+    """Records the size of every batch it is given."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        self.seen.append(len(batch))
+        return batch
+
+
+def test_chain_runs_the_steps_on_slices_of_the_first_steps_rows():
+    sizes = _Sizes()
+    chain = schema.Chain(_Expand(), steps.ContentKey(), sizes, batch_size=4)
+    out = chain(pd.DataFrame({"n": [3, 7]}))
+    assert sizes.seen == [4, 4, 2]
+    assert out["text"].tolist() == [f"text 3 {i}" for i in range(3)] + [
+        f"text 7 {i}" for i in range(7)
+    ]
+    assert out["key"].str.len().eq(32).all() and list(out.index) == list(range(10))
+
+
+def test_chain_names_the_step_that_fails():
+    class Boom(schema.Step):
+        def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+            if (batch["text"] == "text 2 1").any():
+                raise ValueError("no")
+            return batch
+
+    with pytest.raises(schema.StepFailure, match=r"data step Boom failed on row 'd1'"):
+        schema.Chain(_Expand(), Boom(), batch_size=2)(pd.DataFrame({"n": [2]}))
