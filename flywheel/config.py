@@ -289,12 +289,13 @@ class TokenizerConfig(_Strict):
     vocab_size: int = Field(4096, ge=260)
     min_frequency: int = Field(2, ge=1)
     train_docs: int | None = Field(
-        None,
+        50_000,
         ge=1,
         description="train the BPE on about this many train documents, chosen by their content "
         "hash (the same corpus gives the same sample and tokenizer); None: on all of them. "
-        "Word counting reads every text it is given, so on a large corpus a sample of "
-        "~100k documents trains a vocabulary of a few thousand tokens in a fraction of the time",
+        "Word counting reads every text it is given, and a vocabulary of a few thousand tokens "
+        "does not need millions: on 200k documents a 20k sample tokenized them into 0.02% "
+        "more tokens than the BPE trained on all (BENCHMARKS.md), in a sixth of the time",
     )
 
 

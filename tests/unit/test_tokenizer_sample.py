@@ -17,7 +17,12 @@ def _keys(n: int, prefix: str = "doc") -> pd.Series:
 
 
 def test_share_is_one_unless_the_train_split_is_larger_than_the_cap():
-    assert tokenizer.sample_share(TokenizerConfig(), 10**6) == 1.0
+    # The default samples 50k documents; None trains on all of them.
+    assert tokenizer.sample_share(TokenizerConfig(), 50_000) == 1.0
+    assert tokenizer.sample_share(TokenizerConfig(), 200_000) == 0.25
+    assert tokenizer.sample_share(TokenizerConfig(train_docs=None), 10**6) == 1.0
+    none = load_profile(None, ["data.tokenizer.train_docs=null"]).data.tokenizer
+    assert tokenizer.sample_share(none, 10**6) == 1.0
     assert tokenizer.sample_share(TokenizerConfig(train_docs=5000), 4000) == 1.0
     assert tokenizer.sample_share(TokenizerConfig(train_docs=5000), 20000) == 0.25
 
