@@ -229,7 +229,10 @@ class DedupConfig(_Strict):
         "its data-hash lineage tag in the dataset store; see flywheel.data.index)",
     )
     index: str | None = Field(
-        None, description="a dataset directory (or its dedup_index/) to drop duplicates of"
+        None,
+        description="a dataset directory (or its dedup_index/) to drop duplicates of: a path or "
+        "a storage URI (s3://, gs://), read in place by Ray's tasks; in a Kubeflow run, where "
+        "against_champion cannot see the local dataset store, name the champion's dataset here",
     )
 
     @model_validator(mode="after")

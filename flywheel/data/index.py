@@ -19,15 +19,17 @@ documents (`flywheel.forgetting`, added on purpose) are never dropped.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flywheel import storage
 from flywheel.config import DedupConfig, Profile
 from flywheel.data import schema
-from flywheel.errors import DataError
+from flywheel.errors import DataError, StorageError
 
 INDEX_DIR = "dedup_index"
 META = "index.json"
@@ -105,33 +107,80 @@ def write(final, cfg: DedupConfig, out_dir: Path, content_hash: str) -> int:
 # ------------------------------------------------------------------------ finding it
 
 
-def resolve(profile: Profile) -> Path | None:
-    """The index directory to dedup against: `data.dedup.index` (a dataset directory or its
-    dedup_index/), else the champion's with `data.dedup.against_champion`, else None.
-    Checked before Ray starts; a missing or incompatible index is a DataError."""
+@dataclass(frozen=True)
+class Seen:
+    """A dedup index to drop duplicates of: where it is (a directory or a storage URI, as
+    given), its `index.json`, and its Parquet parts, named on `filesystem` (None: local).
+    A URI is read where it lies: Ray's tasks open the parts themselves, so on a cluster no
+    node needs a copy on its own disk."""
+
+    where: str
+    info: dict
+    files: tuple[str, ...]
+    filesystem: object | None = None
+
+    @property
+    def content_hash(self) -> str:
+        """The content hash of the dataset the index was written with ("" if unknown)."""
+        return str(self.info.get("content_hash", ""))
+
+
+def resolve(profile: Profile) -> Seen | None:
+    """The index to dedup against: `data.dedup.index` (a dataset directory or its
+    dedup_index/, a path or a storage URI), else the champion's with
+    `data.dedup.against_champion`, else None. Checked before Ray starts; a missing or
+    incompatible index is a DataError."""
     cfg = profile.data.dedup
     if cfg.index:
-        where, field = Path(cfg.index).expanduser(), "data.dedup.index"
+        where, field = cfg.index, "data.dedup.index"
     elif cfg.against_champion:
         found = champion_dataset(profile)
         if found is None:
             return None  # no champion yet: nothing was seen
-        where, field = found, "data.dedup.against_champion"
+        where, field = str(found), "data.dedup.against_champion"
     else:
         return None
-    index = where / INDEX_DIR if (where / INDEX_DIR).is_dir() else where
-    if not (index / META).is_file():
-        raise DataError(f"{field}: {where} holds no dedup index ({INDEX_DIR}/{META})")
-    have = json.loads((index / META).read_text())
+    seen = _locate(where, field, profile.storage.endpoint_url)
+    have = dict(seen.info)
     have.pop("content_hash", None)
     want = meta(cfg)
     if cfg.near and have != want:
         diff = ", ".join(f"{k} {have.get(k)} vs {v}" for k, v in want.items() if have.get(k) != v)
         raise DataError(
-            f"{field}: the index at {index} was built with other MinHash settings ({diff}); "
+            f"{field}: the index at {seen.where} was built with other MinHash settings ({diff}); "
             "prepare with the same data.dedup settings or set data.dedup.near=false"
         )
-    return index
+    return seen
+
+
+def _locate(where: str, field: str, endpoint_url: str | None) -> Seen:
+    """The index at `where` (the directory itself or the dataset holding it)."""
+    import pyarrow.fs as pafs
+
+    if not storage.is_remote(where):
+        local = Path(storage.parse(where, field).path).expanduser()
+        index = local / INDEX_DIR if (local / INDEX_DIR).is_dir() else local
+        if not (index / META).is_file():
+            raise DataError(f"{field}: {where} holds no dedup index ({INDEX_DIR}/{META})")
+        files = tuple(sorted(str(f) for f in index.glob("part-*.parquet")))
+        return Seen(str(index), json.loads((index / META).read_text()), files)
+    loc = storage.parse(where, field)
+    fs = storage.filesystem(loc, endpoint_url)
+    try:
+        root = loc.path.rstrip("/")
+        if fs.get_file_info(f"{root}/{INDEX_DIR}/{META}").type == pafs.FileType.File:
+            root = f"{root}/{INDEX_DIR}"
+        if fs.get_file_info(f"{root}/{META}").type != pafs.FileType.File:
+            raise DataError(f"{field}: {where} holds no dedup index ({INDEX_DIR}/{META})")
+        with fs.open_input_stream(f"{root}/{META}") as f:
+            info = json.loads(f.read())
+        listed = fs.get_file_info(pafs.FileSelector(root))
+    except DataError:
+        raise
+    except Exception as exc:
+        raise StorageError(storage.explain(exc, loc, field, endpoint_url)) from None
+    names = sorted(i.path for i in listed if Path(i.path).name.startswith("part-"))
+    return Seen(where, info, tuple(n for n in names if n.endswith(".parquet")), fs)
 
 
 def champion_dataset(profile: Profile) -> Path | None:
@@ -160,24 +209,21 @@ def champion_dataset(profile: Profile) -> Path | None:
     return where
 
 
-def seen_hash(index: Path | None) -> str:
+def seen_hash(seen: Seen | None) -> str:
     """The content hash of the dataset an index was written with ("" for none)."""
-    if index is None:
-        return ""
-    return str(json.loads((index / META).read_text()).get("content_hash", ""))
+    return seen.content_hash if seen is not None else ""
 
 
 # ------------------------------------------------------------------- using it in Ray
 
 
-def read(index: Path):
+def read(seen: Seen):
     """The index as a Ray dataset (`key`, `id`, `minhash`), files in name order."""
     import ray
 
-    files = sorted(str(f) for f in index.glob("part-*.parquet"))
-    if not files:
+    if not seen.files:
         return None
-    return ray.data.read_parquet(files)
+    return ray.data.read_parquet(list(seen.files), filesystem=seen.filesystem)
 
 
 def sig_rows(batch: pd.DataFrame) -> pd.DataFrame:

@@ -175,7 +175,7 @@ def _pairs_by(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
     return rows
 
 
-def near_duplicate_edges(docs, cfg: DataConfig, seen: Path | None = None):
+def near_duplicate_edges(docs, cfg: DataConfig, seen: index.Seen | None = None):
     """Verified near-duplicate pairs (a, b, jaccard) as a materialized Ray dataset, found
     with LSH and Ray groupbys; None when no two documents share a band.
 
@@ -531,7 +531,9 @@ def prepare(
 class _Run:
     """One run of the stage in its working directory; keeps what it judged for a failure."""
 
-    def __init__(self, profile: Profile, work: Path, report: Progress, seen: Path | None = None):
+    def __init__(
+        self, profile: Profile, work: Path, report: Progress, seen: index.Seen | None = None
+    ):
         self.profile = profile
         self.cfg = profile.data
         self.work = work

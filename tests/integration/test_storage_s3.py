@@ -129,15 +129,23 @@ def s3_corpus(s3_endpoint, workdir) -> str:
     return upload_dir(s3_endpoint, corpus, "s3://corpus/pydoc")
 
 
-def test_data_location_s3_prefix_is_staged_for_the_data_stage(s3_endpoint, s3_corpus, workdir):
+@pytest.fixture(scope="module")
+def s3_prepared(s3_endpoint, s3_corpus, workdir):
+    """(dataset directory, stats): the pipeline's prepare from the s3:// corpus."""
+    from flywheel import stages
+
+    out = workdir / "prepared"
+    return out, stages.prepare(_profile(s3_endpoint).model_dump(), s3_corpus, out, "run-data")
+
+
+def test_data_location_s3_prefix_is_staged_for_the_data_stage(s3_endpoint, s3_corpus, s3_prepared):
     """The `data_location` knob names an s3:// prefix of text files; the data stage reads a
     temporary copy, and the manifest keeps the URI."""
     from flywheel import stages
     from flywheel.artifacts import MANIFEST
 
     profile = _profile(s3_endpoint)
-    out = workdir / "prepared"
-    stats = stages.prepare(profile.model_dump(), s3_corpus, out, "run-data")
+    out, stats = s3_prepared
     from pydoc_data.topics import topics
 
     assert stats.docs_read == len(topics)
@@ -148,6 +156,36 @@ def test_data_location_s3_prefix_is_staged_for_the_data_stage(s3_endpoint, s3_co
     }
     with pytest.raises(StorageError, match=r"^data_location: .*bucket 'missing-corpus'"):
         stages.prepare(profile.model_dump(), "s3://missing-corpus/x", out, "run-data-2")
+
+
+def test_dedup_index_read_in_place_from_s3(s3_endpoint, s3_prepared, workdir):
+    """data.dedup.index = the champion's dataset under s3:// (as a Kubeflow step names it:
+    no pod has the local dataset store): Ray's tasks read the index from the bucket, and
+    the new data's copies of the champion's documents are dropped and counted."""
+    from pydoc_data.topics import topics
+
+    from flywheel.artifacts import MANIFEST
+    from flywheel.data import index, prepare, sources
+
+    first, _ = s3_prepared
+    uri = upload_dir(s3_endpoint, first, "s3://datasets/champion")
+    new = workdir / "new-corpus"
+    new.mkdir()
+    names = sorted(topics, key=lambda n: -len(topics[n]))[:3]
+    for name in names:
+        (new / f"copy-{name}.txt").write_text(topics[name])
+    for i, doc in enumerate(sources.read_module_docstrings(sources.stdlib_root(), "textwrap.py")):
+        (new / f"fresh-{i}.txt").write_text(doc["text"])
+    split = ["data.split.validation_share=0", "data.split.test_share=0"]
+    source = ["data.source.kind=files", f"data.source.path={new}"]
+    out = workdir / "deduped-against-s3"
+    prepare(_profile(s3_endpoint, *source, *split, f"data.dedup.index={uri}"), out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["dropped"]["by_reason"].get(f"exact_dedup:{index.COPY}") == len(names)
+    champion_hash = json.loads((first / MANIFEST).read_text())["content_hash"]
+    assert manifest["dedup_index"]["deduplicated_against"] == champion_hash
+    with pytest.raises(DataError, match=r"^data\.dedup\.index: s3://datasets/nothing holds no"):
+        prepare(_profile(s3_endpoint, *source, "data.dedup.index=s3://datasets/nothing"), out)
 
 
 def test_cli_data_prepare_reads_an_s3_source(s3_endpoint, s3_corpus, workdir):

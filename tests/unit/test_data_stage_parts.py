@@ -201,7 +201,8 @@ def test_dedup_index_missing_or_incompatible_is_a_data_error(tmp_path):
     same = {**index.meta(DataConfig().dedup), "content_hash": "abc"}
     (tmp_path / index.INDEX_DIR / index.META).write_text(json.dumps(same))
     found = index.resolve(_dedup_profile(f"data.dedup.index={tmp_path}"))
-    assert found == tmp_path / index.INDEX_DIR and index.seen_hash(found) == "abc"
+    assert found is not None and found.where == str(tmp_path / index.INDEX_DIR)
+    assert index.seen_hash(found) == "abc" and found.files == ()
     assert index.resolve(_dedup_profile()) is None  # neither option: nothing to dedup against
 
 
@@ -271,4 +272,5 @@ def test_against_champion_finds_its_dataset_through_the_data_hash_tag(tmp_path, 
     (found / index.META).write_text(
         json.dumps({**index.meta(profile.data.dedup), "content_hash": digest})
     )
-    assert index.resolve(profile) == found and index.seen_hash(found) == digest
+    seen = index.resolve(profile)
+    assert seen is not None and seen.where == str(found) and index.seen_hash(seen) == digest
