@@ -200,12 +200,13 @@ class Chain(Step):
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         frame = self.first(batch)
         parts = []
-        for start in range(0, len(frame), self.batch_size):
+        # An empty frame goes through the steps too: its block gets their columns.
+        for start in range(0, max(len(frame), 1), self.batch_size):
             part = frame.iloc[start : start + self.batch_size].reset_index(drop=True)
             for step in self.then:
                 part = step(part)
             parts.append(part)
-        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts or [frame])[0]
+        return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def doc_frame(rows: list[dict]) -> pd.DataFrame:

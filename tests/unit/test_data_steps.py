@@ -419,3 +419,12 @@ def test_chain_names_the_step_that_fails():
 
     with pytest.raises(schema.StepFailure, match=r"data step Boom failed on row 'd1'"):
         schema.Chain(_Expand(), Boom(), batch_size=2)(pd.DataFrame({"n": [2]}))
+
+
+def test_chain_gives_an_empty_read_the_steps_columns():
+    """A file with no documents still makes a block with every step's columns (Ray unifies
+    the blocks' schemas; a block without `key` or `minhash` would break later selects)."""
+    cleaning = [steps.Normalize(), steps.QualityFilter(FilterConfig()), steps.ContentKey()]
+    chain = schema.Chain(_Expand(), *cleaning, steps.MinHashSignature(DedupConfig()), batch_size=4)
+    out = chain(pd.DataFrame({"n": [0]}))
+    assert out.empty and {"key", "bucket", "minhash"} <= set(out.columns)
