@@ -47,6 +47,10 @@ def alias_lock(store: MlflowAdapter, name: str, cfg: RegistryConfig) -> Iterator
             break
         except Conflict:
             pass
+        except NotFoundError:
+            # MLflow's SQL store answers a duplicate name by reading the existing model;
+            # when its holder released it in between, that read is a 404: free again.
+            continue
         try:
             held = store.call("read the alias lock", client.get_registered_model, lock)
         except NotFoundError:

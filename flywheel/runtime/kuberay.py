@@ -497,17 +497,27 @@ def run(
     name = body["metadata"]["name"]
     cluster = cluster or Cluster(namespace(profile))
     kr = profile.ray.kuberay
+    created = False
     with _sigterm_as_exit():
-        cluster.create(body, replace=True)
-        log.warning("created RayJob %s in namespace %s (%s)", name, cluster.namespace, base)
         try:
+            cluster.create(body, replace=True)
+            created = True
+            log.warning("created RayJob %s in namespace %s (%s)", name, cluster.namespace, base)
             return watch(
                 cluster, name, poll_s=kr.poll_s, timeout_s=kr.active_deadline_seconds + 300,
                 emit=emit,
             )  # fmt: skip
         finally:
-            if cluster.delete(name):
-                log.warning("deleted RayJob %s", name)
+            # Also when the create did not return: a SIGTERM mid-request leaves the API
+            # server holding a RayJob whose answer never came back. The name is the run's
+            # and the task's, so deleting it by name deletes nothing of anyone else's.
+            try:
+                if cluster.delete(name):
+                    log.warning("deleted RayJob %s", name)
+            except FlywheelError:
+                if created:
+                    raise
+                # the create failed too (RBAC, API server down): its error is the one to show
 
 
 @contextmanager

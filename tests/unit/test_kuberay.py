@@ -298,6 +298,25 @@ def test_a_killed_step_leaves_its_rayjob_and_the_exit_handler_deletes_it(standin
 
 
 @needs_standin
+def test_a_step_stopped_while_its_create_is_in_flight_deletes_the_rayjob(standin, tmp_path):
+    """The API server stored the RayJob but the step never read the answer (SIGTERM
+    mid-request, the race CI once hit in the test above): the step deletes it by name."""
+
+    class StoppedMidCreate(kuberay.Cluster):
+        def create(self, body, *, replace=False):
+            super().create(body, replace=replace)
+            raise SystemExit(128 + signal.SIGTERM)  # before create's answer reached the step
+
+    cluster = StoppedMidCreate("default")
+    with pytest.raises(SystemExit):
+        kuberay.run(local_profile(tmp_path), "train", RUN, {"stage": "train"}, cluster=cluster)
+    assert standin.names("rayjobs") == []
+    assert ("DELETE", f"rayjobs/{kuberay.job_name(RUN, 'train')}") in [
+        (verb, "/".join(path.rstrip("/").split("/")[-2:])) for verb, path in standin.requests
+    ]
+
+
+@needs_standin
 def test_creation_refused_by_rbac_is_one_clear_line(standin, tmp_path):
     standin.forbidden.add(("create", "rayjobs"))
     p = local_profile(tmp_path)

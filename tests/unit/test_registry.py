@@ -369,6 +369,30 @@ def test_a_stale_lock_is_broken(reg):
         reg._client.get_registered_model(reg.name + LOCK_SUFFIX)
 
 
+def test_a_lock_released_while_its_create_conflicts_is_taken(reg, monkeypatch):
+    """MLflow's SQL store answers a duplicate name by reading the model that holds it; when
+    the holder released the lock in between, that read is a 404 from the create (CI once
+    hit this with two processes promoting at once). The mover tries again and gets it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    client = reg._client
+    create = client.create_registered_model
+    answers = ["released meanwhile"]
+
+    def racing(name, *args, **kwargs):
+        if name.endswith(LOCK_SUFFIX) and answers:
+            raise MlflowException(
+                f"Registered Model with name={name} not found ({answers.pop()})",
+                error_code=RESOURCE_DOES_NOT_EXIST,
+            )
+        return create(name, *args, **kwargs)
+
+    monkeypatch.setattr(client, "create_registered_model", racing)
+    assert reg.promote("1", reason="r", actor="x").to_version == "1"
+    assert answers == []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
