@@ -52,7 +52,7 @@ UNITS_PER_BATCH = 8
 
 
 @contextlib.contextmanager
-def _data_context() -> Iterator[None]:
+def data_context() -> Iterator[None]:
     """Ray Data settings for this stage, restored afterwards (the context is per process)."""
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
@@ -549,7 +549,7 @@ class _Run:
         them too)."""
         if self.dropped_written or not self.reports:
             return
-        with _data_context():
+        with data_context():
             write_reports(self.reports, self.work)
         self.dropped_written = True
 
@@ -571,7 +571,7 @@ class _Run:
         with step("ray"):
             ensure_ray(profile.ray)
 
-        with _data_context():
+        with data_context():
             # -- read, normalize, quality, content key
             with step("read") as info:
                 cleaned = read_documents(cfg, units, clean_steps(cfg)).materialize()

@@ -310,9 +310,10 @@ def test_near_duplicate_components_in_ray_equal_the_union_find():
     a = [k for i in range(0, 32, 4) for k in keys[i : i + 3]] + [keys[32]] * 7
     b = [k for i in range(0, 32, 4) for k in keys[i + 1 : i + 4]] + keys[33:40]
     edges = pd.DataFrame({"a": a, "b": b, "jaccard": 0.9})
-    got = stage.near_duplicate_components(
-        ray.data.from_pandas(edges).repartition(2), one_task_edges=0
-    ).to_pandas()
+    with stage.data_context():  # the shuffle prepare runs with (the default took ~50 s here)
+        got = stage.near_duplicate_components(
+            ray.data.from_pandas(edges).repartition(2), one_task_edges=0
+        ).to_pandas()
     assert dict(zip(got["key"], got["kept"], strict=True)) == steps.duplicate_components(edges)
     assert len(got) == 8 * 3 + 7
 
