@@ -864,6 +864,13 @@ class StorageConfig(_Strict):
         description="an S3-compatible endpoint (MinIO, Ceph, moto) for every s3:// URI in the "
         "profile; None: $AWS_ENDPOINT_URL, else AWS's own",
     )
+    handoff_retention_hours: float = Field(
+        168.0,
+        gt=0,
+        description="the retrain pipeline's exit handler deletes uploads under "
+        "<storage.root>/handoff/ (what Ray workers on other nodes read: a warm-start model, "
+        "the train split) unused for this long; longer than any run that may still read one",
+    )
 
     @model_validator(mode="after")
     def _uris(self) -> StorageConfig:
@@ -1200,6 +1207,14 @@ class Profile(_Strict):
             raise ValueError(
                 f"gate.metrics.{next(iter(self.gate.metrics))}: fine-tuning metrics need "
                 "data.format instruction or chat (raw text has no responses)"
+            )
+        deadline = self.ray.kuberay.active_deadline_seconds
+        if self.ray.mode == "kuberay" and self.storage.handoff_retention_hours * 3600 < deadline:
+            # A RayJob may run that long: its uploads must outlive it, whatever run prunes.
+            raise ValueError(
+                f"storage.handoff_retention_hours ({self.storage.handoff_retention_hours:g} h) "
+                f"is shorter than ray.kuberay.active_deadline_seconds ({deadline} s): a "
+                "RayJob could still be reading an upload another run's exit handler deletes"
             )
         if self.gate.require_generation_checks and not self.eval.prompts:
             # Without prompts no check runs, and "all checks passed" would promote unchecked.

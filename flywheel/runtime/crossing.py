@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from flywheel import storage
 from flywheel.config import Profile, RayConfig
-from flywheel.errors import ConfigError
+from flywheel.errors import ConfigError, StorageError
 
 HANDOFF_DIR = "handoff"
 # Written last into an uploaded directory: its presence means the upload is complete, so
 # parallel tuning trials and a retried step reuse it instead of uploading again.
 DONE_MARK = "_FLYWHEEL_UPLOADED"
+# What upload_once names an upload: only these are ever pruned.
+UPLOAD_NAME = re.compile(r"(model|data|resume)-[0-9a-f]{16}")
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -83,15 +87,72 @@ def _key(path: Path) -> str:
 
 def upload_once(local: Path, base: storage.Location, kind: str, url: str | None) -> str:
     """Upload a local directory under base/<kind>-<key>/ unless already there; its URI
-    (file:///... on a shared mount, so the workers tell it from a path of their own)."""
+    (file:///... on a shared mount, so the workers tell it from a path of their own).
+
+    The mark is written again on every use: its modification time is the upload's last
+    use, which `prune_uploads` keeps for `storage.handoff_retention_hours`."""
     dest = base.child(f"{kind}-{_key(local)}")
     uri = dest.display() if dest.remote else f"file://{dest.path}"
     if not storage.has_entry(uri, DONE_MARK, "storage.root", url):
         storage.upload_dir(local, uri, "storage.root", url)
-        with tempfile.TemporaryDirectory(prefix="flywheel-mark-") as tmp:
-            (Path(tmp) / DONE_MARK).write_text(str(local))
-            storage.upload_dir(Path(tmp), uri, "storage.root", url)
+    with tempfile.TemporaryDirectory(prefix="flywheel-mark-") as tmp:
+        (Path(tmp) / DONE_MARK).write_text(str(local))
+        storage.upload_dir(Path(tmp), uri, "storage.root", url)
     return uri
+
+
+# ------------------------------------------------------------------------ retention
+
+
+def expired_uploads(last_used: dict[str, float], now: float, retention_s: float) -> list[str]:
+    """The uploads (name -> last use, epoch seconds) unused for longer than the retention."""
+    return sorted(name for name, used in last_used.items() if now - used > retention_s)
+
+
+def uploads_last_used(profile: Profile) -> tuple[storage.Location | None, dict[str, float]]:
+    """The hand-off place and, for each upload `upload_once` made there, its last use: the
+    newest modification time among its files (the mark, rewritten on each use; for an
+    upload cut short, its newest file). Names of any other shape are not ours: left out."""
+    import pyarrow.fs as pafs
+
+    root = profile.storage.root
+    if not (root and storage.is_uri(root)):
+        return None, {}
+    base = storage.parse(root, "storage.root").child(HANDOFF_DIR)
+    fs = storage.filesystem(base, profile.storage.endpoint_url)
+    selector = pafs.FileSelector(base.path, recursive=True, allow_not_found=True)
+    try:
+        infos = fs.get_file_info(selector)
+    except Exception as exc:
+        raise StorageError(
+            storage.explain(exc, base, "storage.root", profile.storage.endpoint_url)
+        ) from None
+    prefix = base.path.rstrip("/") + "/"
+    last: dict[str, float] = {}
+    for info in infos:
+        if info.type != pafs.FileType.File or info.mtime is None:
+            continue
+        top = info.path[len(prefix) :].split("/", 1)[0] if info.path.startswith(prefix) else ""
+        if UPLOAD_NAME.fullmatch(top):
+            last[top] = max(last.get(top, 0.0), info.mtime.timestamp())
+    return base, last
+
+
+def prune_uploads(profile: Profile, now: float | None = None) -> list[str]:
+    """Delete the hand-off uploads unused for `storage.handoff_retention_hours` (the
+    retrain pipeline's exit handler calls this). They are keyed by content, so runs share
+    them and no run may delete them on its own exit. Returns the URIs deleted."""
+    base, last = uploads_last_used(profile)
+    if base is None:
+        return []
+    retention_s = profile.storage.handoff_retention_hours * 3600
+    gone = []
+    for name in expired_uploads(last, time.time() if now is None else now, retention_s):
+        loc = base.child(name)
+        uri = loc.display() if loc.remote else f"file://{loc.path}"
+        if storage.remove_tree(uri, "storage.root", profile.storage.endpoint_url):
+            gone.append(uri)
+    return gone
 
 
 def for_workers(profile: Profile, plan: Any, resume: Path | None) -> tuple[Any, str | None]:

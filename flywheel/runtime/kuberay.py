@@ -88,6 +88,7 @@ __all__ = [
     "launches",
     "missing_access",
     "namespace",
+    "prune_handoff",
     "read_text",
     "render",
     "run",
@@ -265,16 +266,37 @@ def cleanup_run(profile: Profile, run_id: str, cluster: Cluster | None = None) -
     return gone
 
 
+def prune_handoff(profile: Profile) -> list[str]:
+    """The hand-off uploads (`runtime.crossing`) unused for storage.handoff_retention_hours,
+    deleted; a no-op where Ray runs on this machine only. A failure is a warning: the run's
+    own work is done, and the next run's exit handler tries again."""
+    from flywheel.runtime.crossing import crosses_nodes, prune_uploads
+
+    if not crosses_nodes(profile.ray):
+        return []
+    try:
+        gone = prune_uploads(profile)
+    except FlywheelError as exc:
+        log.warning("hand-off uploads not pruned: %s", exc)
+        return []
+    hours = profile.storage.handoff_retention_hours
+    for uri in gone:
+        log.warning("deleted hand-off upload %s (unused for over %g h)", uri, hours)
+    return gone
+
+
 @contextmanager
 def cleanup_after(profile: dict[str, Any] | Profile, run_id: str) -> Iterator[None]:
-    """The exit handler's block, then `cleanup_run` whatever the block did (a no-op, with no
-    API call, unless ray.mode is kuberay)."""
+    """The exit handler's block, then `cleanup_run` and `prune_handoff` whatever the block
+    did (no API call and no storage listing unless Ray runs beyond this machine)."""
     from flywheel.profiles import load
 
     try:
         yield
     finally:
-        cleanup_run(load(profile), run_id)
+        p = load(profile)
+        cleanup_run(p, run_id)
+        prune_handoff(p)
 
 
 def missing_access(profile: Profile, api: Any = None) -> list[str]:

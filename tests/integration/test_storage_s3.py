@@ -93,6 +93,39 @@ def test_bad_window_in_s3_is_named_by_its_uri(s3_endpoint, tmp_path):
 # ------------------------------------------------------------ unreadable storage
 
 
+def test_handoff_uploads_unused_past_their_retention_are_pruned_from_s3(s3_endpoint, tmp_path):
+    """The exit handler's retention on object storage: last use is the mark's LastModified
+    (moto cannot backdate an object, so the clock moves instead)."""
+    from flywheel.runtime import crossing
+
+    root = f"{make_bucket(s3_endpoint, 'handoff-retention')}/runs"
+    profile = _profile(
+        s3_endpoint,
+        "ray.mode=address",
+        "ray.address=10.0.0.5:6379",
+        f"storage.root={root}",
+        "storage.handoff_retention_hours=1",
+    )
+    base = crossing.storage.parse(root, "storage.root").child(crossing.HANDOFF_DIR)
+    local = tmp_path / "model"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    uri = crossing.upload_once(local, base, "model", s3_endpoint)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("not an upload")
+    upload_dir(s3_endpoint, tmp_path / "other", f"{root}/{crossing.HANDOFF_DIR}/other")
+
+    _, last = crossing.uploads_last_used(profile)
+    assert (
+        list(last) == [uri.rsplit("/", 1)[-1]]
+        and abs(last[uri.rsplit("/", 1)[-1]] - time.time()) < 120
+    )
+    assert crossing.prune_uploads(profile) == []  # used just now
+    assert crossing.prune_uploads(profile, now=time.time() + 2 * 3600) == [uri]
+    keys = list_keys(s3_endpoint, root)
+    assert keys == [f"handoff-retention/runs/{crossing.HANDOFF_DIR}/other/x.txt"], keys
+
+
 def test_missing_bucket_and_bad_credentials_fail_in_one_line(s3_endpoint):
     from flywheel import storage
 

@@ -142,3 +142,97 @@ def test_auto_is_a_cluster_of_unknown_shape_and_needs_a_uri_root(tmp_path):
         crossing.handoff_root(profile)
     ok = _profile(tmp_path, "ray.mode=address", "ray.address=auto", "storage.root=s3://bkt/p")
     assert crossing.handoff_root(ok).display() == "s3://bkt/p/handoff"
+
+
+# ------------------------------------------------------------------------ retention
+
+HOUR = 3600.0
+
+
+def test_expired_uploads_are_those_unused_past_the_retention():
+    last = {"model-a": 1000.0, "data-b": 1000.0 + HOUR, "resume-c": 1000.0 + 2 * HOUR}
+    now = 1000.0 + 2 * HOUR
+    assert crossing.expired_uploads(last, now, HOUR) == ["model-a"]
+    assert crossing.expired_uploads(last, now, 2 * HOUR) == []  # exactly the retention: kept
+    assert crossing.expired_uploads(last, now, 0.5) == ["data-b", "model-a"]
+    assert crossing.expired_uploads({}, now, HOUR) == []
+
+
+def _age(entry: Path, seconds: float) -> None:
+    """Set every file of an upload `seconds` into the past."""
+    import os
+    import time
+
+    then = time.time() - seconds
+    for f in entry.rglob("*"):
+        if f.is_file():
+            os.utime(f, (then, then))
+
+
+def test_the_exit_handler_prunes_unused_uploads_and_nothing_else(tmp_path):
+    store = tmp_path / "store"
+    profile = _profile(
+        tmp_path,
+        "ray.mode=address",
+        "ray.address=10.0.0.5:6379",
+        f"storage.root=file://{store}",
+        "storage.handoff_retention_hours=24",
+    )
+    base = crossing.storage.parse(f"file://{store}", "storage.root").child(crossing.HANDOFF_DIR)
+    dirs = {}
+    for kind, text in (("model", "old"), ("data", "reused"), ("resume", "recent")):
+        local = tmp_path / kind
+        local.mkdir()
+        (local / "f.txt").write_text(text)
+        dirs[kind] = Path(crossing.upload_once(local, base, kind, None).removeprefix("file://"))
+    handoff = store / crossing.HANDOFF_DIR
+    cut_short = handoff / "model-0123456789abcdef"  # an upload cut short: no mark
+    cut_short.mkdir()
+    (cut_short / "config.json").write_text("{}")
+    not_ours = [handoff / "notes", handoff / "data-not-a-key"]
+    for d in not_ours:
+        d.mkdir()
+        (d / "keep.txt").write_text("a user's file")
+    for d in [dirs["model"], dirs["data"], cut_short, *not_ours]:
+        _age(d, 48 * HOUR)
+    # Used again by a later run: the mark is rewritten, so it is not idle.
+    crossing.upload_once(tmp_path / "data", base, "data", None)
+    _age(dirs["resume"], 2 * HOUR)
+
+    from flywheel.runtime import kuberay
+
+    with kuberay.cleanup_after(profile, "run-1"):
+        pass
+
+    assert not dirs["model"].exists() and not cut_short.exists()
+    assert dirs["data"].is_dir() and dirs["resume"].is_dir()
+    assert all((d / "keep.txt").read_text() == "a user's file" for d in not_ours)
+    # Where Ray runs on this machine nothing is handed off, and nothing is listed.
+    local = _profile(tmp_path, f"storage.root=file://{store}", "storage.handoff_retention_hours=1")
+    assert kuberay.prune_handoff(local) == []
+    assert dirs["data"].is_dir()
+
+
+def test_an_unreachable_store_is_a_warning_in_the_exit_handler(tmp_path, caplog):
+    from flywheel.runtime import kuberay
+
+    profile = _profile(
+        tmp_path,
+        "ray.mode=address",
+        "ray.address=10.0.0.5:6379",
+        "storage.root=s3://no-bucket/x",
+        "storage.endpoint_url=http://127.0.0.1:9",  # nothing listens on the discard port
+    )
+    with kuberay.cleanup_after(profile, "run-1"):
+        pass
+    assert "hand-off uploads not pruned: storage.root" in caplog.text
+
+
+def test_a_retention_shorter_than_a_rayjobs_deadline_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"storage.handoff_retention_hours \(2 h\) is shorter"):
+        _profile(
+            tmp_path,
+            "ray.mode=kuberay",
+            "ray.kuberay.active_deadline_seconds=86400",
+            "storage.handoff_retention_hours=2",
+        )
