@@ -93,12 +93,28 @@ def upload_once(local: Path, base: storage.Location, kind: str, url: str | None)
     use, which `prune_uploads` keeps for `storage.handoff_retention_hours`."""
     dest = base.child(f"{kind}-{_key(local)}")
     uri = dest.display() if dest.remote else f"file://{dest.path}"
-    if not storage.has_entry(uri, DONE_MARK, "storage.root", url):
+    if not _complete(dest, url):
         storage.upload_dir(local, uri, "storage.root", url)
     with tempfile.TemporaryDirectory(prefix="flywheel-mark-") as tmp:
         (Path(tmp) / DONE_MARK).write_text(str(local))
         storage.upload_dir(Path(tmp), uri, "storage.root", url)
     return uri
+
+
+def _complete(dest: storage.Location, url: str | None) -> bool:
+    """The mark and something beside it. A mark alone is what a use leaves when another
+    run's exit handler pruned the upload in the same moment: uploaded again, not trusted."""
+    import pyarrow.fs as pafs
+
+    fs = storage.filesystem(dest, url)
+    try:
+        names = {
+            Path(i.path).name
+            for i in fs.get_file_info(pafs.FileSelector(dest.path, allow_not_found=True))
+        }
+    except Exception as exc:
+        raise StorageError(storage.explain(exc, dest, "storage.root", url)) from None
+    return DONE_MARK in names and len(names) > 1
 
 
 # ------------------------------------------------------------------------ retention

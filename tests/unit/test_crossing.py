@@ -236,3 +236,16 @@ def test_a_retention_shorter_than_a_rayjobs_deadline_is_refused(tmp_path):
             "ray.kuberay.active_deadline_seconds=86400",
             "storage.handoff_retention_hours=2",
         )
+
+
+def test_a_mark_left_alone_by_a_pruned_upload_is_not_trusted(tmp_path):
+    """A run reusing an upload as another run's exit handler prunes it can leave the mark
+    alone in the directory: the next use uploads again instead of handing out nothing."""
+    base = crossing.storage.parse(f"file://{tmp_path / 'store'}", "storage.root")
+    local = tmp_path / "model"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    uri = Path(crossing.upload_once(local, base, "model", None).removeprefix("file://"))
+    (uri / "config.json").unlink()  # pruned; the reusing run's mark survives
+    assert crossing.upload_once(local, base, "model", None) == f"file://{uri}"
+    assert (uri / "config.json").read_text() == "{}"
