@@ -504,6 +504,23 @@ def prepare(
         return out_dir / run.content_hash[:12] if run.content_hash else None
 
     try:
+        return _finish(run, work, units, base, final)
+    finally:
+        if run.started_ray:  # a Ray it found running (a caller's session) stays up
+            import ray
+
+            ray.shutdown()
+
+
+def _finish(
+    run: _Run,
+    work: output.Workspace,
+    units: list[str] | None,
+    base: Any,
+    final: Callable[[], Path | None],
+) -> DataStats:
+    """Run the steps; publish the dataset, or keep what was judged and say where."""
+    try:
         stats = run(units, base)
     except BaseException as exc:
         # A block that raised inside Ray arrives as Ray's exception with ours as text.
@@ -543,6 +560,7 @@ class _Run:
         self.content_hash: str | None = None
         self.dropped_written = False
         self.seen = seen
+        self.started_ray = False
 
     def write_dropped(self) -> None:
         """rejects.jsonl and dropped.jsonl from what was judged so far (a failed run keeps
@@ -569,7 +587,7 @@ class _Run:
             report(DataStepDone(name, timings[name], info))
 
         with step("ray"):
-            ensure_ray(profile.ray)
+            self.started_ray = ensure_ray(profile.ray)
 
         with data_context():
             # -- read, normalize, quality, content key

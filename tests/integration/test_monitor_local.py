@@ -55,7 +55,11 @@ def world(tmp_path_factory):
     def profile(*extra: str):
         return load_profile(None, [*base, *extra])
 
+    import ray
+
     dataset = _first_champion(profile(), root / "bootstrap")
+    # Each stage stops the Ray it started: later tests in this process start from none.
+    assert not ray.is_initialized(), "a stage left its Ray running in the caller's process"
     return {"root": root, "profile": profile, "dataset": dataset}
 
 
