@@ -36,6 +36,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_left_running(request):
+    """A module that leaves Ray up in this process slows every later test (its raylet and
+    workers keep running) and fools the tests that check work is refused before Ray
+    starts. Fixtures that start Ray stop it (`ray_workdir`); so must stages (they stop
+    what they started). Set up first, torn down last: after every other module fixture."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.module.__name__} left Ray running in the test process")
+
+
 @pytest.fixture(autouse=True)
 def _no_inherited_tracking_uri(monkeypatch):
     """`mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI for the process, so a test that
