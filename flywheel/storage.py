@@ -96,6 +96,11 @@ class Location:
     def display(self) -> str:
         return f"{self.scheme}://{self.path}" if self.remote else self.path
 
+    def as_uri(self) -> str:
+        """The location as a URI: file:///abs/path for local files (so a Ray worker tells it
+        from a path of its own)."""
+        return self.display() if self.remote else f"file://{self.path}"
+
 
 def parse(value: str, field: str) -> Location:
     """A URI or a path -> Location. A malformed URI is a ConfigError naming `field`."""
@@ -312,6 +317,22 @@ def has_entry(value: str, name: str, field: str, endpoint_url: str | None = None
     fs = filesystem(loc, endpoint_url)
     try:
         return fs.get_file_info(loc.child(name).path).type != pafs.FileType.NotFound
+    except Exception as exc:
+        raise _fail(exc, loc, field, endpoint_url) from None
+
+
+def list_files(
+    loc: Location, field: str, endpoint_url: str | None = None, *, recursive: bool = False
+) -> list[pyarrow.fs.FileInfo]:
+    """What is under a directory or prefix (nothing when it does not exist); errors name
+    `field`."""
+    import pyarrow.fs as pafs
+
+    fs = filesystem(loc, endpoint_url)
+    try:
+        return fs.get_file_info(
+            pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True)
+        )
     except Exception as exc:
         raise _fail(exc, loc, field, endpoint_url) from None
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from flywheel import storage
 from flywheel.config import Profile, RayConfig
-from flywheel.errors import ConfigError, StorageError
+from flywheel.errors import ConfigError
 
 HANDOFF_DIR = "handoff"
 # Written last into an uploaded directory: its presence means the upload is complete, so
@@ -92,7 +92,7 @@ def upload_once(local: Path, base: storage.Location, kind: str, url: str | None)
     The mark is written again on every use: its modification time is the upload's last
     use, which `prune_uploads` keeps for `storage.handoff_retention_hours`."""
     dest = base.child(f"{kind}-{_key(local)}")
-    uri = dest.display() if dest.remote else f"file://{dest.path}"
+    uri = dest.as_uri()
     if not _complete(dest, url):
         storage.upload_dir(local, uri, "storage.root", url)
     with tempfile.TemporaryDirectory(prefix="flywheel-mark-") as tmp:
@@ -104,16 +104,7 @@ def upload_once(local: Path, base: storage.Location, kind: str, url: str | None)
 def _complete(dest: storage.Location, url: str | None) -> bool:
     """The mark and something beside it. A mark alone is what a use leaves when another
     run's exit handler pruned the upload in the same moment: uploaded again, not trusted."""
-    import pyarrow.fs as pafs
-
-    fs = storage.filesystem(dest, url)
-    try:
-        names = {
-            Path(i.path).name
-            for i in fs.get_file_info(pafs.FileSelector(dest.path, allow_not_found=True))
-        }
-    except Exception as exc:
-        raise StorageError(storage.explain(exc, dest, "storage.root", url)) from None
+    names = {Path(i.path).name for i in storage.list_files(dest, "storage.root", url)}
     return DONE_MARK in names and len(names) > 1
 
 
@@ -135,14 +126,7 @@ def uploads_last_used(profile: Profile) -> tuple[storage.Location | None, dict[s
     if not (root and storage.is_uri(root)):
         return None, {}
     base = storage.parse(root, "storage.root").child(HANDOFF_DIR)
-    fs = storage.filesystem(base, profile.storage.endpoint_url)
-    selector = pafs.FileSelector(base.path, recursive=True, allow_not_found=True)
-    try:
-        infos = fs.get_file_info(selector)
-    except Exception as exc:
-        raise StorageError(
-            storage.explain(exc, base, "storage.root", profile.storage.endpoint_url)
-        ) from None
+    infos = storage.list_files(base, "storage.root", profile.storage.endpoint_url, recursive=True)
     prefix = base.path.rstrip("/") + "/"
     last: dict[str, float] = {}
     for info in infos:
@@ -164,8 +148,7 @@ def prune_uploads(profile: Profile, now: float | None = None) -> list[str]:
     retention_s = profile.storage.handoff_retention_hours * 3600
     gone = []
     for name in expired_uploads(last, time.time() if now is None else now, retention_s):
-        loc = base.child(name)
-        uri = loc.display() if loc.remote else f"file://{loc.path}"
+        uri = base.child(name).as_uri()
         if storage.remove_tree(uri, "storage.root", profile.storage.endpoint_url):
             gone.append(uri)
     return gone
