@@ -937,6 +937,21 @@ SIDE_EFFECT_TASKS = {
     contracts.DRIFT_CHECK: "reads the registry and the cooldown as they are now",
     contracts.NO_RETRAIN: "records why this monitor run started no retrain",
 }
+# Tasks that run no Ray stage and are given no GPU: they may run in `kfp.control_image` (the
+# CPU variant of the image) instead of `kfp.image`. Each imports all of flywheel, and some
+# score models on CPU torch (gate: the champion's regression set and the pyfunc packaging;
+# drift-check: the champion's bits per byte on the window), which the CPU variant has. The
+# Ray stages (prepare-data, tune, train) and the evaluations, sized for GPUs, keep kfp.image;
+# so does a task here that the profile gives an accelerator (`KfpConfig.image_for`).
+CONTROL_TASKS = (
+    contracts.PLAN,
+    contracts.SKIP_TUNE,
+    contracts.GATE,
+    contracts.PROMOTE,
+    contracts.SUMMARY,
+    contracts.DRIFT_CHECK,
+    contracts.NO_RETRAIN,
+)
 # A task without its own entry takes the first of these that exists, then 'default'.
 _RESOURCE_FALLBACK = {contracts.EVALUATE_CHAMPION: contracts.EVALUATE}
 
@@ -1106,7 +1121,19 @@ class TaskResources(_Strict):
 
 
 class KfpConfig(_Strict):
-    image: str = Field("ghcr.io/flywheel-ml/flywheel:0.1.0", description="component base_image")
+    image: str = Field(
+        "ghcr.io/flywheel-ml/flywheel:0.1.0",
+        description="component base_image: every task's, except the control tasks' when "
+        "control_image is set",
+    )
+    control_image: str | None = Field(
+        None,
+        description="base_image of the control tasks (CONTROL_TASKS: plan, skip-tune, gate, "
+        "promote, summary, drift-check, no-retrain): the CPU variant of the image "
+        "(`scripts/build_image.sh --variant cpu`), the same flywheel with CPU torch and no "
+        "CUDA, so a bookkeeping pod does not pull the CUDA devel image. A control task given "
+        "an accelerator in `resources` keeps `image`. None: every task runs in `image`",
+    )
     host: str | None = None
     namespace: str | None = None
     experiment: str = "flywheel"
@@ -1139,6 +1166,15 @@ class KfpConfig(_Strict):
         if self.ui_url and not self.ui_url.startswith(("http://", "https://")):
             raise ValueError(f"kfp.ui_url {self.ui_url!r}: expected an http(s):// URL")
         return self
+
+    def image_for(self, name: str) -> str:
+        """The task's base_image: `control_image` for a control task without an accelerator
+        when one is set, else `image`."""
+        if self.control_image and name in CONTROL_TASKS:
+            res = self.for_task(name)
+            if not (res.accelerator_type and res.accelerator_count):
+                return self.control_image
+        return self.image
 
     def for_task(self, name: str) -> TaskResources:
         """The task's own entry, else its fallback's, else 'default'. A task with side effects

@@ -20,7 +20,7 @@ PIPELINE_NAME = "flywheel-monitor"
 
 
 def build(profile: Profile):
-    c = components.build(profile.kfp.image)
+    c = components.build(profile.kfp)
     kfp_config = profile.kfp
     retrain = retrain_pipeline.build(profile)
     default_profile = profile.to_param()

@@ -4,7 +4,7 @@
                          \\-----------------------> evaluate champion ---- gate -> if promote: promote
     all inside an exit handler whose summary task runs even when a step fails.
 
-Built from a profile at compile time (`build(profile)`): the profile names the image and
+Built from a profile at compile time (`build(profile)`): the profile names the images and
 the per-task resources, retries, caching and Kubernetes settings; the profile itself travels
 as the one dict parameter, validated again inside every component.
 
@@ -48,7 +48,7 @@ def configure(
 
 def build(profile: Profile):
     """The retrain pipeline function for this profile's image and resources."""
-    c = components.build(profile.kfp.image)
+    c = components.build(profile.kfp)
     kfp_config = profile.kfp
     default_profile = profile.to_param()
 
