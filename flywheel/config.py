@@ -1086,7 +1086,25 @@ class TaskResources(_Strict):
     )
     accelerator_type: str | None = None
     accelerator_count: int = Field(0, ge=0)
-    retries: int = Field(0, ge=0)
+    retries: int = Field(
+        0,
+        ge=0,
+        description="KFP task retries (`set_retry`). On Kubeflow they cover only a container "
+        "that exits non-zero: KFP's Argo compiler sets no retryPolicy, so Argo's default "
+        "OnFailure applies, and a pod that is deleted, evicted or lost with its node ends in "
+        "Argo's Error phase and is not retried. A retry starts at once (KFP's backoff: 0 s, "
+        "factor 2). After a retry succeeds, the enclosing DAG's recorded state can stay FAILED "
+        "(kubeflow/pipelines#13591): the run summary's outcome comes from the run ledger, not "
+        "that state. kfp.local retries any failure",
+    )
+    retry_window_hours: float = Field(
+        168.0,
+        gt=0,
+        description="how long after a task's first attempt started a retry may still start "
+        "(the retry policy's backoffMaxDuration). Argo reads it as that window, not as a cap "
+        "on the wait between attempts, and ends a retried pod at its close; KFP's default of "
+        "1 h would leave a train step that fails after an hour unretried",
+    )
     caching: bool = Field(
         False,
         description="reuse a past run's outputs; refused on tasks with side effects "

@@ -41,7 +41,9 @@ def configure(
     if res.accelerator_type and res.accelerator_count:
         task.set_accelerator_type(res.accelerator_type).set_accelerator_limit(res.accelerator_count)
     if res.retries:
-        task.set_retry(num_retries=res.retries)
+        # Argo ends retrying at first start + backoffMaxDuration (see TaskResources.retries).
+        window = f"{round(res.retry_window_hours * 3600)}s"
+        task.set_retry(num_retries=res.retries, backoff_max_duration=window)
     task.set_caching_options(enable_caching=res.caching)
     return platform.apply(task, name, kfp_config)
 

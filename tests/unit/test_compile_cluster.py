@@ -1,5 +1,6 @@
 """What configs/cluster.yaml compiles to besides its Kubernetes settings (test_compile_k8s.py):
-the image each task runs in (kfp.image, or kfp.control_image for the control tasks)."""
+the image each task runs in (kfp.image, or kfp.control_image for the control tasks) and the
+retry policy a retried task carries."""
 
 from __future__ import annotations
 
@@ -97,3 +98,39 @@ def test_a_control_task_given_an_accelerator_keeps_the_full_image(tmp_path):
     images = _images(_spec(compile_pipeline("monitor", p, tmp_path)))
     assert images["drift-check"] == p.kfp.image
     assert images["no-retrain"] == images["gate"] == p.kfp.control_image
+
+
+# ------------------------------------------------------------------ retries
+
+# What configs/cluster.yaml's `kfp.resources.train.retries: 2` compiles to. KFP 2.17's IR has
+# no field for Argo's retryPolicy: a retry covers a container that exits non-zero, never a
+# deleted or evicted pod (see TaskResources.retries). backoffMaxDuration is Argo's retry
+# window from the first attempt's start, hence retry_window_hours (168 h) over KFP's 1 h.
+TRAIN_RETRY = {
+    "maxRetryCount": 2,
+    "backoffDuration": "0s",
+    "backoffFactor": 2.0,
+    "backoffMaxDuration": "604800s",
+}
+
+
+def _retry_policies(spec: dict) -> dict[str, dict]:
+    return {
+        name: task["retryPolicy"]
+        for dag in _dags(spec)
+        for name, task in dag["dag"]["tasks"].items()
+        if "retryPolicy" in task
+    }
+
+
+def test_cluster_profile_retries_train_only_with_a_pinned_policy(cluster):
+    assert load_profile(CLUSTER).kfp.for_task("train").retries == 2
+    # the retrain pipeline, and the same retrain nested in the monitor
+    for name in ("retrain", "monitor"):
+        assert _retry_policies(cluster[name]) == {"train": TRAIN_RETRY}, name
+
+
+def test_the_retry_window_comes_from_the_profile(tmp_path):
+    p = load_profile(CLUSTER, ["kfp.resources.train.retry_window_hours=1.5"])
+    policies = _retry_policies(_spec(compile_pipeline("retrain", p, tmp_path)))
+    assert policies["train"] == {**TRAIN_RETRY, "backoffMaxDuration": "5400s"}
