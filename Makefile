@@ -6,16 +6,17 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export TORCH_INDEX
 
-.PHONY: help setup services run test test-unit test-integration test-gpu lint lock bench clean
+.PHONY: help setup services image run test test-unit test-integration test-gpu lint lock bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed  ## create .venv and install flywheel with pinned dependencies
 
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-dev.lock
 	python3 -m venv $(VENV)
 	PYTHON=$(PY) TORCH_SPEC="$(TORCH)" containers/install.sh deps
+	PYTHON=$(PY) containers/install.sh dev
 	PYTHON=$(PY) containers/install.sh package -e ".[dev]"
 	touch $@
 
@@ -30,7 +31,12 @@ services:  ## install the test services' binaries (Debian's postgresql) when mis
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	  else echo "note: postgresql is not installed; its tests will skip (apt-get install postgresql)"; fi; }
 
-test: setup services  ## unit + integration tiers (the gpu tier skips itself without a device)
+# The CPU component image, built with podman from a Debian base made here (no registry is
+# reachable); the container test tier runs every pipeline task in it. Minutes the first time.
+image:  ## build the CPU component image here (podman; installs podman, runc, debootstrap as root)
+	scripts/image.sh
+
+test: setup services image  ## unit + integration tiers (the gpu tier skips itself without a device)
 	$(VENV)/bin/pytest -m "" --durations=40 tests  # -m "": every tier; gpu tests skip without CUDA
 
 test-unit: setup  ## unit tier only (seconds)
@@ -45,8 +51,8 @@ test-gpu: setup  ## gpu tier (needs CUDA)
 lint: setup  ## ruff lint + format check, mypy on flywheel/
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
-lock: setup  ## re-pin requirements.lock from the current environment
-	$(VENV)/bin/pip freeze --exclude-editable | grep -v -E '^(torch|flywheel)==' > requirements.lock
+lock: setup  ## re-pin requirements.lock (runtime, the image) and requirements-dev.lock from .venv
+	$(PY) scripts/lock.py
 
 clean:  ## remove local state and build outputs (keeps .venv)
 	rm -rf .flywheel build local_outputs

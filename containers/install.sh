@@ -2,14 +2,17 @@
 # The one install path, shared by `make setup` and the component image (containers/Dockerfile),
 # so CI's fresh-venv setup on every run tests the image's install steps too.
 #
-#   containers/install.sh deps             pip, torch, then every pinned dependency (requirements.lock)
-#   containers/install.sh package [ARGS]   flywheel itself, constrained by the lock (default ARGS: .)
+#   containers/install.sh deps             pip, torch, then every pinned runtime dependency (requirements.lock)
+#   containers/install.sh dev              the test, lint and benchmark tools (requirements-dev.lock; not in images)
+#   containers/install.sh package [ARGS]   flywheel itself, constrained by the locks (default ARGS: .)
 #
 # Environment: PYTHON (default python3), TORCH_SPEC (default torch==2.13.0), TORCH_INDEX (a wheel
 # index for CUDA builds; unset: the configured index), DS_BUILD_* (set: rebuild DeepSpeed's ops now).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Build arguments arrive as empty strings when unset; an empty PIP_CERT would make pip fail.
+for v in PIP_CERT PIP_FIND_LINKS; do [ -n "${!v:-}" ] || unset "$v"; done
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
@@ -26,14 +29,19 @@ case "${1:-}" in
       pip_install --no-build-isolation --no-deps --force-reinstall "$ds"
     fi
     ;;
+  dev)
+    pip_install -c requirements.lock -r requirements-dev.lock
+    ;;
   package)
     shift
     [ $# -gt 0 ] || set -- .
-    pip_install -c requirements.lock "$@"
+    constraints=(-c requirements.lock)
+    [ -f requirements-dev.lock ] && constraints+=(-c requirements-dev.lock)
+    pip_install "${constraints[@]}" "$@"
     "$PY" -c "import flywheel, components, pipelines, kfp, ray, deepspeed, mlflow, optuna, evidently"
     ;;
   *)
-    echo "usage: containers/install.sh deps | package [PIP ARGS]" >&2
+    echo "usage: containers/install.sh deps | dev | package [PIP ARGS]" >&2
     exit 2
     ;;
 esac
