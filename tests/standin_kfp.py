@@ -14,6 +14,9 @@ fields rejected (the real gateway rejects them too), and fields the spec documen
 "Required input" must be present. A request that breaks the contract is answered 400
 and listed in `violations`, so a test can assert the client spoke the spec exactly.
 
+Responses are the real server's shapes; healthz's is checked against the spec too
+(`HEALTHZ_EXTRA` names the two fields the real handler adds beyond it).
+
 It is not a Kubeflow: no Argo, no scheduling; runs move through scripted states on
 each GET (`run_states`), recurring runs never fire.
 """
@@ -37,6 +40,12 @@ import jsonschema
 import yaml
 
 SPEC_FILE = "kfp_api_single_file.swagger.json"
+# The API server's healthz is a hand-written handler (backend/src/apiserver/main.go), not the
+# gateway's: beside the two fields the swagger's v2beta1GetHealthzResponse documents it writes
+# these, from the server's COMMIT_SHA and TAG_NAME settings ("unknown" when unset).
+HEALTHZ_EXTRA = ("commit_sha", "tag_name")
+# The release whose SDK the project locks (kfp 2.17): what a current server reports.
+DEFAULT_TAG_NAME = "2.17.0"
 _REQUIRED_DESC = re.compile(r"^\s*(Required input|Input\. Required)")
 
 
@@ -184,9 +193,12 @@ class KfpStandIn:
         multi_user: bool = False,
         token: str | None = None,
         run_states: tuple[str, ...] = ("RUNNING", "SUCCEEDED"),
+        tag_name: str | None = DEFAULT_TAG_NAME,
     ):
+        """`tag_name`: the release healthz reports (None: the field is left out)."""
         self.checker = ContractChecker(contracts_dir)
         self.multi_user = multi_user
+        self.tag_name = tag_name
         self.token = token
         self.run_states = run_states
         self.requests: list[Recorded] = []
@@ -283,7 +295,19 @@ class KfpStandIn:
 
     # ----------------------------------------------------------------- operations
     def _op_HealthzService_GetHealthz(self, p, q, b):
-        return {"multi_user": self.multi_user, "pipeline_store": "database"}
+        body = {
+            "commit_sha": "0123abc",
+            "tag_name": self.tag_name,
+            "multi_user": self.multi_user,
+            "pipeline_store": "database",
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        # What the spec documents keeps to it, like every request the stand-in takes.
+        documented = {k: v for k, v in body.items() if k not in HEALTHZ_EXTRA}
+        self.checker.validate_schema(
+            documented, "#/definitions/v2beta1GetHealthzResponse", "healthz response"
+        )
+        return body
 
     @staticmethod
     def _spec(data: bytes) -> Any:

@@ -48,10 +48,14 @@ def _target(profile, host, namespace):
     return resolve_target(profile.kfp, host=host, namespace=namespace)
 
 
+def _warn(line: str) -> None:
+    err_console.print(f"warning: {line}", highlight=False, markup=False, soft_wrap=True)
+
+
 def _session(profile, host, namespace):
     from flywheel.kfp.client import KfpSession
 
-    return KfpSession(_target(profile, host, namespace))
+    return KfpSession(_target(profile, host, namespace), warn=_warn)
 
 
 def _print_json(doc: dict[str, Any]) -> None:
@@ -98,7 +102,7 @@ def _kuberay_access(prof) -> None:
 
     problem = submit_access_problem(prof)
     if problem:
-        err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
+        _warn(problem)
 
 
 def _plan_or_session(prof, host, namespace, dry_run: bool, plan: Callable[[str], Any]):

@@ -12,7 +12,10 @@ A thin layer over the real `kfp.Client`, adding what a repeatable submit needs:
   the Authorization header, and is masked everywhere we print.
 - **Readable failures.** HTTP errors and unreachable hosts become one `FlywheelError`
   line (status + the server's own message); kfp's healthz retry loop (5 tries, 5 s
-  apart) is cut to one attempt so a dead host fails in milliseconds.
+  apart) is cut to one attempt, with a timeout, so a dead host fails in milliseconds.
+- **The right backend.** Every session starts with one healthz request; its `tag_name` (the
+  server's release) is held against what the package needs (`flywheel.kfp.backend`) before
+  anything is uploaded: an older server is refused in one line naming both versions.
 - **The page a person opens.** On a full Kubeflow deployment the API is served at
   ``<host>/pipeline`` and the UI at ``<host>/_/pipeline``; run links use ``kfp.ui_url``
   or that derivation (`ui_base`).
@@ -36,6 +39,7 @@ from typing import Any
 
 from flywheel.config import KfpConfig, Profile
 from flywheel.errors import ConfigError, FlywheelError
+from flywheel.kfp.backend import Requirement, check_backend
 from flywheel.kfp.plan import (
     DIGEST_TAG,
     PAGE_SIZE,
@@ -51,6 +55,9 @@ log = logging.getLogger(__name__)
 
 TERMINAL_OK = {"SUCCEEDED", "SKIPPED"}
 TERMINAL_BAD = {"FAILED", "CANCELED", "ERROR"}
+# The health check's (connect, read) timeouts in seconds: a host that accepts and never
+# answers (a stuck proxy) fails here instead of hanging the command.
+HEALTHZ_TIMEOUT_S = (5.0, 15.0)
 
 
 # ------------------------------------------------------------------------ values
@@ -225,26 +232,59 @@ def _mask(text: str, target: KfpTarget) -> str:
 # ----------------------------------------------------------------- the client
 
 
-def _healthz(target: KfpTarget) -> Any:
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the API server says about itself in healthz."""
+
+    multi_user: bool
+    tag_name: str | None  # the release it was built from; "unknown" on a dev build
+
+
+def _healthz(target: KfpTarget) -> ServerInfo:
     """One healthz request through kfp_server_api's generated client (the one kfp.Client
-    wraps), with the same bearer token. kfp.Client's own check retries 5 times, 5 s apart,
-    which turns a wrong --host or a 5xx into half a minute of silence before the same error."""
+    wraps), with the same bearer token, a timeout and no retries. kfp.Client's own check
+    retries 5 times, 5 s apart, which turns a wrong --host or a 5xx into half a minute of
+    silence before the same error.
+
+    Read as raw JSON: the API server's healthz handler is hand-written (backend/src/apiserver/
+    main.go) and adds `commit_sha` and `tag_name` to the fields the v2beta1 swagger documents;
+    the generated response model would drop them."""
     import kfp_server_api
 
     config = kfp_server_api.Configuration(host=target.host)
+    config.retries = 0
     if target.token:
         config.api_key["authorization"] = target.token
         config.api_key_prefix["authorization"] = "Bearer"
     api = kfp_server_api.HealthzServiceApi(kfp_server_api.ApiClient(config))
-    return api.healthz_service_get_healthz()
+    response = api.healthz_service_get_healthz(
+        _preload_content=False, _request_timeout=HEALTHZ_TIMEOUT_S
+    )
+    try:
+        body = json.loads(response.data)
+    except ValueError:
+        body = None
+    finally:
+        response.release_conn()
+    if not isinstance(body, dict):
+        # A login page of the gateway in front of Kubeflow answers 200 too.
+        raise FlywheelError(
+            f"Kubeflow Pipelines at {target.host}: the health check did not answer JSON "
+            "(a login page? check --host and the token)"
+        )
+    tag = body.get("tag_name")
+    return ServerInfo(bool(body.get("multi_user")), tag if isinstance(tag, str) else None)
 
 
-def _make_client(target: KfpTarget, healthz: Any) -> Any:
+def _make_client(target: KfpTarget, server: ServerInfo) -> Any:
     import kfp
+    import kfp_server_api
+
+    healthz = kfp_server_api.V2beta1GetHealthzResponse(multi_user=server.multi_user)
 
     class _Client(kfp.Client):
         def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:
-            # The constructor asks when no namespace is set; the answer is already here.
+            # kfp.Client asks when it needs to; the answer is already here.
             return healthz
 
     # A namespace given here becomes the client's default without writing
@@ -263,20 +303,31 @@ def _make_client(target: KfpTarget, healthz: Any) -> Any:
 
 
 class KfpSession:
-    """One connection to a Kubeflow Pipelines API; every call goes through kfp.Client."""
+    """One connection to a Kubeflow Pipelines API; every call goes through kfp.Client.
+    `warn` receives one-line warnings (default: this module's logger)."""
 
-    def __init__(self, target: KfpTarget):
+    def __init__(self, target: KfpTarget, *, warn: Callable[[str], None] | None = None):
         self.target = target
+        self.warn = warn or log.warning
         with _translated(target, "health check"):
-            # With a namespace the server's mode does not matter (it is sent with every
-            # call); without one, a multi-user server must be refused before any work.
-            healthz = None if target.namespace else _healthz(target)
-            self.client = _make_client(target, healthz)
-        if healthz is not None and healthz.multi_user and not target.namespace:
+            self.server = _healthz(target)
+            self.client = _make_client(target, self.server)
+        # With a namespace the server's mode does not matter (it is sent with every call);
+        # without one, a multi-user server must be refused before any work.
+        if self.server.multi_user and not target.namespace:
             raise ConfigError(
                 f"Kubeflow Pipelines at {target.host} is multi-user: set kfp.namespace in the "
                 "profile or pass --namespace"
             )
+
+    def require_backend(self, need: Requirement) -> None:
+        """Refuse a server older than `need` (FlywheelError, one line naming both versions);
+        warn and go on where its version is not a release (a dev build)."""
+        verdict = check_backend(self.target.host, self.server.tag_name, need)
+        if verdict.refusal:
+            raise FlywheelError(verdict.refusal)
+        if verdict.warning:
+            self.warn(verdict.warning)
 
     @contextlib.contextmanager
     def _call(self, action: str) -> Iterator[None]:
@@ -506,12 +557,16 @@ def _info(rec: Any) -> RecurringRunInfo:
 
 
 def start_run(session: KfpSession, spec: RunSpec) -> SubmittedRun:
+    if spec.backend is not None:
+        session.require_backend(spec.backend)
     ref = session.ensure_pipeline_version(spec.upload)
     experiment_id = session.ensure_experiment(spec.experiment)
     return session.create_run(spec, ref, experiment_id)
 
 
 def create_schedule(session: KfpSession, spec: RunSpec) -> RecurringRunInfo:
+    if spec.backend is not None:
+        session.require_backend(spec.backend)
     ref = session.ensure_pipeline_version(spec.upload)
     experiment_id = session.ensure_experiment(spec.experiment)
     return session.create_recurring_run(spec, ref, experiment_id)

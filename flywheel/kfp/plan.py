@@ -5,10 +5,10 @@ connecting. Pure: nothing here talks to a server.
 the content-named upload, the experiment, the run's name and only the parameters the
 pipeline declares (the server rejects unknown ones). `flywheel.kfp.client` sends a spec
 through `kfp.Client`; `plan_submit`, `plan_schedule` and `plan_recurring_action` list the
-requests that sending it makes - method, path, query, body, and the condition under which
-each is sent - which is what ``--dry-run`` prints. A test sends the same spec through the
-real client to the spec-checking stand-in and holds the two side by side, so the plan
-cannot drift from what is sent. Ids the server assigns appear as ``{pipeline_id}``...
+requests that sending it makes - method, path, query, body, the condition under which each
+is sent and what the client checks in the answer - which is what ``--dry-run`` prints. A
+test sends the same spec through the real client to the spec-checking stand-in and holds the
+two side by side, so the plan cannot drift from what is sent. Ids the server assigns appear as ``{pipeline_id}``...
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import yaml
 
 from flywheel.config import Profile
 from flywheel.errors import ConfigError
+from flywheel.kfp.backend import Requirement, required_backend
 
 DIGEST_TAG = "sha256:"
 API_PREFIX = "/apis/v2beta1"  # every path of the v2beta1 REST API starts here
@@ -33,13 +34,15 @@ PAGE_SIZE = 100  # list pages the client asks for
 @dataclass(frozen=True)
 class PlannedRequest:
     """One HTTP request a command would send, as a dry run shows it. Query values are
-    strings, as on the wire; `when` says under what condition it is sent (None: always)."""
+    strings, as on the wire; `when` says under what condition it is sent (None: always);
+    `checks` what the client refuses in the answer before sending anything else."""
 
     method: str
     path: str
     query: dict[str, str] = field(default_factory=dict)
     body: Any = None
     when: str | None = None
+    checks: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "path": self.path}
@@ -49,6 +52,8 @@ class PlannedRequest:
             out["body"] = self.body
         if self.when:
             out["when"] = self.when
+        if self.checks:
+            out["checks"] = self.checks
         return out
 
 
@@ -82,6 +87,9 @@ class RunSpec:
     cron: str | None = None  # KFP's 6-field form
     max_concurrency: int = 1
     no_catchup: bool = True
+    # The backend the package needs (flywheel.kfp.backend), checked against the server's
+    # version before anything is uploaded; None: not checked.
+    backend: Requirement | None = None
 
 
 def package_digest(package: Path) -> str:
@@ -155,6 +163,7 @@ def submit_spec(
         # The pods run as this account (RBAC for Secrets, PVCs, the Ray cluster); None: the
         # namespace's default pipeline runner.
         service_account=profile.kfp.kubernetes.service_account,
+        backend=required_backend(profile),
     )
 
 
@@ -200,14 +209,17 @@ def _ns(namespace: str | None) -> dict[str, str]:
     return {"namespace": namespace} if namespace else {}
 
 
-def _plan_prelude(namespace: str | None) -> list[PlannedRequest]:
-    if namespace:
-        return []
-    return [
-        PlannedRequest(
-            "GET", _p("/healthz"), when="no namespace given: asks whether the server is multi-user"
+def _plan_prelude(namespace: str | None, backend: Requirement | None) -> list[PlannedRequest]:
+    """The health check every session starts with: the server's version and mode."""
+    checks = []
+    if backend is not None:
+        checks.append(
+            f"refuses a server whose tag_name is older than {backend.version}, "
+            "warns where it is not a release version"
         )
-    ]
+    if not namespace:
+        checks.append("refuses a multi-user server: no namespace given")
+    return [PlannedRequest("GET", _p("/healthz"), checks="; ".join(checks) or None)]
 
 
 def _plan_upload_and_experiment(spec: RunSpec, namespace: str | None) -> list[PlannedRequest]:
@@ -286,7 +298,7 @@ def _run_fields(spec: RunSpec) -> dict[str, Any]:
 def plan_submit(spec: RunSpec, namespace: str | None) -> list[PlannedRequest]:
     """Every request `start_run` may send for `spec`, in order."""
     return [
-        *_plan_prelude(namespace),
+        *_plan_prelude(namespace, spec.backend),
         *_plan_upload_and_experiment(spec, namespace),
         PlannedRequest("POST", _p("/runs"), body=_run_fields(spec)),
     ]
@@ -303,7 +315,7 @@ def plan_schedule(spec: RunSpec, namespace: str | None) -> list[PlannedRequest]:
         "no_catchup": spec.no_catchup,
     }
     return [
-        *_plan_prelude(namespace),
+        *_plan_prelude(namespace, spec.backend),
         *_plan_upload_and_experiment(spec, namespace),
         _list_recurring_runs(namespace, f"refuses if a recurring run is named '{spec.name}'"),
         PlannedRequest("POST", _p("/recurringruns"), body=body),
@@ -330,7 +342,7 @@ def plan_recurring_action(
     """The requests `KfpSession.pause/resume/delete(name_or_id)` send."""
     method, path = _ACTIONS[action]
     return [
-        *_plan_prelude(namespace),
+        *_plan_prelude(namespace, None),
         _list_recurring_runs(
             namespace,
             f"finds {{recurring_run_id}}: the recurring run named or with id '{name_or_id}'",
