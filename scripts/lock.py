@@ -18,7 +18,9 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-UNPINNED = {"torch", "flywheel"}  # torch: installed first, per accelerator (containers/install.sh)
+# torch: installed first, per accelerator (containers/install.sh); pip: upgraded by install.sh.
+# setuptools is pinned (--all): grpcio-tools needs a newer one than venv ships.
+UNPINNED = {"torch", "flywheel", "pip"}
 
 
 def norm(name: str) -> str:
@@ -48,7 +50,7 @@ def runtime_closure(top: str = "flywheel") -> set[str]:
 
 def main() -> None:
     frozen = subprocess.run(
-        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+        [sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"],
         check=True, capture_output=True, text=True,
     ).stdout.splitlines()  # fmt: skip
     pins = [p for p in frozen if "==" in p and norm(p.split("==")[0]) not in UNPINNED]
