@@ -58,3 +58,13 @@ CHAMPION_PERPLEXITY = "champion_perplexity"
 # The gate entry's tags the summary reads: the verdict and the registered version.
 VERDICT = "verdict"
 VERSION = "version"
+# Whether the gate chose to promote ("True"/"False"), read by flywheel.outcome.
+GATE_PROMOTE = "promote"
+# The plan entry's tag saying whether this run tunes ("True"/"False").
+PLAN_TUNE_ENABLED = "tune_enabled"
+# The summary entry's tags (and the run summary's facts): the run's outcome, derived from its
+# ledger (flywheel.outcome: succeeded, gated, failed, unknown), the state KFP handed the exit
+# handler verbatim, and the task the ledger shows failed (absent when none did).
+SUMMARY_OUTCOME = "outcome"
+SUMMARY_REPORTED_STATE = "reported_state"
+SUMMARY_FAILED_TASK = "failed_task"

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from flywheel.data.stats import DataStats
     from flywheel.evaluate import EvalReport
     from flywheel.gate import Decision
+    from flywheel.outcome import RunOutcome
     from flywheel.progress import Progress
     from flywheel.registry import HistoryEntry
     from flywheel.train.report import TrainResult
@@ -58,6 +59,7 @@ class GateResult:
 class RunSummary:
     markdown: str
     facts: dict[str, Any]
+    outcome: RunOutcome
 
 
 def plan(profile: dict[str, Any], run_id: str) -> PlanResult:
@@ -72,7 +74,7 @@ def plan(profile: dict[str, Any], run_id: str) -> PlanResult:
     p = load(profile)
     with ledger.stage(p, run_id, contracts.PLAN, timed=False) as entry:
         preflight.check(p)
-        entry.tags["tune_enabled"] = p.tune.enabled
+        entry.tags[contracts.PLAN_TUNE_ENABLED] = p.tune.enabled
     return PlanResult(tune_enabled=p.tune.enabled, model_name=p.registry.model_name)
 
 
@@ -288,7 +290,7 @@ def gate(
         entry.tags.update(
             {
                 contracts.VERDICT: decision.verdict,
-                "promote": decision.promote,
+                contracts.GATE_PROMOTE: decision.promote,
                 contracts.VERSION: version,
             }
         )
@@ -306,16 +308,24 @@ def promote(profile: dict[str, Any], version: str, reason: str, run_id: str) -> 
 
 
 def summarize(profile: dict[str, Any], run_id: str, state: str, error: str) -> RunSummary:
-    """The exit handler's summary (Markdown + the facts), also recorded in the ledger."""
-    from flywheel import summary
+    """The exit handler's summary (Markdown + the facts), also recorded in the ledger.
+
+    `state` is `PipelineTaskFinalStatus.state` as KFP handed it; the outcome (succeeded, gated,
+    failed, unknown) is read from this run's ledger (`flywheel.outcome`), and the state is
+    kept beside it, verbatim: which words it holds depends on the runner and the backend.
+    """
+    from flywheel import outcome, summary
 
     p = load(profile)
-    facts = {**summary.run_facts(p, run_id), "state": state}
-    if error:
-        facts["error"] = error
+    stages = ledger.collect(p, run_id)
+    result = outcome.derive(stages, state)
+    facts = {**summary.facts_from(stages, run_id), **summary.outcome_facts(result, error)}
     with ledger.stage(p, run_id, contracts.SUMMARY, timed=False) as entry:
-        entry.tags["state"] = state
-    return RunSummary(summary.markdown(run_id, facts), facts)
+        entry.tags[contracts.SUMMARY_OUTCOME] = result.outcome.value
+        entry.tags[contracts.SUMMARY_REPORTED_STATE] = state
+        if result.failed_task:
+            entry.tags[contracts.SUMMARY_FAILED_TASK] = result.failed_task
+    return RunSummary(summary.markdown(run_id, facts), facts, result)
 
 
 # ---------------------------------------------------------------------------- monitor

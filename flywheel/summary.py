@@ -3,19 +3,49 @@ and as the Markdown the exit handler shows (no side effects here; the runner rec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from flywheel import contracts, ledger
 from flywheel.config import Profile
+from flywheel.outcome import Outcome, RunOutcome
 
-# Facts that are not table rows: the state and error have their own lines, and the
-# per-stage seconds are a nested mapping (read by `flywheel run` and the benchmarks).
-_NOT_ROWS = ("state", "error", contracts.STAGE_SECONDS)
+# The outcome's one-line reason, among the facts for the Markdown (not a ledger tag).
+OUTCOME_REASON = "outcome_reason"
+# Facts that are not table rows: the outcome, the reported state, the failed task and the
+# error have their own lines, and the per-stage seconds are a nested mapping (read by
+# `flywheel run` and the benchmarks).
+_NOT_ROWS = (
+    contracts.SUMMARY_OUTCOME,
+    contracts.SUMMARY_REPORTED_STATE,
+    contracts.SUMMARY_FAILED_TASK,
+    OUTCOME_REASON,
+    "error",
+    contracts.STAGE_SECONDS,
+)
 
 
 def run_facts(profile: Profile, run_id: str) -> dict[str, Any]:
     """What one pipeline run did, read back from the ledger."""
-    stages = ledger.collect(profile, run_id)
+    return facts_from(ledger.collect(profile, run_id), run_id)
+
+
+def outcome_facts(result: RunOutcome, error: str = "") -> dict[str, Any]:
+    """The outcome, KFP's state beside it, the failed task and the error, as facts."""
+    facts: dict[str, Any] = {
+        contracts.SUMMARY_OUTCOME: result.outcome.value,
+        contracts.SUMMARY_REPORTED_STATE: result.reported,
+        OUTCOME_REASON: result.reason,
+    }
+    if result.failed_task:
+        facts[contracts.SUMMARY_FAILED_TASK] = result.failed_task
+    if error:
+        facts["error"] = error
+    return facts
+
+
+def facts_from(stages: Mapping[str, Mapping[str, Any]], run_id: str) -> dict[str, Any]:
+    """What one pipeline run did, from its ledger entries (`ledger.collect`)."""
     facts: dict[str, Any] = {"pipeline_run_id": run_id}
     prep = stages.get(contracts.PREPARE_DATA, {}).get("metrics", {})
     for key in ("docs_read", "docs_kept", "docs_rejected", "tokens_train"):
@@ -54,8 +84,15 @@ def run_facts(profile: Profile, run_id: str) -> dict[str, Any]:
 
 
 def markdown(run_id: str, facts: dict[str, Any]) -> str:
-    """The summary page: the state, the error when there is one, then one row per fact."""
-    lines = [f"# Run summary: {run_id}", "", f"**State:** {facts.get('state', '')}", ""]
+    """The summary page: the outcome (from the ledger) with the state KFP reported beside it,
+    the failed task and the error when there are some, then one row per fact."""
+    outcome = facts.get(contracts.SUMMARY_OUTCOME, Outcome.UNKNOWN.value)
+    reason = facts.get(OUTCOME_REASON)
+    state = facts.get(contracts.SUMMARY_REPORTED_STATE) or "(nothing)"
+    head = f"**Outcome:** {outcome}" + (f": {reason}" if reason else "")
+    lines = [f"# Run summary: {run_id}", "", f"{head} (as reported by KFP: {state})", ""]
+    if facts.get(contracts.SUMMARY_FAILED_TASK):
+        lines += [f"**Failed task:** {facts[contracts.SUMMARY_FAILED_TASK]}", ""]
     if facts.get("error"):
         lines += [f"**Error:** {facts['error']}", ""]
     lines += ["| what | value |", "|---|---|"]

@@ -15,7 +15,7 @@ import json
 import pytest
 from fixtures_data import TINY_OVERRIDES
 
-from flywheel import ledger
+from flywheel import contracts, ledger
 from flywheel.config import load_profile
 from flywheel.kfp.local import run_local
 from flywheel.registry import Registry
@@ -75,9 +75,11 @@ def test_first_run_promotes_with_lineage(profile_for):
         .startswith(("<!doctype", "<html"))
     )
     assert "promote" in run.artifact("gate", "decision").read_text().lower()
-    assert "State:** SUCCEEDED" in run.artifact("summary", "report").read_text()
+    report = run.artifact("summary", "report").read_text()
+    assert "**Outcome:** succeeded" in report and "(as reported by KFP: SUCCEEDED)" in report
     stages = ledger.collect(p, run.run_id)
     assert {"plan", "prepare-data", "train", "gate", "promote", "summary"} <= set(stages)
+    assert stages["summary"]["tags"][contracts.SUMMARY_OUTCOME] == "succeeded"
 
 
 def test_sabotaged_challenger_is_gated_and_run_succeeds(profile_for):
@@ -88,8 +90,10 @@ def test_sabotaged_challenger_is_gated_and_run_succeeds(profile_for):
     before = registry.champion().version
     run = run_local("retrain", p, arguments={"trigger_reason": "sabotage"})
     assert run.succeeded, run.log_file.read_text()[-3000:]
-    gate = ledger.collect(p, run.run_id)["gate"]
-    assert gate["tags"]["promote"] == "False"
+    stages = ledger.collect(p, run.run_id)
+    assert stages["gate"]["tags"]["promote"] == "False"
+    # kfp.local says SUCCEEDED; the ledger says how: the challenger lost, the champion stays
+    assert stages["summary"]["tags"][contracts.SUMMARY_OUTCOME] == "gated"
     assert registry.champion().version == before
     assert run.artifact("promote", "executor_output.json") is None  # the promote task never ran
     assert "reject" in run.artifact("gate", "decision").read_text().lower()
@@ -101,8 +105,11 @@ def test_failing_step_still_writes_the_summary(profile_for, workdir):
     assert not run.succeeded
     summary = run.artifact("summary", "report")
     assert summary is not None, "the exit handler did not run"
-    assert "FAILED" in summary.read_text()
+    assert "(as reported by KFP: FAILED)" in summary.read_text()
     assert json.loads((run.run_dir / "summary" / "executor_output.json").read_text()) is not None
+    tags = ledger.collect(p, run.run_id)["summary"]["tags"]
+    assert tags[contracts.SUMMARY_OUTCOME] == "failed"
+    assert tags[contracts.SUMMARY_FAILED_TASK] == contracts.PREPARE_DATA
 
 
 def test_sft_profile_chains_lora_onto_the_champion(profile_for, workdir):
