@@ -8,11 +8,13 @@
 9. None of these print Ray's, MLflow's or urllib3's INFO/WARNING lines.
 
 Every case asserts the exit code, the one line, and that nothing was left behind. The
-monitor cases fail early (the window is read first), ~10 s each; they share one state dir.
+monitor cases fail early (the window is read first); they share one state dir, and one
+window case and the no-champion case run the whole monitor pipeline (~10 s each).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -166,18 +168,32 @@ def _monitor_fails_with(workdir: Path, window: Path, reason: str) -> str:
     return line
 
 
+# The pipeline's drift-check step raises the window's own error (the stage the component
+# calls, in this process); one case goes through `flywheel monitor` and the whole pipeline,
+# which turns that error into its one line. Each whole-pipeline run costs ~10 s.
+THROUGH_THE_PIPELINE = "garbage"
+
+
 @pytest.mark.parametrize("case", list(BAD_WINDOWS))
 def test_monitor_says_why_a_window_is_bad(workdir, tmp_path, case):
+    from flywheel.errors import DataError
     from flywheel.registry import Registry
+    from flywheel.stages import drift_check
 
     make, name, reason = BAD_WINDOWS[case]
     window = tmp_path / name
     make(window)
-    content = _tree(tmp_path)
-    _monitor_fails_with(workdir, window, reason)
-    assert _tree(tmp_path) == content  # the window is read, never touched
+    content = _tree(tmp_path / name) if window.is_dir() else window.read_bytes()
+    profile = load_profile(None, [f"state_dir={workdir / '.flywheel'}"])
+    if case == THROUGH_THE_PIPELINE:
+        _monitor_fails_with(workdir, window, reason)
+    else:
+        with pytest.raises(DataError, match=re.escape(reason)):
+            drift_check(profile.to_param(), str(window), tmp_path / "out", "bad-window-run")
+    # the window is read, never touched
+    assert (_tree(window) if window.is_dir() else window.read_bytes()) == content
     # And it is the window's reason although the registry has no champion either.
-    assert Registry(load_profile(None, [f"state_dir={workdir / '.flywheel'}"])).champion() is None
+    assert Registry(profile).champion() is None
 
 
 def test_monitor_without_a_champion_says_so(workdir, tmp_path):
