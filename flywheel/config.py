@@ -11,6 +11,7 @@ each component validates it again with ``Profile.model_validate``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -51,7 +52,10 @@ STATE_ENV = "FLYWHEEL_STATE_DIR"
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in a profile must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Non-finite numbers too (`.inf`, `.nan` are YAML floats): no field here means "no bound"
+    # by infinity, and a NaN compares false to every limit, so it would pass them all and fail
+    # later (compile cannot serialize it, a gate would never trip).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_uri(value: str | None, field: str) -> None:
@@ -537,6 +541,8 @@ def _number(field: str, value: Any, whole: bool) -> int | float:
             value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{field} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {value!r}")
     if whole:
         if not float(value).is_integer():
             raise ValueError(f"{field} must be a whole number for type int, got {value!r}")
@@ -557,7 +563,10 @@ def _train_values(name: str, values: list[Any]) -> None:
     checked when tuning starts (`flywheel.tune.space.check_space`): `flywheel train` with a
     short max_steps must not fail over a search it does not run."""
     field = TrainConfig.model_fields[name]
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, field])  # type: ignore[arg-type]
+    adapter: TypeAdapter[Any] = TypeAdapter(
+        Annotated[field.annotation, field],  # type: ignore[arg-type]
+        config=_Strict.model_config,  # the profile's rules (finite numbers) for a sample too
+    )
     for value in values:
         try:
             adapter.validate_python(value)
@@ -862,7 +871,10 @@ class StorageConfig(_Strict):
     endpoint_url: str | None = Field(
         None,
         description="an S3-compatible endpoint (MinIO, Ceph, moto) for every s3:// URI in the "
-        "profile; None: $AWS_ENDPOINT_URL, else AWS's own",
+        "profile, and for the model artifacts MLflow clients write and read themselves when the "
+        "tracking server does not proxy them (`--no-serve-artifacts`): set as "
+        "$MLFLOW_S3_ENDPOINT_URL unless the environment sets that (flywheel.tracking); None: "
+        "$AWS_ENDPOINT_URL, else AWS's own",
     )
     handoff_retention_hours: float = Field(
         168.0,
@@ -1365,31 +1377,186 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return prefix.rstrip(".") or "(profile)"
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-3` -> (["train", "lr"], 0.001). Values are YAML scalars/lists."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}': expected dotted.key=value")
-    key, raw = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override '{item}': empty key")
+# ------------------------------------------------------------------- strict YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, made strict for profiles and override values: a key repeated in
+    one mapping is an error (PyYAML keeps the last, so a second `train:` silently replaced the
+    first with code defaults), and numbers read as YAML 1.2 reads them (`1e3` is a float,
+    not the string PyYAML 1.1 makes of it). Aliases are bounded before this runs."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {first} and {line})")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# YAML 1.2's floats without a dot (`1e3`, `-2E-4`); PyYAML's 1.1 pattern needs one.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+# Aliases are bounded, not refused (cluster.yaml shares a GPU pool's settings by one): an
+# alias may not sit inside an anchored node, so nothing expands an expansion (a billion
+# laughs needs that nesting), and there are at most this many, so a profile reads in time
+# linear in its length times this.
+MAX_ALIASES = 64
+
+
+def _check_aliases(text: str, source: str) -> None:
+    """Refuse nested or too many aliases, reading the event stream, which stops at the
+    first offence before anything is expanded."""
+    anchored: list[bool] = []  # per open collection: whether it or one around it is anchored
+    count = 0
+    for event in yaml.parse(text, Loader=_StrictLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            anchored.append(bool(event.anchor) or (bool(anchored) and anchored[-1]))
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchored.pop()
+        elif isinstance(event, yaml.AliasEvent):
+            count += 1
+            where = f"{source}: line {event.start_mark.line + 1}: YAML alias *{event.anchor}"
+            if anchored and anchored[-1]:
+                raise ConfigError(f"{where} inside an anchored node; aliases may not nest")
+            if count > MAX_ALIASES:
+                raise ConfigError(f"{where}: more than {MAX_ALIASES} aliases in one document")
+
+
+def _unshared(value: Any) -> Any:
+    """A copy in which no two places hold the same dict or list: an alias yields one object
+    in two places, and an override setting a field in one must not change the other."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """One YAML document, read strictly (duplicate keys refused, aliases bounded); every
+    error is one ConfigError line starting with `source`."""
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        _check_aliases(text, source)
+        # _StrictLoader is a SafeLoader: no arbitrary Python objects.
+        return _unshared(yaml.load(text, Loader=_StrictLoader))
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source}: {exc}; the later one would replace the first") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
-    return parts, value
+        # PyYAML's message spans lines (problem, then a caret under the text); one line here.
+        raise ConfigError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+
+
+# --------------------------------------------------------------------- overrides
+
+# The one grammar for dotted overrides (README, "Overrides"): a key is one or more names
+# joined by single dots, then `=`, then a YAML value. A name may hold `-` after its first
+# character because task names are keys (kfp.resources.prepare-data.cpu=4).
+OVERRIDE_NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
+OVERRIDE_KEY = re.compile(rf"{OVERRIDE_NAME}(?:\.{OVERRIDE_NAME})*")
+OVERRIDE_GRAMMAR = (
+    "expected dotted.key=value: names of letters, digits, _ or - joined by single dots, "
+    "then =, then a YAML value (train.max_steps=500)"
+)
+
+
+def _override_problem(item: str) -> str | None:
+    """What breaks the grammar in `item`, in a few words, or None when it follows it."""
+    key, sep, _ = item.partition("=")
+    if not sep:
+        return "no '='"
+    if OVERRIDE_KEY.fullmatch(key):
+        return None
+    if not key:
+        return "empty key"
+    if any(c.isspace() for c in key):
+        return "space in the key"
+    if any(not name for name in key.split(".")):
+        return "empty name between dots" if ".." in key else "key starts or ends with a dot"
+    bad = next(n for n in key.split(".") if not re.fullmatch(OVERRIDE_NAME, n))
+    return f"{bad!r} is not a name"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001). Values are YAML, read strictly."""
+    problem = _override_problem(item)
+    if problem:
+        raise ConfigError(f"override {item!r}: {problem}; {OVERRIDE_GRAMMAR}")
+    key, raw = item.split("=", 1)
+    value = load_yaml(raw, f"override {item!r}: value") if raw != "" else ""
+    return key.split("."), value
+
+
+def _model_class(tp: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (through Optional and Annotated), if any."""
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    if get_origin(tp) in (Union, type(int | None)):
+        return next((m for m in map(_model_class, get_args(tp)) if m), None)
+    return None
+
+
+def _is_section(parts: list[str]) -> bool:
+    """Whether a dotted key names a section: a group of fields the schema declares (`train`,
+    `data.filter`, `ray.kuberay`), as opposed to one field. A field may hold a map or list,
+    and an entry of a map is a value the user names (`kfp.resources.train`): both are
+    replaced whole, like any value."""
+    tp: Any = Profile
+    declared = False
+    for part in parts:
+        model = _model_class(tp)
+        if model is not None:
+            field = model.model_fields.get(part)
+            if field is None:
+                return False  # unknown: validation names it
+            tp, declared = field.annotation, True
+        elif get_origin(tp) is dict:
+            tp, declared = get_args(tp)[1], False
+        else:
+            return False
+    return declared and _model_class(tp) is not None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each override's field in `data` (a profile's mapping), refusing what would drop
+    settings unseen: a whole section (`train={}` used to reset every train field the profile
+    set to code defaults: set its fields one by one instead). Overrides apply left to right,
+    so of two setting one field the later wins, as on any command line."""
     for item in overrides:
         parts, value = parse_override(item)
+        if _is_section(parts):
+            raise ConfigError(
+                f"override {item!r}: {'.'.join(parts)} is a section; set its fields one by one "
+                f"({'.'.join(parts)}.<field>=value)"
+            )
         node = data
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
             node = child
         node[parts[-1]] = value
     return data
@@ -1430,11 +1597,7 @@ def load_profile(
         raise ConfigError(f"{file}: not a text file (a profile is UTF-8 YAML)") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read the profile ({exc.strerror or exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        # PyYAML's message spans lines (problem, then a caret under the text); one line here.
-        raise ConfigError(f"{file}: not valid YAML ({' '.join(str(exc).split())})") from None
+    data = load_yaml(text, str(file))
     if data is None:
         # An empty file is far likelier a wrong or truncated path than a wish for defaults.
         raise ConfigError(f"{file}: the profile is empty (omit --profile for the defaults)")

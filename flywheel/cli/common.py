@@ -26,7 +26,10 @@ ProfileOpt = Annotated[
 ]
 OverridesArg = Annotated[
     list[str] | None,
-    typer.Argument(help="dotted overrides, e.g. train.max_steps=500 data.source.kind=files"),
+    typer.Argument(
+        help="dotted key=value overrides (README: Overrides), e.g. train.max_steps=500 "
+        "data.source.kind=files"
+    ),
 ]
 
 
