@@ -4,6 +4,13 @@ Order: ``registry.tracking_uri`` in the profile, else ``$MLFLOW_TRACKING_URI``, 
 SQLite store under the profile's state directory (``.flywheel/mlflow/mlflow.db``) with
 artifacts next to it. The environment is read here, at run time, and nowhere else, so a
 compiled pipeline never carries whoever compiled it.
+
+Artifacts: a tracking server started with ``--no-serve-artifacts`` and an s3:// default
+artifact root only records where a run's artifacts are; every client uploads and downloads
+them itself, through boto3, which finds an S3-compatible store (MinIO, Ceph) only through
+``$MLFLOW_S3_ENDPOINT_URL``. The profile names that store once, ``storage.endpoint_url``, and
+`tracking_uri` (which every MLflow client here is built from, so it runs before any artifact
+moves) passes it on: without it a pod's model upload went to AWS.
 """
 
 from __future__ import annotations
@@ -14,13 +21,39 @@ from pathlib import Path
 
 from flywheel.config import Profile
 
+# What MLflow's S3 artifact repository (boto3) reads for its endpoint, on every client it makes.
+S3_ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"
+# The value `_artifacts_endpoint` last set, so a later profile in the same process replaces
+# it, while a value set by whoever started the process is never touched.
+_endpoint_set_here: str | None = None
+
 
 def _local_store(profile: Profile) -> Path:
     return profile.state_path("mlflow")
 
 
+def _artifacts_endpoint(profile: Profile) -> None:
+    """Point MLflow's S3 artifact client at ``storage.endpoint_url``, unless
+    $MLFLOW_S3_ENDPOINT_URL came from the environment (an explicit setting wins: a store of
+    MLflow's own). MLflow takes the endpoint from the environment only (no client argument),
+    so the process environment is the only public knob; it is also what Ray workers and
+    subprocesses started afterwards inherit."""
+    global _endpoint_set_here
+    current = os.environ.get(S3_ENDPOINT_ENV)
+    if current is not None and current != _endpoint_set_here:
+        return
+    wanted = profile.storage.endpoint_url
+    if wanted:
+        os.environ[S3_ENDPOINT_ENV] = wanted
+    elif current is not None:
+        del os.environ[S3_ENDPOINT_ENV]  # this profile's store is AWS's own
+    _endpoint_set_here = wanted or None
+
+
 def tracking_uri(profile: Profile) -> str:
-    """The MLflow tracking URI for a profile (see the module docstring for the order)."""
+    """The MLflow tracking URI for a profile (see the module docstring for the order); also
+    points MLflow's artifact client at the profile's S3 endpoint (module docstring)."""
+    _artifacts_endpoint(profile)
     if profile.registry.tracking_uri:
         return profile.registry.tracking_uri
     env = os.environ.get("MLFLOW_TRACKING_URI")

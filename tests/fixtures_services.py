@@ -60,15 +60,28 @@ def wait_until_up(
 
 
 @contextmanager
-def mlflow_server(root: Path, artifacts_destination: str | None = None) -> Iterator[str]:
+def mlflow_server(
+    root: Path,
+    artifacts_destination: str | None = None,
+    *,
+    default_artifact_root: str | None = None,
+) -> Iterator[str]:
     """`mlflow server` with its own SQLite backend and proxied artifacts; yields its URL.
 
     The server's disk is the service's own (as a tracking server's volume is on a cluster):
     clients reach runs, models and artifacts only over HTTP.
+
+    `default_artifact_root` (e.g. s3://bucket/mlflow) starts it the other way a cluster runs
+    one: `--no-serve-artifacts`, so clients read and write artifacts there themselves (boto3
+    for s3://, reading MLFLOW_S3_ENDPOINT_URL) and the server only records where they are.
     """
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
+    if default_artifact_root:
+        artifacts = ["--no-serve-artifacts", "--default-artifact-root", default_artifact_root]
+    else:
+        artifacts = ["--artifacts-destination", artifacts_destination or str(root / "artifacts")]
     cmd = [
         str(mlflow_bin) if mlflow_bin.exists() else shutil.which("mlflow"),
         "server",
@@ -76,7 +89,7 @@ def mlflow_server(root: Path, artifacts_destination: str | None = None) -> Itera
         "--port", str(port),
         "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'backend.db'}",
-        "--artifacts-destination", artifacts_destination or str(root / "artifacts"),
+        *artifacts,
     ]  # fmt: skip
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
