@@ -30,6 +30,9 @@ from flywheel.config import Profile
 
 LN2 = math.log(2)
 _CHUNK = 1000  # resamples per gather (bounds memory)
+# A bootstrap of one document resamples that document: an interval of width zero, no
+# evidence. Fewer on either side and the comparison cannot decide.
+MIN_DOCS = 2
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,27 @@ class PerformanceDrift:
     confidence: float
     reference: str = "held-out"  # "held-out" or "training sample" (older champions)
 
+    @property
+    def decided(self) -> bool:
+        """Whether the numbers can say anything: too few documents with scored bytes (the
+        bootstrap needs MIN_DOCS on each side) give a NaN interval, and a NaN is neither
+        "worse" nor "not worse"."""
+        return all(math.isfinite(x) for x in (self.rel, self.low, self.high))
+
     def degraded(self, min_degradation: float) -> bool:
-        """Significantly worse by more than `min_degradation`: the whole interval above it."""
-        return math.isfinite(self.low) and self.low > min_degradation
+        """Significantly worse by more than `min_degradation`: the whole interval above it.
+        False when not `decided`: ask `decided` first."""
+        return self.decided and self.low > min_degradation
 
     def describe(self) -> str:
         """One line naming the numbers, for the decision's reason."""
         pct = round(100 * self.confidence)
+        if not self.decided:
+            return (
+                f"champion's bits per byte cannot be compared: {self.n_window} window and "
+                f"{self.n_reference} {self.reference} documents with scored text (at least "
+                f"{MIN_DOCS} each)"
+            )
         return (
             f"champion {self.window_bpb:.3f} bits/byte on the window vs {self.reference_bpb:.3f} "
             f"on its {self.reference} sample ({self.rel:+.1%}, {pct}% interval "
@@ -93,7 +110,7 @@ def relative_degradation(
     r = float(br.sum() / nr.sum()) if nr.sum() > 0 else math.nan
     rel = w / r - 1 if r > 0 else math.nan
     lo = hi = math.nan
-    if len(bw) >= 2 and len(br) >= 2 and samples > 0 and math.isfinite(rel):
+    if len(bw) >= MIN_DOCS and len(br) >= MIN_DOCS and samples > 0 and math.isfinite(rel):
         rng = np.random.default_rng(seed)
         rels = []
         for start in range(0, samples, _CHUNK):

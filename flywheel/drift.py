@@ -79,7 +79,7 @@ class WindowSample(BaseModel):
 
 
 class DriftResult(BaseModel):
-    drifted: bool
+    drifted: bool  # False also when not `decided`: read `decided` first
     drift_score: float  # text content drift: domain-classifier ROC AUC
     drift_share: float  # drifted features / features
     drifted_features: list[str]
@@ -89,9 +89,13 @@ class DriftResult(BaseModel):
     report_html: Path | None = None
     reason: str
     window: WindowSample = WindowSample()
+    # False: too few rows for a feature's statistic (NaN), and the features that were
+    # measured cannot settle the vote either way. Never "no drift".
+    decided: bool = True
 
     def metrics(self) -> dict[str, float]:
         out = {
+            "drift_decided": float(self.decided),
             "drift_score": self.drift_score,
             "drift_share": self.drift_share,
             "drifted": float(self.drifted),
@@ -412,6 +416,21 @@ def _verdicts(snapshot: dict[str, Any]) -> dict[str, FeatureDrift]:
     return out
 
 
+def drift_vote(features: dict[str, FeatureDrift], drift_share: float) -> tuple[bool, bool]:
+    """(decided, drifted): drifted when the share of drifted features reaches `drift_share`.
+
+    A feature whose statistic is not finite (Evidently's text classifier on one row) is
+    unknown, never "not drifted". Drift is decided once the measured features alone reach
+    the share; "no drift" is a claim about every feature, so it needs them all measured
+    (pure)."""
+    known = [f for f in features.values() if math.isfinite(f.score)]
+    if sum(f.drifted for f in known) / len(features) >= drift_share:
+        return True, True
+    if len(known) < len(features):
+        return False, False
+    return True, False
+
+
 def check_drift(
     profile: Profile,
     window: str | Path | pd.DataFrame,
@@ -467,10 +486,16 @@ def check_drift(
     features = _verdicts(snapshot.dict())
     drifted_features = [name for name, f in features.items() if f.drifted]
     share = len(drifted_features) / len(features)
-    drifted = share >= cfg.drift_share
+    decided, drifted = drift_vote(features, cfg.drift_share)
     score = features["text"].score
-    verdict = "drift" if drifted else "no drift"
+    verdict = "drift" if drifted else "no drift" if decided else "cannot decide"
     reason = f"{verdict}: {score:.2f} ({len(drifted_features)}/{len(features)} features)"
+    if not decided:
+        unknown = [name for name, f in features.items() if not math.isfinite(f.score)]
+        reason += (
+            f"; {', '.join(unknown)} not measurable on {len(cur)} window rows "
+            "(raise drift.min_rows)"
+        )
 
     out = Path(out_dir) if out_dir else profile.state_path("drift")
     out.mkdir(parents=True, exist_ok=True)
@@ -492,6 +517,7 @@ def check_drift(
         report_html=html,
         reason=reason,
         window=window_info,
+        decided=decided,
     )
     (out / "drift.json").write_text(result.model_dump_json(indent=2))
     log.info("%s (report %s)", reason, html)

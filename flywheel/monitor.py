@@ -40,6 +40,12 @@ Trigger = Literal["distribution", "performance", "both"]
 class RetrainDecision:
     retrain: bool
     reason: str
+    # False: a signal the trigger needs could not be measured on this window (too few rows,
+    # a NaN statistic). Never read as "no drift" or "not worse": `check` raises on it.
+    decided: bool = True
+
+
+CANNOT_DECIDE = "cannot decide"
 
 
 def _performance_text(performance: PerformanceDrift | None, min_degradation: float) -> str:
@@ -51,7 +57,7 @@ def _performance_text(performance: PerformanceDrift | None, min_degradation: flo
 def decide_retrain(
     *,
     trigger: Trigger,
-    drifted: bool,
+    drifted: bool | None,
     drift_reason: str,
     performance: PerformanceDrift | None,
     min_degradation: float,
@@ -61,15 +67,35 @@ def decide_retrain(
     in_flight: list[str],
 ) -> RetrainDecision:
     """Retrain when the policy's trigger fires, outside the cooldown, and with no retrain
-    already running. The reason names the numbers behind each part of the verdict."""
+    already running. The reason names the numbers behind each part of the verdict.
+
+    `drifted` None, or a measured `performance` that is not `decided`, is a signal that
+    could not be measured: when the trigger needs it to decide (under `both`, a decided
+    "no" of the other signal is enough), the decision is not decided, never a "no"."""
     degraded = performance is not None and performance.degraded(min_degradation)
     perf = _performance_text(performance, min_degradation)
+    perf_known = performance is None or performance.decided
+    drift_no, perf_no = drifted is False, perf_known and not degraded
+    needed = {
+        "distribution": [("drift", drifted is not None)],
+        "performance": [("performance", perf_known)],
+        "both": []
+        if drift_no or perf_no
+        else [("drift", drifted is not None), ("performance", perf_known)],
+    }[trigger]
+    unknown = [name for name, known in needed if not known]
+    if unknown:
+        return RetrainDecision(
+            False, f"{CANNOT_DECIDE} ({' and '.join(unknown)}): {drift_reason}; {perf}", False
+        )
     if trigger == "distribution":
         fired, why = drifted, f"{drift_reason}; {perf}"
     elif trigger == "performance":
         fired = degraded
         verdict = "champion worse on the window" if degraded else "champion not worse"
         why = f"{verdict}: {perf}; {drift_reason}"
+    elif drifted is None:  # only reached when the champion is, decidedly, not worse
+        fired, why = False, f"the champion is not significantly worse: {perf}; {drift_reason}"
     elif not drifted:
         fired, why = False, f"{drift_reason}; {perf}"
     elif degraded:
@@ -132,7 +158,7 @@ def check(profile: Profile, window: str, out_dir: Path, run_id: str) -> MonitorC
     t = now()
     decision = decide_retrain(
         trigger=profile.drift.trigger,
-        drifted=result.drifted,
+        drifted=result.drifted if result.decided else None,
         drift_reason=result.reason,
         performance=perf,
         min_degradation=profile.drift.min_degradation,
@@ -144,6 +170,10 @@ def check(profile: Profile, window: str, out_dir: Path, run_id: str) -> MonitorC
     out = MonitorCheck(str(window), result, perf, decision)
     if result.report_html is not None:
         add_to_report(result.report_html, out)
+    if not decision.decided:
+        # After the report: it shows what was measured. Not a "no retrain": a scheduled
+        # monitor that cannot decide must say so (exit 1, a failed step), not pass quietly.
+        raise DataError(f"window {window}: {decision.reason}")
     return out
 
 

@@ -54,10 +54,11 @@ def check(
     """Compare a production window with the reference and write an HTML report.
 
     Exit codes: 0 no drift, 3 drift, 1 bad input or data (empty window, missing text
-    field, too few rows), 2 bad profile, override or flag (a missing --tokenizer).
+    field, too few rows, or rows too few to decide), 2 bad profile, override or flag (a
+    missing --tokenizer).
     """
     from flywheel.drift import check_drift
-    from flywheel.errors import ConfigError
+    from flywheel.errors import ConfigError, DataError
 
     prof = profile_from(profile, overrides)
     source = window if window is not None else prof.drift.window
@@ -66,6 +67,8 @@ def check(
     check_input_dir(tokenizer, "--tokenizer")
     check_output(out, "--out")
     result = check_drift(prof, source, reference, tokenizer_dir=tokenizer, out_dir=out)
+    if not result.decided:
+        raise DataError(f"window {source}: {result.reason} (report {result.report_html})")
     console.print(table("drift", {**result.metrics(), "report": str(result.report_html)}))
     console.print(result.reason, highlight=False)
     raise typer.Exit(EXIT_DRIFT if result.drifted else EXIT_NO_DRIFT)
