@@ -13,12 +13,28 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from flywheel.config import Profile, load_profile
 from flywheel.errors import FlywheelError
 
-console = Console()
-err_console = Console(stderr=True)
+
+def make_console(**kwargs) -> Console:
+    """A console that never reads rich markup. What Flywheel prints is full of text it did
+    not write (reasons, model and run names, paths, error messages quoting input), and rich
+    reads `[...]` in a string as markup: `--reason '[/]'` broke `models history` for good, and
+    `[link=...]` in a reason rendered as a link. So no string is ever markup; a style is given
+    beside the text (`styled`, `style=`), never inside it."""
+    return Console(markup=False, **kwargs)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """One line of literal pieces, some with a style: styled(("error:", "red"), " ", msg)."""
+    return Text.assemble(*parts)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 ProfileOpt = Annotated[
     Path | None,
@@ -83,9 +99,9 @@ def count_bar(unit: str) -> Progress:
     """The progress bar of a stage that counts `unit`s towards a total (train: steps, tune:
     trials): description, bar, done/total, elapsed time."""
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f} " + unit),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} " + unit, markup=False),
         TimeElapsedColumn(),
         console=console,
     )

@@ -21,6 +21,7 @@ from flywheel.cli.common import (
     cli_run_id,
     console,
     profile_from,
+    styled,
     table,
 )
 from flywheel.progress import DataStepDone, DataStepStarted, Event
@@ -79,7 +80,7 @@ def prepare_cmd(
     target = out if out is not None else prof.state_path(DATASETS)
     with Progress(
         SpinnerColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         TimeElapsedColumn(),
         console=console,
         transient=False,
@@ -93,15 +94,13 @@ def prepare_cmd(
                 case DataStepDone(step=step, counts=counts):
                     label = STEP_LABELS.get(step, step)
                     summary = ", ".join(f"{k}={v}" for k, v in counts.items())
-                    bar.update(
-                        tasks[step], completed=1, description=f"{label} [dim]{summary}[/dim]"
-                    )
+                    bar.update(tasks[step], completed=1, description=f"{label}  {summary}")
 
         stats = stages.prepare(
             prof, "", target, cli_run_id(), progress=progress, store=out is None, label="--out"
         )
     console.print(table(f"dataset {stats.content_hash[:12]}", stats.rows()))
-    console.print(f"wrote [bold]{stats.out_dir}[/bold]")
+    console.print(styled("wrote ", (str(stats.out_dir), "bold")))
 
 
 def register(app: typer.Typer) -> None:

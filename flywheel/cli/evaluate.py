@@ -23,6 +23,7 @@ from flywheel.cli.common import (
     note,
     note_dataset,
     profile_from,
+    styled,
     table,
 )
 
@@ -81,7 +82,8 @@ def evaluate(
     rows: dict[str, object] = dict(report.metrics())
     console.print(table(f"evaluation: {model}", rows))
     for g in report.generation:
-        console.print(f"[bold]{g.prompt}[/] -> {g.output!r} ({'ok' if g.passed else 'FAILED'})")
+        verdict = "ok" if g.passed else "FAILED"
+        console.print(styled((g.prompt, "bold"), f" -> {g.output!r} ({verdict})"))
     if out:
         report.save(out)
         console.print(f"report: {out}")

@@ -12,9 +12,8 @@ import os
 import sys
 
 import typer
-from rich.markup import escape
 
-from flywheel.cli.common import err_console, quiet_libraries
+from flywheel.cli.common import err_console, quiet_libraries, styled
 from flywheel.errors import FlywheelError
 
 app = typer.Typer(
@@ -71,6 +70,10 @@ for _mod in COMMAND_MODULES:
     importlib.import_module(_mod).register(app)
 
 
+def _error(message: str):
+    return styled(("error:", "red"), " ", message)
+
+
 def main(argv: list[str] | None = None) -> None:
     # Ray and DeepSpeed print a lot at import and init; keep the user's screen for us.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -82,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     except FlywheelError as exc:
         if _state["verbose"]:
             raise
-        # escape: a message quoting the user's "[a, b]" must not be read as rich markup
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(_error(str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
@@ -99,16 +101,12 @@ def main(argv: list[str] | None = None) -> None:
         if name == "Abort":
             sys.exit(1)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            err_console.print(
-                f"[red]error:[/red] {escape(exc.format_message())}",
-                highlight=False,
-                soft_wrap=True,
-            )
+            err_console.print(_error(exc.format_message()), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         if _state["verbose"]:
             raise
         err_console.print(
-            f"[red]error:[/red] {name}: {escape(str(exc))} (run with --verbose for the traceback)",
+            _error(f"{name}: {exc} (run with --verbose for the traceback)"),
             highlight=False,
             soft_wrap=True,
         )

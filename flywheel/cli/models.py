@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from
+from flywheel.cli.common import OverridesArg, ProfileOpt, console, profile_from, styled
 
 models_app = typer.Typer(
     help="The model registry: versions, the champion's history, promotion and rollback.",
@@ -71,7 +71,7 @@ def list_versions(
             aliases += " (raw files: not servable)"
         t.add_row(
             v.version,
-            f"[bold green]{aliases}[/]" if CHAMPION in v.aliases else aliases,
+            styled((aliases, "bold green")) if CHAMPION in v.aliases else aliases,
             v.tags.get(TAG_VERDICT, ""),
             _fmt(v.tags, contracts.CHALLENGER_BITS_PER_BYTE),
             _fmt(v.tags, contracts.CHALLENGER_PERPLEXITY),

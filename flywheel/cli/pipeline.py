@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from flywheel import contracts
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, err_console, profile_from
+from flywheel.cli.common import (
+    OverridesArg,
+    ProfileOpt,
+    console,
+    err_console,
+    make_console,
+    profile_from,
+    styled,
+)
 from flywheel.config import Profile
 from flywheel.errors import ConfigError, FlywheelError
 
@@ -20,15 +27,17 @@ from flywheel.errors import ConfigError, FlywheelError
 def _progress_printer(stream=None):
     # Bound to the stdout of now: while the pipeline runs, sys.stdout is redirected to the
     # log file (kfp.local's task logs), and progress must still reach the terminal.
-    out = Console(file=stream or sys.stdout, highlight=False)
+    out = make_console(file=stream or sys.stdout, highlight=False)
 
     def on_event(task: str, status: str, seconds: float) -> None:
         if status == "start":
-            out.print(f"  [cyan]>[/cyan] {task} ...")
+            out.print(styled("  ", (">", "cyan"), f" {task} ..."))
         elif status == "SUCCESS":
-            out.print(f"  [green]ok[/green] {task} [dim]{seconds:.1f}s[/dim]")
+            out.print(styled("  ", ("ok", "green"), f" {task} ", (f"{seconds:.1f}s", "dim")))
         else:
-            out.print(f"  [red]{status.lower()}[/red] {task} [dim]{seconds:.1f}s[/dim]")
+            out.print(
+                styled("  ", (status.lower(), "red"), f" {task} ", (f"{seconds:.1f}s", "dim"))
+            )
 
     return on_event
 
@@ -44,7 +53,7 @@ def run_and_report(name: str, profile: Profile, arguments: dict, *, json_out: bo
     from flywheel.tracking import tracking_uri
 
     show = err_console if json_out else console
-    show.print(f"[bold]{name}[/bold] on this machine (kfp.local, profile '{profile.name}')")
+    show.print(styled((name, "bold"), f" on this machine (kfp.local, profile '{profile.name}')"))
     on_event = _progress_printer(sys.stderr if json_out else None)
     run = run_local(name, profile, arguments=arguments, on_event=on_event)
     facts = run_facts(profile, run.run_id)
@@ -53,7 +62,9 @@ def run_and_report(name: str, profile: Profile, arguments: dict, *, json_out: bo
     t.add_column("value", overflow="fold")
     t.add_row(
         "state",
-        "[green]succeeded[/green]" if run.succeeded else f"[red]failed[/red] in {run.failed_task}",
+        styled(("succeeded", "green"))
+        if run.succeeded
+        else styled(("failed", "red"), f" in {run.failed_task}"),
     )
     labels = {
         "docs_read": "documents read",
@@ -239,15 +250,15 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="output directory")] = Path("build/pipelines"),
     ) -> None:
         """Write KFP IR YAML for every pipeline (and load each back to prove it parses)."""
-        from rich.markup import escape
-
         from flywheel.kfp.compile import compile_all
         from flywheel.kfp.guard import pod_state_problems
+        from flywheel.runtime.kuberay_manifest import idle_accelerators
 
         p = profile_from(profile, overrides)
-        for problem in pod_state_problems(p):  # submit would refuse these (exit 2)
+        idle = idle_accelerators(p)  # a GPU pod that only watches a RayJob: a warning only
+        for problem in [*pod_state_problems(p), *([idle] if idle else [])]:
             err_console.print(
-                f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True
+                styled(("warning:", "yellow"), " ", problem), highlight=False, soft_wrap=True
             )
         for path in compile_all(p, out):
-            console.print(f"[green]compiled[/green] {path}")
+            console.print(styled(("compiled", "green"), f" {path}"))

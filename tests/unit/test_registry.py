@@ -617,3 +617,23 @@ def test_mlflow_http_limits_are_set_only_around_calls_to_a_tracking_server(monke
     seen.clear()
     assert MlflowAdapter("http://127.0.0.1:9", cfg).call("x", flaky) == "ok"
     assert seen == ["0", "0", "0"] and key not in os.environ
+
+
+@pytest.mark.parametrize(
+    "reason", ["[/]", "[bold red]alarm[/] [link=http://x.example]click[/link]"]
+)
+def test_cli_shows_a_reason_literally_never_as_markup(reg, capsys, monkeypatch, reason):
+    """Issue 24: `--reason '[/]'` broke `models history` for good (rich MarkupError), and
+    markup in a reason was rendered. Every console prints user text as written."""
+    import sys
+
+    from flywheel.cli.common import console
+    from flywheel.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setattr(console, "file", sys.stdout)
+    state = f"state_dir={reg.profile.state_dir}"
+    main(["models", "promote", "2", "--reason", reason, "--actor", "[i]eve[/i]", state])
+    main(["models", "history", state])
+    out = capsys.readouterr().out
+    assert reason in out and "[i]eve[/i]" in out
