@@ -16,7 +16,7 @@ its pod; everything else is real:
 - credentials only from Secrets, per task: a container's environment is exactly the YAML's
   `env:` for its task (TMPDIR on the train task's scratch emptyDir) plus the variables its own
   `secretAsEnv` entries map, filled from a fake Secret store; the PostgreSQL password reaches
-  only the tune tasks, and the values never appear in the YAML;
+  only the plan and tune tasks, and the values never appear in the YAML;
 - state passes only through KFP artifacts and real services on the host's loopback (host
   network): `mlflow server` (tracking, registry, ledger), PostgreSQL (Optuna; Debian's
   package), and an S3-compatible server (moto) holding the corpus, the window and checkpoints.
@@ -62,7 +62,10 @@ pytestmark = pytest.mark.integration
 BUCKET = "flywheel"
 # moto (without require_auth) accepts any keys; distinctive ones let the test find a leak.
 S3_KEYS = {"access-key": "pod-access-key-1234", "secret-key": "pod-secret-key-5678"}
-DB_TASKS = ["tune"]  # the only tasks that get the PostgreSQL password
+# The only tasks that get the PostgreSQL password: tune, and plan, whose preflight checks
+# every service the run will use before any work starts (without it: "fe_sendauth: no
+# password supplied" in the plan pod).
+DB_TASKS = ["plan", "tune"]
 
 
 # ----------------------------------------------------------------------------- the world

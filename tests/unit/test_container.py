@@ -1,8 +1,10 @@
 """The component image: lint, one install path shared with `make setup`, and the build script.
 
-No Docker engine runs here. What can be checked is checked: hadolint on the Dockerfile,
-that the image installs through containers/install.sh (the script `make setup` runs in a
-fresh virtual environment on every CI run), and build_image.sh against a stand-in `docker`.
+The unit tier checks what needs no engine: hadolint on the Dockerfile, that the image
+installs through containers/install.sh (the script `make setup` runs in a fresh virtual
+environment on every CI run), and build_image.sh against a stand-in `docker`. `make image`
+builds the image with podman, and the container tier (tests/integration/test_pod_isolation.py)
+runs every pipeline task in it.
 """
 
 from __future__ import annotations
