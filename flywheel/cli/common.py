@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -81,6 +83,29 @@ def quiet_libraries(verbose: bool, handler: logging.Handler) -> None:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     handler.addFilter(LibraryNoise())
+
+
+def number_range(
+    low: float, high: float | None = None, *, above: bool = False
+) -> Callable[[float | None], float | None]:
+    """The check every numeric option gets at parse time (a typer callback): finite, at least
+    `low` (above it with `above`), at most `high`. A usage error (exit 2) naming the flag,
+    before the profile is read or anything is sent: `submit --wait --timeout -5` used to
+    upload and start a run, then fail; with --dry-run it passed. click's own ranges accept
+    `nan` and `inf`."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        bound = f"above {low:g}" if above else f"at least {low:g}"
+        if high is not None:
+            bound += f" and at most {high:g}"
+        ok = math.isfinite(value) and (value > low if above else value >= low)
+        if not ok or (high is not None and value > high):
+            raise typer.BadParameter(f"{value:g}: must be a number {bound}")
+        return value
+
+    return check
 
 
 def profile_from(profile: Path | None, overrides: list[str] | None) -> Profile:

@@ -11,7 +11,17 @@ from typing import Annotated, Any
 
 import typer
 
-from flywheel.cli.common import OverridesArg, ProfileOpt, console, err_console, profile_from
+from flywheel.cli.common import (
+    OverridesArg,
+    ProfileOpt,
+    console,
+    err_console,
+    number_range,
+    profile_from,
+)
+
+# Kubeflow's API accepts a recurring run's max_concurrency in this range.
+MAX_CONCURRENCY = (1, 10)
 
 HostOpt = Annotated[str | None, typer.Option("--host", help="KFP API URL (default: kfp.host)")]
 NamespaceOpt = Annotated[
@@ -130,9 +140,18 @@ def submit_cmd(
     wait: Annotated[
         bool, typer.Option("--wait", help="follow the run; exit 1 if it fails")
     ] = False,
-    timeout: Annotated[float, typer.Option(help="--wait gives up after this many seconds")] = 6
-    * 3600,
-    poll: Annotated[float, typer.Option(help="--wait polls every this many seconds")] = 10.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="--wait gives up after this many seconds", callback=number_range(0, above=True)
+        ),
+    ] = 6 * 3600,
+    poll: Annotated[
+        float,
+        typer.Option(
+            help="--wait polls every this many seconds", callback=number_range(0, above=True)
+        ),
+    ] = 10.0,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Compile PIPELINE, upload it as a version (once per content) and start a run; print its URL."""
@@ -197,7 +216,13 @@ def schedule_create(
     experiment: ExperimentOpt = None,
     package: PackageOpt = None,
     data_location: DataOpt = None,
-    max_concurrency: Annotated[int, typer.Option(help="runs at once (1: never overlap)")] = 1,
+    max_concurrency: Annotated[
+        int,
+        typer.Option(
+            help="runs at once (1: never overlap; Kubeflow accepts 1 to 10)",
+            callback=number_range(*MAX_CONCURRENCY),
+        ),
+    ] = 1,
     catchup: Annotated[
         bool, typer.Option("--catchup", help="backfill runs missed while paused")
     ] = False,

@@ -10,6 +10,8 @@ import importlib
 import logging
 import os
 import sys
+import traceback
+from typing import Any
 
 import typer
 
@@ -74,17 +76,62 @@ def _error(message: str):
     return styled(("error:", "red"), " ", message)
 
 
+# The root command's own options. click reads a group's options only before the subcommand's
+# name, so `flywheel submit retrain --verbose` was "No such option"; they are accepted
+# wherever the user puts them and moved to the front before click parses.
+ROOT_OPTIONS = ("--verbose", "-v")
+
+
+def lift_root_options(argv: list[str]) -> list[str]:
+    """argv with every root option moved to the front. A token that is the value of a
+    subcommand's option (`--reason -v`) stays: the command tree says which options take a
+    value. Nothing after `--` moves."""
+    import typer.main
+
+    cmd: Any = typer.main.get_command(app)
+    lifted: list[str] = []
+    rest: list[str] = []
+    value_next = False
+    for i, token in enumerate(argv):
+        if token == "--":
+            rest.extend(argv[i:])
+            break
+        if value_next:
+            rest.append(token)
+            value_next = False
+        elif token in ROOT_OPTIONS:
+            lifted.append(token)
+        else:
+            rest.append(token)
+            sub = getattr(cmd, "commands", {}).get(token)
+            if sub is not None:
+                cmd = sub
+            elif token.startswith("-") and "=" not in token:
+                value_next = _takes_value(cmd, token)
+    return lifted + rest
+
+
+def _takes_value(cmd: Any, flag: str) -> bool:
+    for param in getattr(cmd, "params", []):
+        if flag in (*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())):
+            return not (getattr(param, "is_flag", False) or getattr(param, "count", False))
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     # Ray and DeepSpeed print a lot at import and init; keep the user's screen for us.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
         # With standalone_mode=False click returns a command's exit code instead of exiting.
-        rc = app(args=argv, standalone_mode=False)
+        args = lift_root_options(sys.argv[1:] if argv is None else list(argv))
+        rc = app(args=args, standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except FlywheelError as exc:
         if _state["verbose"]:
-            raise
+            # The traceback, then the same line and exit code as without --verbose: a
+            # script's check of the exit code must not change with the detail asked for.
+            traceback.print_exc()
         err_console.print(_error(str(exc)), highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except SystemExit:
@@ -101,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         if name == "Abort":
             sys.exit(1)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            err_console.print(_error(exc.format_message()), highlight=False, soft_wrap=True)
+            message = exc.format_message()
+            # `flywheel` or `flywheel models` alone: click has printed the usage and raises
+            # with no message; an empty `error:` line would read as a failure of its own.
+            if message.strip():
+                err_console.print(_error(message), highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         if _state["verbose"]:
             raise
