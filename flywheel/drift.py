@@ -48,6 +48,7 @@ from pydantic import BaseModel
 from flywheel.config import DriftConfig, Profile
 from flywheel.errors import DataError
 from flywheel.storage import is_uri, staged
+from flywheel.text_policy import text_problem
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class WindowSample(BaseModel):
     seed: int = 0
     window_hours: float | None = None
     sample: Path | None = None  # the measured rows: text, location (file:line), timestamp
+    # records left out by the text policy (flywheel.text_policy) or undecodable, by reason
+    rejected: dict[str, int] = {}
 
 
 class DriftResult(BaseModel):
@@ -104,6 +107,7 @@ class DriftResult(BaseModel):
             "n_window": float(self.n_window),
             "n_reference": float(self.n_reference),
             "window_records": float(self.window.records),
+            "window_rejected": float(sum(self.window.rejected.values())),
         }
         out.update({f"{name}_score": f.score for name, f in self.features.items()})
         return out
@@ -123,17 +127,28 @@ def _window_files(path: Path) -> list[Path]:
     raise DataError(f"window {path}: no such file or directory")
 
 
-def _read_records(file: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location, record) pairs; the location names file and line for messages."""
+# A window line that is not UTF-8 is left out and counted under this reason (the data stage's
+# name for it); decoding with replacement characters would measure text nobody sent.
+UNDECODABLE = "undecodable_bytes"
+
+
+def _read_records(file: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """(location, record) pairs; the location names file and line for messages. A line that
+    is not UTF-8 comes as (location, None)."""
     if file.suffix == ".parquet":
         try:
             frame = pd.read_parquet(file)
         except Exception as exc:
             raise DataError(f"window {file}: not a readable parquet file ({exc})") from None
         return [(f"{file} row {i}", rec) for i, rec in enumerate(frame.to_dict("records"))]
-    out = []
-    with file.open(encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    with file.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff")
+            except UnicodeDecodeError:
+                out.append((f"{file}:{n}", None))
+                continue
             if not line.strip():
                 continue
             try:
@@ -174,9 +189,10 @@ def load_window(
         frame.attrs["window"]["source"] = str(window)
         return frame
     path = Path(window)
-    records = [r for f in _window_files(path) for r in _read_records(f)]
-    if not records:
+    read = [r for f in _window_files(path) for r in _read_records(f)]
+    if not read:
         raise DataError(f"window {path} is empty: no records")
+    records, rejected = _apply_text_policy(read, cfg.text_field)
     missing = [
         loc
         for loc, rec in records
@@ -205,10 +221,12 @@ def load_window(
     if cfg.window_hours is not None:
         frame = _recent(frame, path, cfg, time.time() if now is None else now, stamped)
     if len(frame) < cfg.min_rows:
+        left_out = sum(rejected.values())
         raise DataError(
             f"window {path}: {len(frame)} records"
             + (f" in the last {cfg.window_hours:g} h" if cfg.window_hours is not None else "")
             + f", fewer than drift.min_rows={cfg.min_rows}; too little to measure drift"
+            + (f" ({left_out} left out: {_reasons(rejected)})" if left_out else "")
         )
     recent = len(frame)
     if recent > cfg.max_rows:
@@ -218,13 +236,45 @@ def load_window(
     frame = frame.reset_index(drop=True)
     frame.attrs["window"] = {
         "source": str(window),
-        "records": len(records),
+        "records": len(read),
+        "rejected": rejected,
         "recent": recent,
         "rows": len(frame),
         "seed": cfg.seed,
         "window_hours": cfg.window_hours,
     }
     return frame
+
+
+def _apply_text_policy(
+    read: list[tuple[str, dict[str, Any] | None]], text_field: str
+) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, int]]:
+    """The records whose text the text policy accepts, and the others counted by reason.
+    Records without text pass through: `load_window` refuses those by name."""
+    kept: list[tuple[str, dict[str, Any]]] = []
+    rejected: dict[str, int] = {}
+    first = ""
+    for loc, rec in read:
+        text = rec.get(text_field) if rec is not None else None
+        problem = (
+            (UNDECODABLE, "")
+            if rec is None
+            else text_problem(text)
+            if isinstance(text, str)
+            else None
+        )
+        if problem:
+            rejected[problem[0]] = rejected.get(problem[0], 0) + 1
+            first = first or f"{loc}: {problem[0]} {problem[1]}".strip()
+        else:
+            kept.append((loc, rec))  # type: ignore[arg-type]
+    if rejected:  # one line for the window, not one per record
+        log.warning("window: %s left out (first %s)", _reasons(rejected), first)
+    return kept, dict(sorted(rejected.items()))
+
+
+def _reasons(rejected: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in rejected.items())
 
 
 def _recent(

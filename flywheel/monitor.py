@@ -212,7 +212,12 @@ def add_to_report(html: Path, result: MonitorCheck) -> None:
         (
             "window",
             f"{w.source}: {w.records} records, {w.recent} in range, {w.rows} measured "
-            f"(seed {w.seed})",
+            f"(seed {w.seed})"
+            + (
+                f"; left out: {', '.join(f'{n} {r}' for r, n in w.rejected.items())}"
+                if w.rejected
+                else ""
+            ),
         )
     )
     cells = "".join(

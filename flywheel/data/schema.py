@@ -15,6 +15,9 @@ import pandas as pd
 
 from flywheel.errors import DataError
 
+# Reject reasons decided by the text policy, named here with the others.
+from flywheel.text_policy import CONTROL_CHARACTER, INVALID_UNICODE, NONCHARACTER  # noqa: F401
+
 # Columns of a document row as it leaves a source.
 # Groups for the keyed shuffles. Ray's map_groups calls Python once per group, so keying
 # on the band hash itself (~100k distinct values) costs ~1 ms per group; keying on a
@@ -50,9 +53,9 @@ UNREADABLE_FILE = "unreadable_file"
 UNREADABLE_RECORD = "unreadable_record"
 UNSUPPORTED_FILE = "unsupported_file_type"
 UNPARSABLE_MODULE = "unparsable_module"
+# INVALID_UNICODE, CONTROL_CHARACTER, NONCHARACTER (imported above) are the text policy's.
 # Valid JSON ("\\ud800") can hold a lone surrogate, which no UTF-8 file, Arrow column or
-# tokenizer can store: one such string poisons a whole Ray block, so the row goes here.
-INVALID_UNICODE = "invalid_unicode"
+# tokenizer can store: one such string poisons a whole Ray block, so the row goes there.
 
 
 class StepFailure(DataError):

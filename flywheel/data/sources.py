@@ -26,6 +26,7 @@ import pandas as pd
 from flywheel.config import SourceConfig
 from flywheel.data import schema
 from flywheel.errors import DataError
+from flywheel.text_policy import text_problem
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".parquet")
@@ -123,11 +124,17 @@ def _timestamp(value: Any) -> str | None:
 
 
 def doc_row(id_: str, source: str, text: str, timestamp: str | None = None) -> dict:
-    """A document; a reject (invalid_unicode) if a field cannot be stored as UTF-8."""
+    """A document; a reject (invalid_unicode) if a field cannot be stored as UTF-8, or the
+    text policy's reject if its text holds what text may not (`flywheel.text_policy`).
+    Every reader of the data stage (files, records, datasets, pydocs) makes its documents
+    here, so the policy holds for every format."""
     for field, value in (("text", text), ("id", id_), ("source", source), ("timestamp", timestamp)):
         problem = unencodable(value) if value is not None else None
         if problem:
             return reject_row(id_, source, schema.INVALID_UNICODE, f"{field}: {problem}")
+    refused = text_problem(text)
+    if refused:
+        return reject_row(id_, source, refused[0], f"text: {refused[1]}")
     return {
         "id": id_,
         "source": source,
@@ -175,6 +182,9 @@ def record_row(record: Any, id_: str, source: str, cfg: SourceConfig) -> dict:
         problem = unencodable(value) if field and value is not None else None
         if problem:
             return reject_row(id_, source, schema.INVALID_UNICODE, f"'{field}': {problem}")
+    refused = text_problem(text)
+    if refused:
+        return reject_row(id_, source, refused[0], f"'{cfg.text_field}': {refused[1]}")
     return doc_row(id_, source, text, ts)
 
 

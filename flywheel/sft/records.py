@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flywheel.config import ColumnsConfig
+from flywheel.text_policy import text_problem
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 ROLES = (SYSTEM, USER, ASSISTANT)
@@ -80,7 +81,15 @@ def _text(record: Mapping[str, Any], key: str, what: str, required: bool = True)
     value = record[key]
     if not isinstance(value, str):
         raise BadRecord(NON_STRING_FIELD, f"'{key}' ({what}) is {type(value).__name__}, not text")
+    _check_text(value, f"'{key}'")
     return value
+
+
+def _check_text(value: str, where: str) -> None:
+    # The text policy (flywheel.text_policy), on every string that becomes a sample's text.
+    refused = text_problem(value)
+    if refused:
+        raise BadRecord(refused[0], f"{where}: {refused[1]}")
 
 
 def _instruction(record: Mapping[str, Any], cols: ColumnsConfig) -> tuple[Turn, ...]:
@@ -124,6 +133,7 @@ def _turn(i: int, raw: Any, cols: ColumnsConfig) -> Turn:
         raise BadRecord(MISSING_FIELD, f"turn {i} has no '{cols.content}' (data.columns.content)")
     if not isinstance(content, str):
         raise BadRecord(NON_STRING_FIELD, f"turn {i} '{cols.content}' is {type(content).__name__}")
+    _check_text(content, f"turn {i} '{cols.content}'")
     if not content.strip():
         reason = EMPTY_RESPONSE if role == ASSISTANT else EMPTY_PROMPT
         raise BadRecord(reason, f"turn {i} ({role}) is empty")

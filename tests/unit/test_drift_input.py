@@ -59,6 +59,7 @@ def test_window_from_a_directory_of_jsonl_and_parquet_in_time_order(tmp_path):
     assert frame.attrs["window"] == {
         "source": str(tmp_path / "w"),
         "records": 10,
+        "rejected": {},
         "recent": 10,
         "rows": 10,
         "seed": 0,
