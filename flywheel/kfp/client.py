@@ -30,6 +30,8 @@ import io
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,6 +60,11 @@ TERMINAL_BAD = {"FAILED", "CANCELED", "ERROR"}
 # The health check's (connect, read) timeouts in seconds: a host that accepts and never
 # answers (a stuck proxy) fails here instead of hanging the command.
 HEALTHZ_TIMEOUT_S = (5.0, 15.0)
+# Every other API call ends within this many seconds. kfp.Client sets no request timeout and
+# has no public way to set one (its generated client hands urllib3 timeout=None), so a server
+# that answers healthz and then stalls (a stuck ingress) hung submit and schedule list for
+# good. Generous: an upload of a large pipeline spec is one call.
+CALL_TIMEOUT_S = 120.0
 
 
 # ------------------------------------------------------------------------ values
@@ -221,8 +228,40 @@ def _translated(target: KfpTarget, action: str) -> Iterator[None]:
         raise FlywheelError(
             f"cannot reach Kubeflow Pipelines at {target.host} ({action}): {_unreachable_reason(exc)}"
         ) from None
+    except _Stalled as exc:
+        raise FlywheelError(
+            f"Kubeflow Pipelines at {target.host}: {action}: no answer in {exc.seconds:g} s"
+        ) from None
     except (ValueError, TimeoutError) as exc:  # kfp.Client's own checks (e.g. duplicate names)
         raise FlywheelError(_mask(f"Kubeflow Pipelines: {action} failed: {exc}", target)) from None
+
+
+class _Stalled(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no answer in {seconds:g} s")
+        self.seconds = seconds
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise _Stalled in the block once `seconds` have passed, wherever it waits (a
+    blocking socket read included: the alarm's handler raises, so the read is not resumed).
+    Only the main thread receives signals; elsewhere the block runs unbounded, and the CLI,
+    the one caller that talks to Kubeflow, calls from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signum: int, _frame: Any) -> None:
+        raise _Stalled(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _mask(text: str, target: KfpTarget) -> str:
@@ -332,7 +371,11 @@ class KfpSession:
     @contextlib.contextmanager
     def _call(self, action: str) -> Iterator[None]:
         # kfp.Client prints "Run details: ..." links itself; we print our own.
-        with _translated(self.target, action), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            _translated(self.target, action),
+            contextlib.redirect_stdout(io.StringIO()),
+            _deadline(CALL_TIMEOUT_S),
+        ):
             yield
 
     # --------------------------------------------------------------- pipelines

@@ -653,3 +653,32 @@ def test_package_that_is_not_a_pipeline_yaml_is_one_line_exit_2(tmp_path, state_
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1, err
         assert why in lines[0] and "Traceback" not in err and "UnicodeDecodeError" not in err
+
+
+def test_a_call_the_server_never_answers_ends_in_one_line(kfp, monkeypatch):
+    """Issue 24: an API that answers healthz and then stalls (a stuck ingress) hung submit and
+    schedule list for good: kfp.Client sets no request timeout. Every call now has one."""
+    import threading
+    import time
+
+    import flywheel.kfp.client as client_mod
+
+    released = threading.Event()
+
+    def stall(p, q, b):
+        released.wait(10)
+        return {}
+
+    monkeypatch.setattr(kfp, "_op_RecurringRunService_ListRecurringRuns", stall)
+    monkeypatch.setattr(client_mod, "CALL_TIMEOUT_S", 0.5)
+    session = KfpSession(KfpTarget(kfp.url, token=TOKEN))
+    start = time.monotonic()
+    try:
+        with pytest.raises(FlywheelError) as info:
+            session.list_recurring_runs()
+    finally:
+        released.set()
+    assert time.monotonic() - start < 5
+    assert str(info.value) == (
+        f"Kubeflow Pipelines at {kfp.url}: listing recurring runs: no answer in 0.5 s"
+    )
