@@ -16,6 +16,7 @@ significantly higher than on its held-out data, by at least `drift.min_degradati
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from flywheel.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from flywheel.degradation import PerformanceDrift
     from flywheel.drift import DriftResult
+
+log = logging.getLogger(__name__)
 
 # A retrain that started this long ago without a summary is presumed dead (its pod was
 # evicted, the machine rebooted) and no longer blocks the monitor.
@@ -255,7 +258,9 @@ def _epoch(item: Any) -> float | None:
 
 
 def retrains_in_flight(profile: Profile, exclude_run: str, now: float) -> list[str]:
-    """Pipeline runs with a `plan` ledger entry, no `summary`, younger than STALE_RUN_S."""
+    """Pipeline runs with a `plan` ledger entry, no `summary`, younger than STALE_RUN_S, and
+    whose driver, when the plan names one on this machine, is still running: a local run
+    interrupted by Ctrl-C writes no summary, and must not block retrains for hours."""
     import mlflow
 
     from flywheel.tracking import experiment_id, tracking_uri
@@ -272,8 +277,17 @@ def retrains_in_flight(profile: Profile, exclude_run: str, now: float) -> list[s
         filter_string=f"tags.`{ledger.STAGE_TAG}` = 'summary' and attributes.start_time > {since}",
     )
     done = {r.data.tags.get(ledger.RUN_TAG) for r in finished}
-    runs = {r.data.tags.get(ledger.RUN_TAG) for r in started}
-    return sorted(r for r in runs if r and r not in done and r != exclude_run)
+    runs: set[str] = set()
+    for entry in started:
+        run = entry.data.tags.get(ledger.RUN_TAG)
+        if not run or run in done or run == exclude_run:
+            continue
+        mark = entry.data.tags.get(ledger.DRIVER_TAG)
+        if mark and ledger.driver_alive(mark) is False:
+            log.info("run %s was interrupted (its driver %s is gone): not in flight", run, mark)
+            continue
+        runs.add(run)
+    return sorted(runs)
 
 
 REFERENCE_ARTIFACT = contracts.REFERENCE_SAMPLE

@@ -75,6 +75,7 @@ def plan(profile: dict[str, Any], run_id: str) -> PlanResult:
     with ledger.stage(p, run_id, contracts.PLAN, timed=False) as entry:
         preflight.check(p)
         entry.tags[contracts.PLAN_TUNE_ENABLED] = p.tune.enabled
+        entry.tags.update(ledger.driver_tags())  # a local run's driver: is it still going?
     return PlanResult(tune_enabled=p.tune.enabled, model_name=p.registry.model_name)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel import ledger
 from flywheel.config import Profile
 from flywheel.kfp.compile import compile_pipeline
 
@@ -192,7 +193,9 @@ def run_local(
     t0 = time.monotonic()
     with open(log_file, "w") as log:
         stream = _TaskStream(log, on_event)
-        with redirect_stdout(stream), warnings.catch_warnings():
+        # ledger.driving: the run's plan entry names this process, so a monitor can tell
+        # this run from one whose driver was interrupted.
+        with redirect_stdout(stream), warnings.catch_warnings(), ledger.driving():
             # kfp.local warns, per task, that resources and display names are cluster-only
             # and that the project image is not used locally: both by design here.
             warnings.simplefilter("ignore", UserWarning)
