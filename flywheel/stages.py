@@ -10,13 +10,17 @@ function.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from flywheel import contracts, forgetting, ledger
-from flywheel.config import Profile
+from flywheel.config import Profile, validate_profile
 from flywheel.profiles import (
     champion_model_dir,
     load,
@@ -99,12 +103,55 @@ def prepare(
     p = with_champion_tokenizer(with_data_location(load(profile), data_location))
     with ledger.stage(p, run_id, contracts.PREPARE_DATA) as entry:
         # A retrain on new data also learns from a replay of the champion's documents.
-        with staged_source(p) as staged, forgetting.replayed(staged, bool(data_location)) as local:
+        with source_for_workers(p, bool(data_location)) as local:
             stats = prepare_data(local, Path(out_dir), progress, store=store, label=label)
         record_source(Path(stats.out_dir or out_dir), p.data.source.path)
         entry.metrics.update(stats.metrics())
         entry.tags["content_hash"] = stats.content_hash
     return stats
+
+
+# The folder a local corpus is uploaded under (inside its hand-off upload, beside the
+# upload's completion mark, which is no document).
+SOURCE_DIR = "corpus"
+
+
+@contextlib.contextmanager
+def source_for_workers(profile: Profile, new_data: bool) -> Iterator[Profile]:
+    """The profile whose `data.source.path` the data stage's Ray tasks can open wherever
+    they run. On this machine (ray.mode local, a loopback address): a URI is staged to a
+    local copy and the replay mixed in, as before. Where tasks may run on other nodes
+    (address elsewhere, kuberay): a URI is read in place by the tasks; a local corpus (or
+    one staged here to mix in the replay) is uploaded once under storage.root's hand-off
+    (runtime.crossing), and a plain-path storage.root is refused naming it, before Ray starts."""
+    from flywheel import storage
+    from flywheel.runtime import crossing
+
+    replay = new_data and profile.drift.replay_share > 0
+    src = profile.data.source
+    base = crossing.handoff_root(profile) if src.kind == "files" else None
+    if base is None:
+        with staged_source(profile) as staged, forgetting.replayed(staged, new_data) as local:
+            yield local
+        return
+    if storage.is_remote(src.path) and not replay:
+        yield profile
+        return
+    with (
+        staged_source(profile) as staged,
+        forgetting.replayed(staged, new_data) as local,
+        tempfile.TemporaryDirectory(prefix="flywheel-source-") as tmp,
+    ):
+        corpus, holder = Path(local.data.source.path or ""), Path(tmp) / SOURCE_DIR
+        if corpus.is_dir():
+            shutil.copytree(corpus, holder)
+        else:
+            holder.mkdir()
+            shutil.copy2(corpus, holder / corpus.name)
+        uri = crossing.upload_once(Path(tmp), base, "data", profile.storage.endpoint_url)
+        data = local.model_dump()
+        data["data"]["source"]["path"] = f"{uri.rstrip('/')}/{SOURCE_DIR}"
+        yield validate_profile(data, "the data source handed to the Ray workers")
 
 
 def tune(

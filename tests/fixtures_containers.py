@@ -200,3 +200,70 @@ def _pipeline_line(text: str) -> str:
     plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
     lines = [ln for ln in plain.splitlines() if "Pipeline '" in ln and "finished with status" in ln]
     return lines[-1] if lines else ""
+
+
+# ---------------------------------------------------------------- a Ray cluster of containers
+
+
+class RayCluster:
+    """A Ray cluster laid out as KubeRay lays it out, each node a container of the image:
+    a head with no CPUs (`num-cpus: 0`, KubeRay's recommended head) and workers with their
+    own filesystems. Host network: every node binds its own ports on this machine, and the
+    object managers move objects between nodes over TCP, as between pods."""
+
+    def __init__(self, image: str, env: dict[str, str], workers: int = 1, worker_cpus: int = 2):
+        from fixtures_services import free_port
+
+        self.image, self.env, self.workers, self.worker_cpus = image, env, workers, worker_cpus
+        self.port, self.dashboard = free_port(), free_port()
+        self.tag = f"fwray-{os.getpid()}-{self.port}"
+        self.head = f"{self.tag}-head"
+        self.names = [self.head, *(f"{self.tag}-worker{i}" for i in range(workers))]
+
+    @property
+    def gcs(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _start(self, name: str, *ray_args: str) -> None:
+        env_args = [a for k, v in self.env.items() for a in ("-e", f"{k}={v}")]
+        podman("run", "-d", "--name", name, "--network", "host", "--shm-size", "1g", *env_args,
+               self.image, "ray", "start", "--block", "--disable-usage-stats", *ray_args)  # fmt: skip
+
+    def __enter__(self) -> RayCluster:
+        self._start(self.head, "--head", "--num-cpus", "0", "--port", str(self.port),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard))  # fmt: skip
+        for name in self.names[1:]:
+            self._start(name, "--address", self.gcs, "--num-cpus", str(self.worker_cpus))
+        want = 1 + self.workers
+        deadline = time.monotonic() + 180
+        while True:
+            seen = self.on_head(
+                "python", "-c",
+                "import ray; ray.init(address='auto', logging_level='ERROR'); "
+                "print(sum(n['Alive'] for n in ray.nodes()))",
+                check=False, timeout=60,
+            )  # fmt: skip
+            if seen.returncode == 0 and seen.stdout.strip().endswith(str(want)):
+                return self
+            if time.monotonic() > deadline:
+                logs = podman("logs", self.names[-1], check=False).stderr[-1500:]
+                self.__exit__()
+                pytest.fail(
+                    f"the Ray cluster did not reach {want} nodes: {seen.stderr[-800:]}\n{logs}"
+                )
+            time.sleep(3)
+
+    def __exit__(self, *exc: object) -> None:
+        podman("rm", "--force", *self.names, check=False, timeout=120)
+
+    def on_head(self, *cmd: str, check: bool = True, timeout: float = 900,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+        """A process on the head node (as a RayJob's driver runs there), as the image's user."""
+        env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
+        done = podman("exec", *env_args, self.head, *cmd, check=False, timeout=timeout)
+        if check:
+            assert done.returncode == 0, f"{' '.join(cmd[:4])}: {done.stderr[-3000:]}"
+        return done
+
+    def on_worker(self, *cmd: str) -> subprocess.CompletedProcess:
+        return podman("exec", self.names[1], *cmd, check=False)

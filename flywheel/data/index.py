@@ -24,11 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flywheel import storage
 from flywheel.config import DedupConfig, Profile
-from flywheel.data import schema
+from flywheel.data import schema, shards
 from flywheel.errors import DataError, StorageError
 
 INDEX_DIR = "dedup_index"
@@ -67,12 +66,10 @@ def index_rows(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 class WriteIndex(schema.Step):
-    """Per key bucket: one Parquet file of index rows sorted by key. Returns (file, rows)."""
+    """Per key bucket: one Parquet file of index rows sorted by key, returned as a
+    `shards.file_result` row (file, bytes, rows) for the driver to write."""
 
     row_wise = False
-
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.sort_values("key", kind="stable").drop_duplicates("key")
@@ -81,22 +78,19 @@ class WriteIndex(schema.Step):
         table = pa.Table.from_pandas(
             rows[["key", "id", "minhash"]], schema=_SCHEMA, preserve_index=False
         )
-        path = Path(self.out_dir) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
-        return pd.DataFrame({"file": [name], "rows": [len(rows)]})
+        return shards.file_result(name, shards.parquet_bytes(table), rows=len(rows))
 
 
 def write(final, cfg: DedupConfig, out_dir: Path, content_hash: str) -> int:
     """The index of `final`'s kept documents under out_dir/dedup_index; returns its rows.
     `content_hash`: the dataset's, so a prepare deduplicated against it names it."""
     columns = [c for c in ("key", "id", "minhash", "bucket", "reason") if c in final.columns()]
-    written = (
+    written = shards.gather_files(
         final.select_columns(columns)  # not the texts: converting them was most of the pass
         .map_batches(index_rows, batch_format="pandas")
         .groupby("bucket")
-        .map_groups(WriteIndex(str(out_dir)), batch_format="pandas")
-        .to_pandas()
+        .map_groups(WriteIndex(), batch_format="pandas"),
+        out_dir,
     )
     (out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
     info = {**meta(cfg), "content_hash": content_hash}

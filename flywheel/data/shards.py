@@ -13,7 +13,9 @@ never on the driver:
 3. a groupby on (split, shard) hands each shard its own documents plus the first documents
    of the next ranges ("lookahead", at least one sequence's worth), so the sequence that
    straddles two shards is completed by the shard it starts in;
-4. each shard task writes `part-<shard>.parquet` itself.
+4. each shard task encodes `part-<shard>.parquet` itself and returns its bytes, which the
+   driver writes (`gather_files`: on a cluster the task runs on another node, whose disk
+   neither the driver nor the step that uploads the dataset ever sees).
 
 What bounds memory: on the driver, the per-range counts; in a task, one shard's documents
 (~`SEQUENCES_PER_SHARD` x `block_size` tokens) and its lookahead. The shards depend only
@@ -23,6 +25,7 @@ input gives the same bytes.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,13 +147,55 @@ def stream_with_eos(ids: pa.Array, eos_id: int) -> tuple[np.ndarray, np.ndarray]
     return out, lengths
 
 
-def write_sequences(seqs: np.ndarray, path: Path) -> None:
+def sequences_bytes(seqs: np.ndarray) -> bytes:
     """One shard: column `input_ids` (list<int32>), one row per sequence, one row group."""
     n, size = seqs.shape
     offsets = pa.array(np.arange(0, (n + 1) * size, size, dtype=np.int32))
     column = pa.ListArray.from_arrays(offsets, pa.array(seqs.reshape(-1), type=pa.int32()))
+    return parquet_bytes(pa.table({artifacts.TOKEN_COLUMN: column}), compression="zstd")
+
+
+def write_sequences(seqs: np.ndarray, path: Path) -> None:
+    _write(path, sequences_bytes(seqs))
+
+
+# ------------------------------------------------------------ files to the driver
+
+# What a task that makes a file returns: the file's name relative to the dataset directory,
+# its bytes, and its counts. A Ray task never writes into the driver's directory.
+FILE_COLUMN = "file"
+DATA_COLUMN = "data"
+
+
+def parquet_bytes(table: pa.Table, **options) -> bytes:
+    """`table` as a Parquet file's bytes (the same bytes pq.write_table writes to a path)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue().to_pybytes()
+
+
+def file_result(name: str, data: bytes, **counts: object) -> pd.DataFrame:
+    """A file-making task's one result row."""
+    return pd.DataFrame(
+        {FILE_COLUMN: [name], DATA_COLUMN: [data], **{k: [v] for k, v in counts.items()}}
+    )
+
+
+def gather_files(results, out_dir: Path) -> pd.DataFrame:
+    """Write the files a Ray Dataset of `file_result` rows carries into `out_dir`, one at a
+    time as the tasks finish (the driver holds one file, never the dataset); returns the rows
+    without their bytes."""
+    rows = []
+    for batch in results.iter_batches(batch_size=1, batch_format="pandas", prefetch_batches=0):
+        for name, data in zip(batch[FILE_COLUMN], batch[DATA_COLUMN], strict=True):
+            _write(out_dir / name, bytes(data))
+        rows.append(batch.drop(columns=[DATA_COLUMN]))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame({FILE_COLUMN: []})
+
+
+def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({artifacts.TOKEN_COLUMN: column}), path, compression="zstd")
+    path.write_bytes(data)
 
 
 def shard_name(split: str, shard: int) -> str:
@@ -158,16 +203,15 @@ def shard_name(split: str, shard: int) -> str:
 
 
 class PackShard(schema.Step):
-    """Per (split, shard) group: the shard's sequences, written to `out_dir`; returns one
-    row of counts (the driver only sums them)."""
+    """Per (split, shard) group: the shard's sequences as a Parquet file; returns it as one
+    `file_result` row with its counts (the driver writes it and sums the counts)."""
 
     row_wise = False
 
-    def __init__(self, plans: dict[str, SplitPlan], seq_len: int, eos_id: int, out_dir: str):
+    def __init__(self, plans: dict[str, SplitPlan], seq_len: int, eos_id: int):
         self.plans = plans
         self.seq_len = seq_len
         self.eos_id = eos_id
-        self.out_dir = out_dir
 
     def __call__(self, batch: pa.Table) -> pd.DataFrame:  # type: ignore[override]
         split = batch["split"][0].as_py()
@@ -190,9 +234,9 @@ class PackShard(schema.Step):
                 (len(stream) - first) // self.seq_len,
             )
         seqs = stream[first : first + n * self.seq_len].reshape(n, self.seq_len)
-        name = shard_name(split, k)
-        write_sequences(seqs, Path(self.out_dir) / name)
-        return pd.DataFrame({"split": [split], "shard": [k], "file": [name], "sequences": [n]})
+        return file_result(
+            shard_name(split, k), sequences_bytes(seqs), split=split, shard=k, sequences=n
+        )
 
 
 # ----------------------------------------------------------------------- reports
@@ -222,16 +266,16 @@ def text_table(frame: pd.DataFrame) -> pa.Table:
     )
 
 
-def write_text(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(text_table(frame), path, compression="zstd", row_group_size=TEXT_ROWS_PER_GROUP)
+def text_bytes(frame: pd.DataFrame) -> bytes:
+    return parquet_bytes(text_table(frame), compression="zstd", row_group_size=TEXT_ROWS_PER_GROUP)
 
 
-def write_jsonl(frame: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
+def jsonl_bytes(frame: pd.DataFrame, columns: tuple[str, ...]) -> bytes:
     frame = frame.sort_values(["source", "id"], kind="stable")
-    with path.open("w") as f:
-        for row in frame[list(columns)].itertuples(index=False):
-            f.write(json.dumps(row._asdict(), ensure_ascii=False) + "\n")
+    out = io.StringIO()
+    for row in frame[list(columns)].itertuples(index=False):
+        out.write(json.dumps(row._asdict(), ensure_ascii=False) + "\n")
+    return out.getvalue().encode("utf-8")
 
 
 REJECT_FIELDS = ("id", "source", "reason", "detail")
@@ -239,26 +283,26 @@ DROPPED_FIELDS = ("id", "source", "dropped_by", "reason", "detail")
 
 
 class WriteReport(schema.Step):
-    """Per `file` group: write that one file (rejects, dropped, test or reference text).
+    """Per `file` group: that one file (rejects, dropped, test or reference text), returned
+    as a `file_result` row for the driver to write.
 
     One task per file, so no single process but that task ever holds the file's rows.
     """
 
     row_wise = False
 
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
-
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        name = str(batch["file"].iloc[0])
-        write_file(name, batch, Path(self.out_dir))
-        return pd.DataFrame({"file": [name], "rows": [len(batch)]})
+        name = str(batch[FILE_COLUMN].iloc[0])
+        return file_result(name, report_bytes(name, batch), rows=len(batch))
+
+
+def report_bytes(name: str, rows: pd.DataFrame) -> bytes:
+    if name == artifacts.REJECTS:
+        return jsonl_bytes(rows, REJECT_FIELDS)
+    if name in (artifacts.TEST_TEXT, artifacts.REFERENCE_TEXT):
+        return text_bytes(rows)
+    return jsonl_bytes(rows, DROPPED_FIELDS)
 
 
 def write_file(name: str, rows: pd.DataFrame, out_dir: Path) -> None:
-    if name == artifacts.REJECTS:
-        write_jsonl(rows, out_dir / name, REJECT_FIELDS)
-    elif name in (artifacts.TEST_TEXT, artifacts.REFERENCE_TEXT):
-        write_text(rows, out_dir / name)
-    else:
-        write_jsonl(rows, out_dir / name, DROPPED_FIELDS)
+    _write(out_dir / name, report_bytes(name, rows))

@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 import sysconfig
+import tempfile
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from flywheel import storage
 from flywheel.config import SourceConfig
 from flywheel.data import schema
 from flywheel.errors import DataError
@@ -41,8 +43,9 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_units(cfg: SourceConfig) -> list[str]:
-    """The units to read, in a fixed order (sorted), so `max_docs` picks the same documents."""
+def list_units(cfg: SourceConfig, endpoint_url: str | None = None) -> list[str]:
+    """The units to read, in a fixed order (sorted), so `max_docs` picks the same documents.
+    A `files` source may be a storage URI (read in place: see `ReadUnits`)."""
     if cfg.kind == "pydocs":
         root = stdlib_root()
         modules = sorted(
@@ -51,6 +54,8 @@ def list_units(cfg: SourceConfig) -> list[str]:
             if not _STDLIB_SKIP.intersection(p.relative_to(root).parts)
         )
         return [TOPICS_UNIT, *modules]
+    if cfg.kind == "files" and storage.is_remote(cfg.path):
+        return remote_units(cfg.path or "", endpoint_url)[1]
     if cfg.kind == "files":
         root = Path(cfg.path or "")
         if root.is_file():
@@ -71,6 +76,27 @@ def list_units(cfg: SourceConfig) -> list[str]:
 def files_root(cfg: SourceConfig) -> Path:
     root = Path(cfg.path or "")
     return root.parent if root.is_file() else root
+
+
+def remote_units(uri: str, endpoint_url: str | None) -> tuple[str, list[str]]:
+    """(the prefix units are relative to, the units) of an object or a prefix in storage."""
+    import pyarrow.fs as pafs
+
+    loc = storage.parse(uri, "data.source.path")
+    found = [
+        f
+        for f in storage.list_files(loc, "data.source.path", endpoint_url, recursive=True)
+        if f.type == pafs.FileType.File
+    ]
+    if not found:  # an object, not a prefix (or nothing there: stage_in names the field)
+        base = uri.rstrip("/").rsplit("/", 1)
+        return base[0], [base[1]]
+    prefix = loc.path.rstrip("/") + "/"
+    relative = (f.path[len(prefix) :] for f in found)
+    units = sorted(r for r in relative if not any(p.startswith(".") for p in r.split("/")))
+    if not units:
+        raise DataError(f"data.source.path: {uri} holds no files")
+    return uri.rstrip("/"), units
 
 
 def digest(*parts: object) -> str:
@@ -355,14 +381,34 @@ def read_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
 class ReadUnits(schema.Step):
     """Block: a batch of units (column `unit`) -> document rows (DOC_COLUMNS)."""
 
-    def __init__(self, cfg: SourceConfig):
+    def __init__(self, cfg: SourceConfig, endpoint_url: str | None = None):
         self.cfg = cfg
-        self.root = stdlib_root() if cfg.kind == "pydocs" else files_root(cfg)
+        self.endpoint_url = endpoint_url
+        # A storage URI is read where it lies: the task fetches its own units, so a Ray task
+        # on another node never opens a path on the driver's disk.
+        self.remote = cfg.kind == "files" and storage.is_remote(cfg.path)
+        if self.remote:
+            self.root_uri = remote_units(cfg.path or "", endpoint_url)[0]
+        else:
+            self.root = stdlib_root() if cfg.kind == "pydocs" else files_root(cfg)
 
     def read(self, unit: str | bytes) -> list[dict]:
         # Units travel as bytes (`unit_rows`): a file name that is not UTF-8 cannot be an
         # Arrow string, and its bytes are what opens the file.
         unit = os.fsdecode(unit)
+        if self.remote:
+            with tempfile.TemporaryDirectory(prefix="flywheel-unit-") as tmp:
+                try:
+                    storage.stage_in(
+                        f"{self.root_uri}/{unit}",
+                        (Path(tmp) / unit).parent,
+                        "data.source.path",
+                        self.endpoint_url,
+                    )
+                except Exception as exc:  # one unit unreadable: its reject, as for a path
+                    name = printable(unit)
+                    return [reject_row(name, name, schema.UNREADABLE_FILE, str(exc))]
+                return read_file(Path(tmp), unit, self.cfg)
         try:
             if self.cfg.kind == "pydocs":
                 if unit == TOPICS_UNIT:

@@ -79,9 +79,15 @@ def _cpus() -> int:
 # ------------------------------------------------------------------------ steps
 
 
-def read_documents(cfg: DataConfig, units: list[str] | None = None, then: Sequence = ()):
+def read_documents(
+    cfg: DataConfig,
+    units: list[str] | None = None,
+    then: Sequence = (),
+    endpoint_url: str | None = None,
+):
     """The source as a Ray dataset of DOC_COLUMNS rows (rejects included), each batch of
-    `cfg.batch_size` rows then passed through the steps `then` in the same task."""
+    `cfg.batch_size` rows then passed through the steps `then` in the same task. A source
+    URI is read in place by the tasks (`endpoint_url`: its S3 endpoint)."""
     import ray
 
     kw: dict[str, Any] = {"batch_format": "pandas", "batch_size": cfg.batch_size}
@@ -95,7 +101,7 @@ def read_documents(cfg: DataConfig, units: list[str] | None = None, then: Sequen
         for step in then:
             ds = ds.map_batches(step, **kw)
         return ds
-    units = units if units is not None else sources.list_units(src)
+    units = units if units is not None else sources.list_units(src, endpoint_url)
     cpus = _cpus()
     # Units per read task: up to UNITS_PER_BATCH, and at least 4 tasks per CPU where there
     # are units for them (8 large files were once one task on one core).
@@ -103,7 +109,7 @@ def read_documents(cfg: DataConfig, units: list[str] | None = None, then: Sequen
     items = ray.data.from_items(
         sources.unit_rows(units), override_num_blocks=max(1, min(len(units), 8 * cpus))
     )
-    reader = sources.ReadUnits(src)
+    reader = sources.ReadUnits(src, endpoint_url)
     if not src.max_docs:
         # One map: see schema.Chain for why the steps are not maps of their own here.
         chain = schema.Chain(reader, *then, batch_size=cfg.batch_size)
@@ -387,10 +393,8 @@ def write_reports(parts: list, out_dir: Path) -> dict[str, int]:
         for name, ds in parts
     ]
     union = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    done = (
-        union.groupby("file")
-        .map_groups(WriteReport(str(out_dir)), batch_format="pandas")
-        .to_pandas()
+    done = shards.gather_files(
+        union.groupby("file").map_groups(WriteReport(), batch_format="pandas"), out_dir
     )
     rows = dict(zip(done["file"], done["rows"].astype(int), strict=True)) if len(done) else {}
     empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in shards.REPORT_COLUMNS})
@@ -488,7 +492,8 @@ def prepare(
     out_dir = Path(out_dir)
     # A missing or empty corpus, an output that would touch the source or a stranger's
     # files, or a base tokenizer that cannot load: all fail here, before Ray starts.
-    units = None if cfg.source.kind == "hf" else sources.list_units(cfg.source)
+    endpoint_url = profile.storage.endpoint_url
+    units = None if cfg.source.kind == "hf" else sources.list_units(cfg.source, endpoint_url)
     output.check_dataset_output(cfg, out_dir, store, label)
     seen = index.resolve(profile)  # the champion's dedup index (registry lookup), or None
     base = tokenizer.load_base(cfg.tokenizer.base) if cfg.tokenizer.base else None
@@ -592,7 +597,9 @@ class _Run:
         with data_context():
             # -- read, normalize, quality, content key
             with step("read") as info:
-                cleaned = read_documents(cfg, units, clean_steps(cfg)).materialize()
+                cleaned = read_documents(
+                    cfg, units, clean_steps(cfg), profile.storage.endpoint_url
+                ).materialize()
                 judged = _counts(cleaned, ["dropped_by", "reason"])
                 rows_read = int(judged["n"].sum())
                 is_reject = judged["dropped_by"] == schema.READ
@@ -747,14 +754,14 @@ class _Run:
                         )
                     if total:
                         plans[split] = shards.plan_shards(stream[split], seq_len)
-                written = (
+                written = shards.gather_files(
                     tokens.map_batches(shards.AssignShards(plans), batch_format="pyarrow")
                     .groupby(["split", "shard"])
                     .map_groups(
-                        shards.PackShard(plans, seq_len, tok_info["eos_token_id"], str(out_dir)),
+                        shards.PackShard(plans, seq_len, tok_info["eos_token_id"]),
                         batch_format="pyarrow",
-                    )
-                    .to_pandas()
+                    ),
+                    out_dir,
                 )
                 splits: dict[str, dict] = {}
                 for split in artifacts.SPLITS:

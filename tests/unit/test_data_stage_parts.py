@@ -82,12 +82,16 @@ def _shard_by_shard(table: pa.Table, seq_len: int, per_shard: int, out) -> list[
     assigned = pa.concat_tables(
         shards.AssignShards(plans)(table.slice(i, 7)) for i in range(0, table.num_rows, 7)
     )
-    pack = shards.PackShard(plans, seq_len, eos_id=0, out_dir=str(out))
-    names = []
+    pack = shards.PackShard(plans, seq_len, eos_id=0)
+    files = []
     for k in range(len(plan.starts)):
         group = assigned.filter(pc.equal(assigned["shard"], k))
-        names.append(pack(group)["file"].iloc[0])
-    return [np.array(pq.read_table(out / n).column(0).to_pylist(), dtype=np.int32) for n in names]
+        row = pack(group)
+        files.append(row[shards.DATA_COLUMN].iloc[0])  # the task returns the file's bytes
+    return [
+        np.array(pq.read_table(pa.BufferReader(f)).column(0).to_pylist(), dtype=np.int32)
+        for f in files
+    ]
 
 
 @pytest.mark.parametrize("seq_len,per_shard", [(8, 3), (16, 2), (5, 40), (64, 1)])
