@@ -48,6 +48,11 @@ DEFAULT_PROFILE = CONFIG_DIR / "local.yaml"
 DEFAULT_STATE_DIR = ".flywheel"
 # Read at run time by `resolve_state_dir`, never at import or compile time.
 STATE_ENV = "FLYWHEEL_STATE_DIR"
+# Where the upward search for .flywheel stops: the root of the repository or Python project
+# the command runs in, inclusive. Outside any, only the working directory is looked at: a
+# .flywheel that an earlier command left in /tmp or $HOME (every first command creates one)
+# was adopted by every directory below it, tests and other projects included.
+ROOT_MARKERS = (".git", ".hg", ".svn", "pyproject.toml")
 
 
 class _Strict(BaseModel):
@@ -1228,7 +1233,8 @@ class Profile(_Strict):
         DEFAULT_STATE_DIR,
         description="stores and artifacts; a relative path is under the working directory. "
         "The default .flywheel means: $FLYWHEEL_STATE_DIR, else a .flywheel found upward "
-        "from the working directory (as git finds .git), else ./.flywheel",
+        "from the working directory up to its repository or project root (as git finds "
+        ".git), else ./.flywheel",
     )
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
@@ -1344,9 +1350,9 @@ def resolve_state_dir(state_dir: str = DEFAULT_STATE_DIR) -> tuple[Path, str]:
 
     A state_dir other than the default is used as given (relative to the working
     directory): the profile names its stores, as on a cluster. For the default `.flywheel`:
-    $FLYWHEEL_STATE_DIR, else the nearest `.flywheel/` in the working directory or above it
-    (as git finds `.git`, so a command run from a subdirectory finds the project's
-    registry), else `./.flywheel`. The environment is read here, at run time, never when a
+    $FLYWHEEL_STATE_DIR, else the nearest `.flywheel/` in the working directory or above it,
+    up to the repository or project root (`search_dirs`; as git finds `.git`, so a command
+    run from a subdirectory finds the project's registry), else `./.flywheel`. The environment is read here, at run time, never when a
     pipeline compiles: the compiled profile keeps its `state_dir` as written.
     """
     if state_dir != DEFAULT_STATE_DIR:
@@ -1355,10 +1361,20 @@ def resolve_state_dir(state_dir: str = DEFAULT_STATE_DIR) -> tuple[Path, str]:
     if env:
         return _absolute(env), f"${STATE_ENV}"
     cwd = Path.cwd()
-    for folder in (cwd, *cwd.parents):
+    for folder in search_dirs(cwd):
         if (folder / DEFAULT_STATE_DIR).is_dir():
             return folder / DEFAULT_STATE_DIR, "state_dir"
     return cwd / DEFAULT_STATE_DIR, "state_dir"
+
+
+def search_dirs(cwd: Path) -> list[Path]:
+    """The directories searched for `.flywheel`, nearest first: `cwd` and its parents up to
+    the first holding one of ROOT_MARKERS (inclusive); just `cwd` when none does."""
+    chain = [cwd, *cwd.parents]
+    for i, folder in enumerate(chain):
+        if any((folder / marker).exists() for marker in ROOT_MARKERS):
+            return chain[: i + 1]
+    return [cwd]
 
 
 def _absolute(path: str) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.config import STATE_ENV, Profile, load_profile, resolve_state_dir
+from flywheel.config import STATE_ENV, Profile, load_profile, resolve_state_dir, search_dirs
 
 # ------------------------------------------------------------------------ harness
 
@@ -23,11 +23,11 @@ from flywheel.config import STATE_ENV, Profile, load_profile, resolve_state_dir
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A fresh working directory with the default state_dir resolution (no env pin)."""
-    if any((p / ".flywheel").is_dir() for p in tmp_path.parents):
-        pytest.skip("a .flywheel above the test's tmp dir would be found upward")
+    """A fresh working directory with the default state_dir resolution (no env pin). A
+    .flywheel above tmp (say /tmp/.flywheel) is not searched: tmp is no repository."""
     root = tmp_path / "project"
     root.mkdir()
+    assert search_dirs(root) == [root], "the test's tmp dir is inside a repository"
     monkeypatch.chdir(root)
     monkeypatch.delenv(STATE_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -45,7 +45,9 @@ def test_state_dir_resolution_order(project, monkeypatch):
     # Nothing anywhere: ./.flywheel (not created by resolving).
     assert resolve_state_dir() == (project / ".flywheel", "state_dir")
     assert not (project / ".flywheel").exists()
-    # A .flywheel above the working directory is found, as git finds .git.
+    # A .flywheel above the working directory is found up to the repository's root, as git
+    # finds .git.
+    (project / ".git").mkdir()
     (project / ".flywheel").mkdir()
     deep = project / "src" / "pkg"
     deep.mkdir(parents=True)
@@ -63,6 +65,7 @@ def test_state_dir_resolution_order(project, monkeypatch):
 def test_a_command_from_a_subdirectory_finds_the_projects_registry(project, cli, monkeypatch):
     """Before: a second, empty registry in the subdirectory, silently. After: one registry,
     and a line on stderr where a command creates a new state directory."""
+    (project / ".git").mkdir()
     code, out, err = cli("models", "list")
     assert code == 0
     assert err == [f"state: {project / '.flywheel'} (new)"]
@@ -107,6 +110,7 @@ def test_the_compiled_pipeline_does_not_carry_the_environment(project, tmp_path,
 def test_a_tune_trial_keeps_the_resolved_state_dir(project, monkeypatch):
     from flywheel.tune.space import trial_profile
 
+    (project / ".git").mkdir()
     (project / ".flywheel").mkdir()
     sub = project / "sub"
     sub.mkdir()
