@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from flywheel.cli.common import err_console, quiet_libraries, styled
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, one_line
 
 app = typer.Typer(
     name="flywheel",
@@ -73,7 +73,8 @@ for _mod in COMMAND_MODULES:
 
 
 def _error(message: str):
-    return styled(("error:", "red"), " ", message)
+    # One line whatever the message quotes: click's usage errors repeat what was typed.
+    return styled(("error:", "red"), " ", one_line(message))
 
 
 # The root command's own options. click reads a group's options only before the subcommand's
