@@ -270,6 +270,29 @@ def fit_problems(profile: Profile, task: str) -> list[str]:
     return problems
 
 
+def idle_accelerators(profile: Profile) -> str | None:
+    """Under ray.mode kuberay a Ray stage's step pod uploads its inputs, watches its RayJob
+    over HTTP and downloads the outputs; the RayJob's worker pods hold the accelerators. One
+    line naming each such step whose pod still requests some (what `flywheel compile`
+    warns), or None."""
+    if profile.ray.mode != "kuberay":
+        return None
+    asks = [
+        f"kfp.resources.{task} asks {res.accelerator_count} {res.accelerator_type}"
+        for task in RAY_STAGES
+        if (res := profile.kfp.for_task(task)).accelerator_type and res.accelerator_count
+    ]
+    if not asks:
+        return None
+    return (
+        f"ray.mode is kuberay, so the {', '.join(RAY_STAGES[:-1])} and {RAY_STAGES[-1]} step "
+        "pods only talk HTTP to their "
+        f"RayJobs, whose worker pods hold the accelerators (ray.kuberay.worker_gpu), yet "
+        f"{'; '.join(asks)}: give those steps a small pod without accelerator_type and "
+        "accelerator_count (configs/cluster.yaml shows one)"
+    )
+
+
 def handoff_uri(profile: Profile, run_id: str, task: str) -> str:
     """Where a step and its RayJob exchange inputs, outputs and the spec: a storage URI."""
     return f"{handoff_run_uri(profile, run_id)}/{task}"

@@ -143,7 +143,7 @@ BAD_WINDOWS = {
     "garbage": (
         lambda p: p.write_bytes(b"\x00\xff\xfe binary junk\n{not json"),
         "window.jsonl",
-        "window.jsonl:1: not valid JSON",
+        "window.jsonl:2: not valid JSON",  # line 1 is undecodable: a reject, not the error
     ),
     "too-small": (
         lambda p: _records(p, [{"text": f"a document about topic {i}"} for i in range(5)]),

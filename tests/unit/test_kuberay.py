@@ -382,6 +382,30 @@ def test_render_prints_the_rayjob_as_yaml(cli):
     )
 
 
+def test_compile_warns_when_a_ray_step_pod_under_kuberay_asks_for_gpus(cli, tmp_path):
+    profile = ["--profile", str(config_file("cluster.yaml")), "ray.mode=kuberay"]
+    code, _, err = cli("compile", *profile, "--out", str(tmp_path / "a"))
+    assert code == 0 and (tmp_path / "a" / "retrain.yaml").is_file()
+    assert err == [
+        "warning: ray.mode is kuberay, so the prepare-data, tune and train step pods only "
+        "talk HTTP to their RayJobs, whose worker pods hold the accelerators "
+        "(ray.kuberay.worker_gpu), yet kfp.resources.tune asks 4 nvidia.com/gpu; "
+        "kfp.resources.train asks 4 nvidia.com/gpu: give those steps a small pod without "
+        "accelerator_type and accelerator_count (configs/cluster.yaml shows one)"
+    ]
+    # The small pods configs/cluster.yaml suggests for kuberay: no warning.
+    small = [
+        'kfp.resources.prepare-data={cpu: "1", memory: 4Gi, ephemeral_storage: 50Gi}',
+        'kfp.resources.tune={cpu: "1", memory: 4Gi}',
+        'kfp.resources.train={cpu: "1", memory: 4Gi, ephemeral_storage: 50Gi, retries: 2}',
+    ]
+    code, _, err = cli("compile", *profile, *small, "--out", str(tmp_path / "b"))
+    assert code == 0 and err == []
+    # GPUs on a step pod are right where Ray runs in it (ray.mode local).
+    code, _, err = cli("compile", profile[0], profile[1], "--out", str(tmp_path / "c"))
+    assert code == 0 and err == []
+
+
 def test_render_refuses_a_stage_that_is_not_on_ray(cli):
     code, out, err = cli("kuberay", "render", "evaluate")
     assert code == 2 and out == "" and len(err) == 1
