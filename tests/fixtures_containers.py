@@ -211,10 +211,18 @@ class RayCluster:
     own filesystems. Host network: every node binds its own ports on this machine, and the
     object managers move objects between nodes over TCP, as between pods."""
 
-    def __init__(self, image: str, env: dict[str, str], workers: int = 1, worker_cpus: int = 2):
+    def __init__(
+        self,
+        image: str,
+        env: dict[str, str],
+        workers: int = 1,
+        worker_cpus: int = 2,
+        head_cpus: int = 0,
+    ):
         from fixtures_services import free_port
 
         self.image, self.env, self.workers, self.worker_cpus = image, env, workers, worker_cpus
+        self.head_cpus = head_cpus  # 0: KubeRay's head, no tasks; >0: a one-node cluster
         self.port, self.dashboard = free_port(), free_port()
         self.tag = f"fwray-{os.getpid()}-{self.port}"
         self.head = f"{self.tag}-head"
@@ -230,7 +238,7 @@ class RayCluster:
                self.image, "ray", "start", "--block", "--disable-usage-stats", *ray_args)  # fmt: skip
 
     def __enter__(self) -> RayCluster:
-        self._start(self.head, "--head", "--num-cpus", "0", "--port", str(self.port),
+        self._start(self.head, "--head", "--num-cpus", str(self.head_cpus), "--port", str(self.port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard))  # fmt: skip
         for name in self.names[1:]:
             self._start(name, "--address", self.gcs, "--num-cpus", str(self.worker_cpus))
