@@ -338,6 +338,8 @@ def read_jsonl_file(root: Path, relpath: str, cfg: SourceConfig) -> list[dict]:
             rows.append(reject_row(id_, name, schema.MALFORMED_JSON, f"line {lineno}: {detail}"))
             continue
         rows.append(guarded_record_row(record, id_, name, cfg))
+    if not rows:  # a byte-order mark and blank lines: an empty file, said so like one
+        return [reject_row(name, name, schema.EMPTY_FILE, f"{len(data)} bytes, no records")]
     return rows
 
 

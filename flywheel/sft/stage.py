@@ -113,6 +113,7 @@ def _jsonl(path: Path, name: str, out: RecordSet) -> None:
     if not data.strip():
         out.reject(name, name, EMPTY_FILE, f"{len(data)} bytes")
         return
+    before = out.read
     for lineno, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -124,6 +125,8 @@ def _jsonl(path: Path, name: str, out: RecordSet) -> None:
         except (json.JSONDecodeError, RecursionError) as exc:
             detail = exc if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
             out.reject(id_, name, MALFORMED_JSON, f"line {lineno}: {detail}")
+    if out.read == before:  # a byte-order mark and blank lines: an empty file, said so
+        out.reject(name, name, EMPTY_FILE, f"{len(data)} bytes, no records")
 
 
 def _parquet(path: Path, name: str, out: RecordSet) -> None:

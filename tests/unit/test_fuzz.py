@@ -216,6 +216,7 @@ def _jsonl_bytes(lines: list[object], raw: list[bytes]) -> bytes:
     raw=st.lists(st.binary(max_size=30), max_size=3),
 )
 @example(lines=[({"text": "NUL \x00"}, True), ({"text": "\ud800"}, True)], raw=[b"\xff\xfe"])
+@example(lines=[], raw=[b"\xef\xbb\xbf"])  # found: a file of a byte-order mark gave no row
 def test_any_jsonl_file_becomes_documents_or_rejects(tmp_path, lines, raw):
     (tmp_path / "f.jsonl").write_bytes(_jsonl_bytes(lines, raw))
     rows = sources.read_file(tmp_path, "f.jsonl", SourceConfig(kind="files", path=str(tmp_path)))
@@ -362,22 +363,18 @@ def sandbox(tmp_path, monkeypatch):
 
 
 def _run_cli(argv: list[str]) -> tuple[int, str]:
+    """`flywheel ARGV` in this process: (exit code, stdout + stderr). The CLI's consoles
+    write to whatever sys.stdout/sys.stderr are when they print, so redirecting is enough
+    (setting their `file` would pin them to this test's stream for every later test)."""
     from flywheel.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
-    code: int = 0
-    from flywheel.cli.common import console, err_console
-
-    old = (console.file, err_console.file)
-    console.file, err_console.file = out, err
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                main(argv)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        console.file, err_console.file = old
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return code, out.getvalue() + err.getvalue()
 
 
@@ -421,3 +418,15 @@ def test_any_command_line_ends_in_a_documented_exit_without_a_traceback(sandbox,
 def test_the_fuzz_properties_are_bounded():
     # A guard on the budget: every property here runs at most this many examples.
     assert FUZZ.max_examples <= 200 and FUZZ.derandomize and FUZZ.database is None
+
+
+def test_a_jsonl_file_of_only_a_byte_order_mark_is_an_empty_file_in_both_readers(tmp_path):
+    """Found by the JSONL property: such a file gave no row at all, a silent drop."""
+    from flywheel.sft.stage import RecordSet, _jsonl
+
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf\n\n")
+    (row,) = sources.read_file(tmp_path, "bom.jsonl", SourceConfig(kind="files", path="."))
+    assert (row["reason"], row["detail"]) == (schema.EMPTY_FILE, "5 bytes, no records")
+    out = RecordSet()
+    _jsonl(tmp_path / "bom.jsonl", "bom.jsonl", out)
+    assert [(r.id, r.reason) for r in out.rejects] == [("bom.jsonl", schema.EMPTY_FILE)]
