@@ -771,11 +771,31 @@ class GatePolicy(_Strict):
 # ---------------------------------------------------------------------- registry
 
 
+# The stores MLflow's tracking and registry accept, by URI scheme ('': a local path;
+# a database scheme may carry a driver, postgresql+psycopg2). Anything else failed only when
+# the registry was first used, as a raw MLflow exception.
+TRACKING_SCHEMES = (
+    "", "file", "http", "https", "databricks", "databricks-uc", "uc",
+    "sqlite", "postgresql", "mysql", "mssql",
+)  # fmt: skip
+
+
 class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(
         None,
         description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or SQLite in the state dir",
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        scheme = value.split("://", 1)[0].split("+", 1)[0].lower() if "://" in value else ""
+        if scheme not in TRACKING_SCHEMES or (scheme and not value.split("://", 1)[1]):
+            known = ", ".join(f"{s}://" for s in TRACKING_SCHEMES if s)
+            raise ValueError(f"'{value}': not an MLflow store; expected a path or one of {known}")
+        return value
     model_name: str = "flywheel-lm"
     experiment: str = "flywheel"
     retries: int = Field(3, ge=0)

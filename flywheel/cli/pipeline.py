@@ -14,6 +14,7 @@ from flywheel import contracts
 from flywheel.cli.common import (
     OverridesArg,
     ProfileOpt,
+    check_output,
     console,
     err_console,
     make_console,
@@ -255,6 +256,7 @@ def register(app: typer.Typer) -> None:
         from flywheel.runtime.kuberay_manifest import idle_accelerators
 
         p = profile_from(profile, overrides)
+        check_output(out, "--out")  # a file there, or no permission: one line, before compiling
         idle = idle_accelerators(p)  # a GPU pod that only watches a RayJob: a warning only
         for problem in [*pod_state_problems(p), *([idle] if idle else [])]:
             err_console.print(

@@ -132,6 +132,29 @@ class RecurringRunInfo:
 # ------------------------------------------------------------------ pure helpers
 
 
+def check_http_url(url: str, field: str) -> None:
+    """An http(s) URL with a host, no blanks or control characters and a valid port, or a
+    ConfigError naming the field: urllib3 otherwise failed at the first request with its own
+    class name (LocationParseError, ProtocolError)."""
+    from urllib.parse import urlsplit
+
+    problem = ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("http", "https"):
+            problem = "not http:// or https://"
+        elif not parts.hostname:
+            problem = "no host"
+        elif any(c.isspace() or ord(c) < 0x20 for c in url):
+            problem = "a blank or control character in it"
+    if problem:
+        raise ConfigError(f"{field} {url!r}: expected http(s)://HOST[:PORT][/PATH] ({problem})")
+
+
 def resolve_target(
     cfg: KfpConfig, *, host: str | None = None, namespace: str | None = None
 ) -> KfpTarget:
@@ -141,8 +164,7 @@ def resolve_target(
         raise ConfigError(
             "no Kubeflow Pipelines host: pass --host URL or set kfp.host in the profile"
         )
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"kfp.host '{url}': expected an http:// or https:// URL")
+    check_http_url(url, "--host" if host else "kfp.host")
     token: str | None = None
     if cfg.token_file:
         path = Path(cfg.token_file).expanduser()
