@@ -82,7 +82,28 @@ class KubeRayConfig(_Strict):
     take the node pool of the step's task (`kfp.resources.<task>`: node_selector, tolerations,
     accelerator_type) and the run's Secrets, PVCs and service account (`kfp.kubernetes`)."""
 
-    namespace: str = Field("default", description="where the RayJobs are created")
+    namespace: str | None = Field(
+        None,
+        description="where the RayJobs are created. None (the default): the run's namespace, "
+        "where its Secrets, PVCs and service account live: inside a pod (a step, the exit "
+        "handler) the pod's own, read from its service-account volume; elsewhere (`flywheel "
+        "kuberay render | check`, submit's RBAC check) kfp.namespace, else 'default'",
+    )
+    cleanup: Literal["rules", "legacy"] = Field(
+        "rules",
+        description="how the operator deletes a finished RayJob's cluster when the step could "
+        "not: `rules` sets spec.deletionStrategy.deletionRules (KubeRay >= 1.6, where the "
+        "RayJobDeletionPolicy gate is on by default); `legacy` sets shutdownAfterJobFinishes "
+        "and ttlSecondsAfterFinished, for KubeRay 1.4 and 1.5. The operator refuses the two "
+        "together",
+    )
+    istio_sidecar: bool = Field(
+        False,
+        description="let Istio inject its sidecar into the head and worker pods. False (the "
+        "default) annotates both sidecar.istio.io/inject: 'false', as kubeflow/manifests' "
+        "contrib/ray does: a Kubeflow profile namespace injects one into every pod, and the "
+        "sidecar intercepts the ports Ray's nodes talk on",
+    )
     ray_version: str = Field("2.60.0", description="spec.rayClusterSpec.rayVersion")
     head_cpu: str = Field("2", description="head pod CPU request and limit")
     head_memory: str = Field("8Gi", description="head pod memory request and limit")
@@ -105,7 +126,11 @@ class KubeRayConfig(_Strict):
         "NCCL_SOCKET_IFNAME: eth0, NCCL_IB_DISABLE: '1', NCCL_TIMEOUT: '1800'",
     )
     ttl_seconds_after_finished: int = Field(
-        600, ge=0, description="how long a finished RayJob's cluster stays for inspection"
+        600,
+        ge=0,
+        description="how long a finished RayJob's cluster stays for inspection (each deletion "
+        "rule's ttlSeconds, or ttlSecondsAfterFinished with cleanup: legacy); the step reads "
+        "the driver's log in that time",
     )
     active_deadline_seconds: int = Field(
         86400, ge=1, description="the operator fails a RayJob running longer than this"
@@ -139,8 +164,8 @@ class KubeRayConfig(_Strict):
 
     @field_validator("namespace")
     @classmethod
-    def _namespace(cls, v: str) -> str:
-        return _k8s_name(v, "namespace")
+    def _namespace(cls, v: str | None) -> str | None:
+        return None if v is None else _k8s_name(v, "namespace")
 
     @model_validator(mode="after")
     def _replicas(self) -> KubeRayConfig:
@@ -170,7 +195,10 @@ class RayConfig(_Strict):
         120,
         ge=0,
         description="mode address/kuberay: how long a stage waits for an autoscaling cluster "
-        "to grow to what it asks (workers x resources) before failing; 0 fails at once",
+        "to grow to what it asks (workers x resources) before failing; 0 fails at once. Under "
+        "kuberay also how long a step waits for its RayJob's cluster to become ready (nodes "
+        "provisioned, the image pulled, the head up) before it deletes the RayJob and fails: "
+        "a GPU pool that scales from zero needs several minutes",
     )
     kuberay: KubeRayConfig = KubeRayConfig()
 
@@ -1093,6 +1121,17 @@ class KubernetesConfig(_Strict):
             raise ValueError("kfp.kubernetes.scratch_path must be absolute")
         return self
 
+    def namespaced(self) -> list[str]:
+        """What of the run's pods lives in the run's namespace (a pod in another namespace
+        cannot use it): the service account, Secrets and PVCs, as words for a message."""
+        out = [f"service account {self.service_account}"] if self.service_account else []
+        secrets = [s.name for s in self.secrets] + list(self.image_pull_secrets)
+        if secrets:
+            out.append(f"Secrets {', '.join(dict.fromkeys(secrets))}")
+        if self.pvcs:
+            out.append(f"PVCs {', '.join(p.name for p in self.pvcs)}")
+        return out
+
     def env_from_secrets(self, task: str) -> set[str]:
         """Environment variables a task gets from Secrets."""
         return {v for s in self.secrets if not s.tasks or task in s.tasks for v in s.env.values()}
@@ -1307,6 +1346,17 @@ class Profile(_Strict):
                 f"storage.handoff_retention_hours ({self.storage.handoff_retention_hours:g} h) "
                 f"is shorter than ray.kuberay.active_deadline_seconds ({deadline} s): a "
                 "RayJob could still be reading an upload another run's exit handler deletes"
+            )
+        ray_ns, run_ns = self.ray.kuberay.namespace, self.kfp.namespace
+        needs = self.kfp.kubernetes.namespaced()
+        if self.ray.mode == "kuberay" and ray_ns and run_ns and ray_ns != run_ns and needs:
+            # The RayJob's pods take the run's account, Secrets and claims by name; in another
+            # namespace those names do not resolve and the pods never start.
+            raise ValueError(
+                f"ray.kuberay.namespace ({ray_ns}) differs from kfp.namespace ({run_ns}), but "
+                f"the RayJob's pods use the run's {'; '.join(needs)}, which live in the run's "
+                "namespace: leave ray.kuberay.namespace unset (the run's namespace) or make "
+                "the two the same"
             )
         if self.gate.require_generation_checks and not self.eval.prompts:
             # Without prompts no check runs, and "all checks passed" would promote unchecked.

@@ -82,6 +82,47 @@ def schema_errors(obj: dict[str, Any]) -> list[str]:
     ]
 
 
+def operator_refusals(job: dict[str, Any]) -> list[str]:
+    """What KubeRay v1.7.0's RayJob validation refuses in the deletion settings, in its own
+    words: the CRD's CEL rules on spec.deletionStrategy (which jsonschema does not evaluate)
+    and the controller's validateDeletionConfiguration
+    (ray-operator/controllers/ray/utils/validation.go). The operator marks such a RayJob
+    ValidationFailed; nothing runs."""
+    spec = job.get("spec") or {}
+    shutdown = bool(spec.get("shutdownAfterJobFinishes"))
+    out = []
+    if not shutdown and (spec.get("ttlSecondsAfterFinished") or 0) > 0:
+        out.append(
+            "The RayJob spec is invalid: a RayJob with shutdownAfterJobFinishes set to false "
+            "cannot have TTLSecondsAfterFinished"
+        )
+    strategy = spec.get("deletionStrategy")
+    if strategy is None:
+        return out
+    legacy = "onSuccess" in strategy or "onFailure" in strategy
+    rules = bool(strategy.get("deletionRules"))
+    if rules and shutdown:
+        out.append(
+            "The RayJob spec is invalid: spec.shutdownAfterJobFinishes and "
+            "spec.deletionStrategy.deletionRules are mutually exclusive"
+        )
+    if rules and legacy:
+        out.append(
+            "legacy policies (onSuccess/onFailure) and deletionRules cannot be used together "
+            "within the same deletionStrategy"
+        )
+    if not rules and not ("onSuccess" in strategy and "onFailure" in strategy):
+        out.append(
+            "deletionStrategy requires either BOTH onSuccess and onFailure, OR the "
+            "deletionRules field (cannot be empty)"
+        )
+    for i, rule in enumerate(strategy.get("deletionRules") or []):
+        cond = rule.get("condition") or {}
+        if ("jobStatus" in cond) == ("jobDeploymentStatus" in cond):
+            out.append(f"deletionRules[{i}]: exactly one of JobStatus and JobDeploymentStatus")
+    return out
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -178,7 +219,7 @@ class StandIn:
                 return
             st = job.setdefault("status", {})
             state = st.get("jobDeploymentStatus")
-            if state in ("Complete", "Failed"):
+            if state in ("Complete", "Failed", "ValidationFailed"):
                 return
             deadline = job["spec"].get("activeDeadlineSeconds")
             if deadline and time.monotonic() - self._started[name] > deadline:
@@ -256,11 +297,36 @@ class StandIn:
             if plural == "rayjobs":
                 self._started[name] = time.monotonic()
                 cluster_name = f"{name}-{uuid.uuid4().hex[:5]}"
+                refusals = operator_refusals(obj)
+                if refusals:  # the operator's verdict, read at the next get
+                    obj["status"] = {
+                        "jobDeploymentStatus": "ValidationFailed",
+                        "reason": "ValidationFailed",
+                        "message": "; ".join(refusals),
+                    }
+                    return 201, obj
                 obj["status"] = {
                     "jobDeploymentStatus": "Initializing",
                     "jobId": obj["spec"].get("jobId", name),
                     "rayClusterName": cluster_name,
                     "startTime": _now(),
+                    # KubeRay copies the RayCluster's status here while it is not ready.
+                    "rayClusterStatus": {
+                        "desiredWorkerReplicas": sum(
+                            g.get("replicas", 0)
+                            for g in obj["spec"]["rayClusterSpec"].get("workerGroupSpecs", [])
+                        ),
+                        "readyWorkerReplicas": 0,
+                        "conditions": [
+                            {
+                                "type": "RayClusterProvisioned",
+                                "status": "False",
+                                "reason": "RayClusterPodsProvisioning",
+                                "message": "RayCluster Pods are being provisioned for first time",
+                                "lastTransitionTime": _now(),
+                            }
+                        ],
+                    },
                 }
                 # KubeRay's RayCluster for a RayJob: the RayJob's labels, owned by it.
                 cluster = {

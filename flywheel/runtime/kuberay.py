@@ -3,8 +3,9 @@ there, streams its log, and deletes it.
 
 The choice: one **RayJob with `submissionMode: HTTPMode`** per step, not a RayCluster plus
 a submission of our own. The RayJob carries what a RayCluster cannot: the operator enforces
-`activeDeadlineSeconds`, tears the cluster down after the job (`shutdownAfterJobFinishes`,
-`ttlSecondsAfterFinished`) even when the step that created it was killed, and records the
+`activeDeadlineSeconds`, tears the cluster down after the job (`deletionStrategy` rules, or
+the legacy `shutdownAfterJobFinishes`: `kuberay_manifest.cleanup`) even when the step that
+created it was killed, and records the
 job's fate in `status`. HTTPMode has the operator submit the entrypoint over the Ray Jobs
 API under a submission id we choose (`spec.jobId`), with no submitter pod to schedule, so
 the step reads the job's log and state through the same Jobs API by that id. The step
@@ -57,6 +58,7 @@ from flywheel.runtime.kuberay_manifest import (  # the manifest side, re-exporte
     label_value,
     labels,
     namespace,
+    namespace_problem,
     render,
     run_selector,
 )
@@ -85,9 +87,11 @@ __all__ = [
     "job_name",
     "label_value",
     "labels",
+    "last_error",
     "launches",
     "missing_access",
     "namespace",
+    "namespace_problem",
     "prune_handoff",
     "read_text",
     "render",
@@ -101,6 +105,12 @@ __all__ = [
 TERMINAL_OK = {"Complete"}
 TERMINAL_BAD = {"Failed", "ValidationFailed"}
 JOB_BAD = {"FAILED", "STOPPED"}
+# Before these end the operator is bringing the RayJob's cluster up (HTTPMode submits once
+# the RayCluster is Ready); "" is a RayJob the operator has not looked at yet.
+NOT_READY = {"", "New", "Initializing"}
+# The longest status message a failure line carries: Ray's own for a failed entrypoint holds
+# the last 20,000 characters of the driver's log.
+MAX_DETAIL = 500
 # How long a retried step waits for its predecessor's RayJob to be gone.
 REPLACE_WAIT_S = 120
 
@@ -299,13 +309,14 @@ def cleanup_after(profile: dict[str, Any] | Profile, run_id: str) -> Iterator[No
         prune_handoff(p)
 
 
-def missing_access(profile: Profile, api: Any = None) -> list[str]:
-    """What the current identity may not do in the RayJobs' namespace, asked through
-    SelfSubjectAccessReview (the API server answers for the caller; no RBAC read needed)."""
+def missing_access(profile: Profile, api: Any = None, ns: str | None = None) -> list[str]:
+    """What the current identity may not do in the RayJobs' namespace (`ns`, else the
+    profile's), asked through SelfSubjectAccessReview (the API server answers for the
+    caller; no RBAC read needed)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    ns = namespace(profile)
+    ns = ns or namespace(profile)
     authz = client.AuthorizationV1Api(api or api_client())
     missing = []
     for group, resource, verb, sub in REQUIRED_ACCESS:
@@ -384,6 +395,44 @@ def _dashboard(obj: dict[str, Any]) -> str | None:
     return url if "://" in url else f"http://{url}"
 
 
+# The line Python prints last for an exception (traceback.format_exception_only): the
+# class's qualified name, Ray's "(Cause)" when it wraps one, then ": message" or nothing.
+_EXC_LINE = re.compile(r"(?:[A-Za-z_]\w*\.)*(?P<cls>[A-Za-z_]\w*)(?:\([\w.]+\))?(?::\s.*|:)?")
+# A class named like one. Others (pyarrow's ArrowInvalid) count where a traceback shows them.
+_EXC_NAME = re.compile(r"\w*(?:Error|Exception|Exit|Interrupt)")
+_TRACEBACK = "Traceback (most recent call last):"
+# Ray colours task names in its tracebacks, and prefixes what a worker printed with
+# "(RayTrainWorker pid=123, ip=10.0.0.5) ".
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_PREFIX = re.compile(r"^\(.*?\bpid=\d+[^)]*\)\s+")
+
+
+def last_error(text: str) -> str:
+    """The last Python exception line in a driver's log (or in Ray's job message, which
+    quotes the log's tail), as `Type: message`; "" when there is none. A traceback's
+    exception line is the unindented line after its indented frames, whatever the class is
+    called; a RayTaskError quotes its cause's frames and line after its own, so the cause's
+    line comes last and wins. Elsewhere a line counts when its class is named like an error
+    (the entrypoint prints `FlywheelError: ...` without a traceback)."""
+    found = ""
+    in_traceback = after_frame = False
+    for raw in text.splitlines():
+        line = _RAY_PREFIX.sub("", _ANSI.sub("", raw)).rstrip()
+        if not line.strip():
+            continue
+        if line.strip() == _TRACEBACK:
+            in_traceback, after_frame = True, False
+            continue
+        if line[0].isspace():
+            after_frame = in_traceback
+            continue
+        m = _EXC_LINE.fullmatch(line)
+        if m and (after_frame or _EXC_NAME.fullmatch(m["cls"])):
+            found = line
+        after_frame = False
+    return found
+
+
 class LogTail:
     """The driver's log through the Ray Jobs API, printed line by line as it grows."""
 
@@ -393,6 +442,7 @@ class LogTail:
         self.url: str | None = None
         self.seen = 0
         self.text = ""
+        self.problem = ""  # why the last read failed, for a failure line without a log
 
     def poll(self, url: str | None) -> None:
         if url is None:
@@ -404,38 +454,69 @@ class LogTail:
                 self.client, self.url = JobSubmissionClient(url), url
             self.text = self.client.get_job_logs(self.job_id)
         except Exception as exc:  # not submitted yet, or the head is going away
+            self.problem = f"{url}: {' '.join(str(exc).split())[:MAX_DETAIL]}"
             log.debug("no log yet for %s at %s: %s", self.job_id, url, exc)
             return
+        self.problem = ""
         new, self.seen = self.text[self.seen :], len(self.text)
         for line in new.splitlines():
             self.emit(line)
 
     def last_error(self) -> str:
-        lines = [ln.strip() for ln in self.text.splitlines() if ln.strip()]
-        # A Python traceback ends with "Type: message": the line a user needs.
-        for ln in reversed(lines):
-            if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*:", ln):
-                return ln
-        return lines[-1] if lines else ""
+        return last_error(self.text)
 
 
 def _fail_line(name: str, obj: dict[str, Any], tail: LogTail) -> str:
+    """`RayJob <name> <state> (<reason>): <Ray's error>`, one line. Ray's error is the last
+    exception line of the driver's log; else of the status message (Ray's own for a failed
+    entrypoint quotes the log's tail, which outlives the head); else the message itself."""
     deployment, job = _status(obj)
     st = obj.get("status") or {}
     reason = st.get("reason") or ""
-    message = " ".join(str(st.get("message") or "").split())
+    message = str(st.get("message") or "")
     what = (
         "passed its deadline (ray.kuberay.active_deadline_seconds)"
         if (reason == "DeadlineExceeded")
         else f"{deployment}" + (f", job {job}" if job else "") + (f" ({reason})" if reason else "")
     )
     parts = [f"RayJob {name} {what}"]
-    error = tail.last_error()
+    error = tail.last_error() or last_error(message)
+    message = " ".join(message.split())
     if error:
         parts.append(error)
     elif message:
-        parts.append(message)
+        parts.append(message if len(message) <= MAX_DETAIL else message[:MAX_DETAIL] + "...")
+    elif tail.problem:
+        parts.append(f"the driver's log could not be read ({tail.problem})")
     return ": ".join(parts)
+
+
+def _not_ready(name: str, obj: dict[str, Any], waited: float, ns: str) -> str:
+    """The line for a RayJob whose cluster did not come up within ray.resource_wait_s,
+    with what the operator copied of the RayCluster's status."""
+    deployment, _ = _status(obj)
+    if not deployment:
+        return (
+            f"RayJob {name} has no status after {waited:g} s (ray.resource_wait_s): is the "
+            f"KubeRay operator running and watching namespace {ns}?"
+        )
+    cl = (obj.get("status") or {}).get("rayClusterStatus") or {}
+    seen = [f"state {cl['state']}"] if cl.get("state") else []
+    seen += [
+        f"{c.get('type')} {c.get('status')}"
+        + (f" ({c['reason']})" if c.get("reason") else "")
+        + (f": {' '.join(str(c['message']).split())}" if c.get("message") else "")
+        for c in cl.get("conditions") or []
+        if c.get("status") != "True"
+    ]
+    if "desiredWorkerReplicas" in cl:
+        seen.append(
+            f"workers ready {cl.get('readyWorkerReplicas', 0)}/{cl['desiredWorkerReplicas']}"
+        )
+    return (
+        f"RayJob {name}: its Ray cluster was not ready within {waited:g} s "
+        f"(ray.resource_wait_s), still {deployment}" + (f": {'; '.join(seen)}" if seen else "")
+    )
 
 
 def watch(
@@ -444,6 +525,7 @@ def watch(
     *,
     poll_s: float,
     timeout_s: float,
+    ready_s: float | None = None,
     emit: Callable[[str], None] = print,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -451,9 +533,11 @@ def watch(
     """Wait for RayJob `name` to finish; stream its driver's log through `emit` and log each
     state change. Returns the finished object; raises FlywheelError (one line with the Ray
     error) when it fails, passes its deadline, is stopped or deleted, or outlives timeout_s
-    (the operator's deadline plus a margin: a missing operator must not hang the step)."""
+    (the operator's deadline plus a margin: a missing operator must not hang the step), or
+    when its cluster is not up within ready_s (ray.resource_wait_s; None: no such limit)."""
     tail = LogTail(name, emit)
-    deadline = clock() + timeout_s
+    start = clock()
+    deadline = start + timeout_s
     last: tuple[str, str] | None = None
     while True:
         obj = cluster.get(name)
@@ -475,6 +559,8 @@ def watch(
             return obj
         if deployment in TERMINAL_BAD or job in JOB_BAD:
             raise FlywheelError(_fail_line(name, obj, tail))
+        if ready_s is not None and deployment in NOT_READY and clock() - start >= ready_s:
+            raise FlywheelError(_not_ready(name, obj, ready_s, cluster.namespace))
         if clock() > deadline:
             raise FlywheelError(
                 f"RayJob {name} still {deployment or 'without status'} after {timeout_s:g}s: "
@@ -510,25 +596,28 @@ def run(
     """Run one stage as a RayJob: write `spec` (stage arguments, input and output URIs) to
     the hand-off place, create the RayJob, watch it, delete it. Returns the finished RayJob."""
     problems = fit_problems(profile, task)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    problem = namespace_problem(profile)
+    if problems or problem:
+        raise ConfigError("; ".join([*problems, *([problem] if problem else [])]))
     base = handoff_uri(profile, run_id, task)
     spec_uri = f"{base}/spec.json"
     write_text(spec_uri, json.dumps(spec), profile.storage.endpoint_url)
     body = render(profile, task, run_id, spec_uri)
     name = body["metadata"]["name"]
     cluster = cluster or Cluster(namespace(profile))
+    _check_access(profile, cluster)
     kr = profile.ray.kuberay
-    created = False
+    finished = False
     with _sigterm_as_exit():
         try:
             cluster.create(body, replace=True)
-            created = True
             log.warning("created RayJob %s in namespace %s (%s)", name, cluster.namespace, base)
-            return watch(
+            done = watch(
                 cluster, name, poll_s=kr.poll_s, timeout_s=kr.active_deadline_seconds + 300,
-                emit=emit,
+                ready_s=profile.ray.resource_wait_s, emit=emit,
             )  # fmt: skip
+            finished = True
+            return done
         finally:
             # Also when the create did not return: a SIGTERM mid-request leaves the API
             # server holding a RayJob whose answer never came back. The name is the run's
@@ -536,10 +625,29 @@ def run(
             try:
                 if cluster.delete(name):
                     log.warning("deleted RayJob %s", name)
-            except FlywheelError:
-                if created:
+            except FlywheelError as exc:
+                if finished:
                     raise
-                # the create failed too (RBAC, API server down): its error is the one to show
+                # The step's own error (a failed job, RBAC, the API down) is the one to
+                # show; the exit handler deletes by label what is left.
+                log.warning("%s", exc)
+
+
+def _check_access(profile: Profile, cluster: Cluster) -> None:
+    """Before creating anything: what this identity may not do with RayJobs, asked through
+    SelfSubjectAccessReview; one line naming each missing permission. A step that may
+    create but not read or delete would leave a RayJob it cannot watch or clean up. When
+    the API cannot answer the question, the create will say what is wrong."""
+    try:
+        missing = missing_access(profile, cluster.api, cluster.namespace)
+    except FlywheelError as exc:
+        log.warning("RayJob RBAC not checked before creating: %s", exc)
+        return
+    if missing:
+        raise FlywheelError(
+            f"in namespace {cluster.namespace} this step may not: {', '.join(missing)}; grant "
+            f"the run's service account the Role in {RBAC_FILE} (nothing was created)"
+        )
 
 
 @contextmanager

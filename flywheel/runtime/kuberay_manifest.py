@@ -1,12 +1,15 @@
-"""The RayJob a Ray stage's step creates under `ray.mode: kuberay` (pure: renders from the
-profile, touches no cluster and no storage). `flywheel.runtime.kuberay` creates, watches and
-deletes it; `flywheel kuberay render` prints it."""
+"""The RayJob a Ray stage's step creates under `ray.mode: kuberay` (renders from the profile,
+touches no cluster and no storage; the one thing read besides the profile is, inside a pod,
+the pod's own namespace). `flywheel.runtime.kuberay` creates, watches and deletes it;
+`flywheel kuberay render` prints it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from flywheel import contracts
@@ -45,6 +48,65 @@ RBAC_FILE = "deploy/kuberay-rbac.yaml"
 # docs advise short names so those stay within Kubernetes' 63-character limit.
 MAX_NAME = 40
 
+# The operator's own probes on a Ray container it finds without one need what the image
+# lacks: before KubeRay 1.6 (and on any version for rayVersion < 2.53) they run `wget` under
+# bash, which neither image has, so the head never becomes Ready. Every KubeRay since 1.3
+# keeps a probe the pod template sets, so the templates set the one KubeRay 1.6+ would for
+# Ray >= 2.53: an HTTP GET of the dashboard agent's unified health check (raylet, and the GCS
+# on the head), which needs no tool in the image. Port: Ray's default
+# --dashboard-agent-listen-port. Timings: KubeRay's defaults (ray-operator utils/constant.go).
+RAY_HEALTH_PATH = "/api/healthz"
+RAY_AGENT_PORT = 52365
+_PROBES = {
+    # probe -> (initialDelaySeconds, periodSeconds, failureThreshold)
+    "readinessProbe": (10, 5, 10),
+    "livenessProbe": (30, 5, 120),
+}
+_PROBE_TIMEOUT_S = {"ray-head": 5, "ray-worker": 2}
+
+# Istio's per-pod switch; kubeflow/manifests' contrib/ray example turns injection off with it.
+ISTIO_INJECT = "sidecar.istio.io/inject"
+
+# RayJob cleanup by the operator (ray.kuberay.cleanup). KubeRay's validation refuses
+# deletionRules beside shutdownAfterJobFinishes, and ttlSecondsAfterFinished > 0 without
+# shutdownAfterJobFinishes (ray-operator/controllers/ray/utils/validation.go at v1.7.0,
+# validateDeletionConfiguration): the two styles are never combined.
+LEGACY_CLEANUP_FIELDS = ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished")
+RULES_CLEANUP_FIELD = "deletionStrategy"
+
+
+def _probes(container: str) -> dict[str, Any]:
+    return {
+        probe: {
+            "httpGet": {"path": RAY_HEALTH_PATH, "port": RAY_AGENT_PORT},
+            "initialDelaySeconds": delay,
+            "periodSeconds": period,
+            "timeoutSeconds": _PROBE_TIMEOUT_S[container],
+            "successThreshold": 1,
+            "failureThreshold": failures,
+        }
+        for probe, (delay, period, failures) in _PROBES.items()
+    }
+
+
+def cleanup(profile: Profile) -> dict[str, Any]:
+    """The RayJob spec fields that have the operator delete a finished job's cluster after
+    ray.kuberay.ttl_seconds_after_finished, whether it succeeded or failed, even when the
+    step that created it is gone. The RayJob itself stays (the exit handler deletes it)."""
+    kr = profile.ray.kuberay
+    ttl = kr.ttl_seconds_after_finished
+    if kr.cleanup == "legacy":
+        return {"shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": ttl}
+    # One rule per terminal state a rule can name: the Ray job's own end, and a deployment
+    # that failed without one (a deadline, a submission that never happened).
+    conditions = [
+        {"jobStatus": "SUCCEEDED"},
+        {"jobStatus": "FAILED"},
+        {"jobDeploymentStatus": "Failed"},
+    ]
+    rules = [{"policy": "DeleteCluster", "condition": {**c, "ttlSeconds": ttl}} for c in conditions]
+    return {RULES_CLEANUP_FIELD: {"deletionRules": rules}}
+
 
 def _slug(text: str, limit: int) -> str:
     s = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
@@ -75,8 +137,49 @@ def labels(run_id: str, task: str) -> dict[str, str]:
     return {**MANAGED_BY, RUN_LABEL: label_value(run_id), TASK_LABEL: label_value(task)}
 
 
+# Every pod's own namespace, written by Kubernetes beside its service-account token.
+POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+# Set in every pod: the same sign `api_client` takes for in-cluster config.
+IN_POD_ENV = "KUBERNETES_SERVICE_HOST"
+DEFAULT_NAMESPACE = "default"
+
+
+def pod_namespace() -> str | None:
+    """The namespace of the pod this runs in (a step, the exit handler); None elsewhere."""
+    if not os.environ.get(IN_POD_ENV):
+        return None
+    try:
+        return Path(POD_NAMESPACE_FILE).read_text().strip() or None
+    except OSError:  # automountServiceAccountToken: false; the API is out of reach anyway
+        return None
+
+
 def namespace(profile: Profile) -> str:
-    return profile.ray.kuberay.namespace
+    """Where the RayJobs go: ray.kuberay.namespace if set, else the run's namespace, where
+    its Secrets, PVCs and service account are: in a pod the pod's own (a KFP step runs in
+    the run's namespace, multi-user or not), elsewhere kfp.namespace, else 'default'."""
+    return (
+        profile.ray.kuberay.namespace
+        or pod_namespace()
+        or profile.kfp.namespace
+        or DEFAULT_NAMESPACE
+    )
+
+
+def namespace_problem(profile: Profile) -> str | None:
+    """A step whose RayJobs would go to another namespace than its own pod's, while their
+    pods need the run's service account, Secrets or PVCs (which live in the pod's): one line
+    naming the field, before anything is created. The profile's own two fields are compared
+    at load (flywheel.config.Profile)."""
+    here, there = pod_namespace(), profile.ray.kuberay.namespace
+    needs = profile.kfp.kubernetes.namespaced()
+    if not (here and there and here != there and needs):
+        return None
+    return (
+        f"ray.kuberay.namespace is {there}, but this step runs in namespace {here}, where the "
+        f"RayJob's pods would find the run's {'; '.join(needs)}: leave ray.kuberay.namespace "
+        f"unset (the run's namespace) or set it to {here}"
+    )
 
 
 def _secret_env(profile: Profile, task: str) -> list[dict[str, Any]]:
@@ -129,6 +232,7 @@ def _pod_template(
                 "resources": {"requests": dict(limits), "limits": dict(limits)},
                 "env": env + _secret_env(profile, task),
                 "volumeMounts": mounts,
+                **_probes(container),
             }
         ],
         "volumes": volumes,
@@ -161,7 +265,10 @@ def _pod_template(
                 }
                 for t in res.tolerations
             ]
-    return {"metadata": {"labels": labels(run_id, task)}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": labels(run_id, task)}
+    if not kr.istio_sidecar:
+        metadata["annotations"] = {ISTIO_INJECT: "false"}
+    return {"metadata": metadata, "spec": spec}
 
 
 def entrypoint(spec_uri: str, endpoint_url: str | None = None) -> str:
@@ -203,7 +310,7 @@ def render(profile: Profile, task: str, run_id: str, spec_uri: str) -> dict[str,
     return {
         "apiVersion": API_VERSION,
         "kind": "RayJob",
-        "metadata": {"name": name, "namespace": kr.namespace, "labels": labels(run_id, task)},
+        "metadata": {"name": name, "namespace": namespace(profile), "labels": labels(run_id, task)},
         "spec": {
             "entrypoint": entrypoint(spec_uri, profile.storage.endpoint_url),
             # The operator submits over the Jobs API under this id; the step tails it.
@@ -213,8 +320,7 @@ def render(profile: Profile, task: str, run_id: str, spec_uri: str) -> dict[str,
             # A failed stage is the step's to retry (kfp.resources.<task>.retries), not the
             # operator's: a second RayJob attempt would hide the first one's log.
             "backoffLimit": 0,
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": kr.ttl_seconds_after_finished,
+            **cleanup(profile),
             "activeDeadlineSeconds": kr.active_deadline_seconds,
             "rayClusterSpec": {
                 "rayVersion": kr.ray_version,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_standin import StandIn, crds_present, schema_errors
+from k8s_standin import StandIn, crds_present, operator_refusals, schema_errors
 from test_kfp_client import package  # noqa: F401  (a trivial compiled pipeline, for submit)
 
 from flywheel.config import config_file, load_profile
@@ -28,6 +28,12 @@ needs_crds = pytest.mark.skipif(
 )
 RUN = "0b7e6a3c-5d1f-4a2b-9c8d-7e6f5a4b3c2d"
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+@pytest.fixture(autouse=True)
+def _not_in_a_pod(monkeypatch):
+    """Where the namespace comes from depends on running in a pod; these tests say which."""
+    monkeypatch.delenv(kuberay_manifest.IN_POD_ENV, raising=False)
 
 
 def cluster_profile(*extra: str):
@@ -62,12 +68,16 @@ def local_profile(tmp_path: Path, *extra: str):
             "ray.kuberay.worker_gpu=1",
             "ray.kuberay.env.NCCL_SOCKET_IFNAME=eth0",
         ],
+        ["ray.kuberay.cleanup=legacy", "ray.kuberay.istio_sidecar=true"],
+        ["ray.kuberay.ttl_seconds_after_finished=0"],
     ],
-    ids=["fixed", "autoscaling-gpu-nccl"],
+    ids=["fixed", "autoscaling-gpu-nccl", "legacy-cleanup-with-sidecar", "ttl-0"],
 )
 def test_rendered_rayjob_validates_against_the_crd(stage, extra):
     body = kuberay.render(cluster_profile(*extra), stage, RUN, "s3://b/p/spec.json")
     assert schema_errors(body) == []
+    # ... and against what the operator's own validation refuses (v1.7.0, validation.go).
+    assert operator_refusals(body) == []
     # The stand-in's strict schema would catch a misspelt field: prove it can fail.
     body["spec"]["shutdownAfterJobFinish"] = True
     assert any("shutdownAfterJobFinish" in e for e in schema_errors(body))
@@ -83,8 +93,16 @@ def test_rendered_rayjob_carries_the_profile():
     body = kuberay.render(p, "train", RUN, "s3://b/p/spec.json")
     spec = body["spec"]
     assert spec["submissionMode"] == "HTTPMode" and spec["jobId"] == body["metadata"]["name"]
-    assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["ttlSecondsAfterFinished"] == 600 and spec["activeDeadlineSeconds"] == 86400
+    # The run's namespace (kfp.namespace: this is not a pod), where its Secrets are.
+    assert body["metadata"]["namespace"] == "team-a"
+    rules = spec["deletionStrategy"]["deletionRules"]
+    assert {r["policy"] for r in rules} == {"DeleteCluster"}
+    assert [r["condition"] for r in rules] == [
+        {"jobStatus": "SUCCEEDED", "ttlSeconds": 600},
+        {"jobStatus": "FAILED", "ttlSeconds": 600},
+        {"jobDeploymentStatus": "Failed", "ttlSeconds": 600},
+    ]
+    assert spec["activeDeadlineSeconds"] == 86400
     assert spec["entrypoint"].startswith(
         "python -m flywheel.runtime.kuberay_entry s3://b/p/spec.json"
     )
@@ -113,6 +131,108 @@ def test_rendered_rayjob_carries_the_profile():
     tuned = kuberay.render(p, "tune", RUN, "s3://b/p/spec.json")
     tune_env = tuned["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert "PGPASSWORD" in {e["name"] for e in tune_env["containers"][0]["env"]}
+
+
+@needs_crds
+@pytest.mark.parametrize("ttl", [0, 600])
+def test_deletion_rules_and_legacy_cleanup_fields_are_never_combined(ttl):
+    """KubeRay refuses deletionRules beside shutdownAfterJobFinishes (and a TTL without
+    it): each choice of ray.kuberay.cleanup sets one style only."""
+    for choice, style, other in [
+        ("rules", {kuberay_manifest.RULES_CLEANUP_FIELD}, set(kuberay_manifest.LEGACY_CLEANUP_FIELDS)),
+        ("legacy", set(kuberay_manifest.LEGACY_CLEANUP_FIELDS), {kuberay_manifest.RULES_CLEANUP_FIELD}),
+    ]:  # fmt: skip
+        p = cluster_profile(
+            f"ray.kuberay.cleanup={choice}", f"ray.kuberay.ttl_seconds_after_finished={ttl}"
+        )
+        for stage in kuberay.RAY_STAGES:
+            spec = kuberay.render(p, stage, RUN, "s3://b/p/spec.json")["spec"]
+            assert style <= spec.keys() and not other & spec.keys(), (choice, sorted(spec))
+    legacy = kuberay.render(cluster_profile("ray.kuberay.cleanup=legacy"), "train", RUN, "s3://b")
+    assert legacy["spec"]["shutdownAfterJobFinishes"] is True
+    assert legacy["spec"]["ttlSecondsAfterFinished"] == 600
+    # What the operator would say to both at once: the check above is not vacuous.
+    both = kuberay.render(cluster_profile(), "train", RUN, "s3://b/p/spec.json")
+    both["spec"].update(shutdownAfterJobFinishes=True, ttlSecondsAfterFinished=600)
+    assert schema_errors(both) == []  # the CRD's schema alone lets it through
+    assert operator_refusals(both) == [
+        "The RayJob spec is invalid: spec.shutdownAfterJobFinishes and "
+        "spec.deletionStrategy.deletionRules are mutually exclusive"
+    ]
+
+
+def test_ray_pods_probe_over_http_and_keep_istio_out():
+    """The operator's own probes (before KubeRay 1.6) run `wget`, which the image lacks; the
+    templates set probes KubeRay keeps, which need no tool in the image. Istio's sidecar is
+    off on both templates unless the profile asks for it."""
+    body = kuberay.render(cluster_profile(), "train", RUN, "s3://b/p/spec.json")
+    rc = body["spec"]["rayClusterSpec"]
+    templates = [rc["headGroupSpec"]["template"], rc["workerGroupSpecs"][0]["template"]]
+    for template in templates:
+        (c,) = template["spec"]["containers"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/api/healthz", "port": 52365}, c["name"]
+            assert "exec" not in c[probe]
+        assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    assert templates[0]["spec"]["containers"][0]["readinessProbe"]["timeoutSeconds"] == 5
+    on = kuberay.render(cluster_profile("ray.kuberay.istio_sidecar=true"), "train", RUN, "s3://b")
+    rc = on["spec"]["rayClusterSpec"]
+    for template in (rc["headGroupSpec"]["template"], rc["workerGroupSpecs"][0]["template"]):
+        assert "annotations" not in template["metadata"]
+
+
+def test_rayjobs_go_to_the_runs_namespace(tmp_path, monkeypatch):
+    p = load_profile(None, ["ray.mode=kuberay"])
+    assert kuberay.namespace(p) == "default"  # nothing says otherwise
+    p = load_profile(None, ["ray.mode=kuberay", "kfp.namespace=team-a"])
+    assert kuberay.namespace(p) == "team-a"
+    # In a pod (a step, the exit handler): the pod's own namespace, as Kubernetes wrote it.
+    ns_file = tmp_path / "namespace"
+    ns_file.write_text("team-b\n")
+    monkeypatch.setattr(kuberay_manifest, "POD_NAMESPACE_FILE", str(ns_file))
+    monkeypatch.setenv(kuberay_manifest.IN_POD_ENV, "10.0.0.1")
+    assert kuberay.namespace(p) == "team-b"
+    assert kuberay.render(p, "train", RUN, "s3://b/s.json")["metadata"]["namespace"] == "team-b"
+    # Named in the profile: that, wherever the step runs.
+    explicit = load_profile(None, ["ray.mode=kuberay", "ray.kuberay.namespace=ray-jobs"])
+    assert kuberay.namespace(explicit) == "ray-jobs"
+
+
+def test_two_namespaces_with_the_runs_secrets_are_refused_at_load(cli):
+    with pytest.raises(ConfigError) as info:
+        cluster_profile("ray.kuberay.namespace=ray-jobs")
+    line = str(info.value)
+    assert "ray.kuberay.namespace (ray-jobs) differs from kfp.namespace (team-a)" in line
+    assert "service account flywheel-runner" in line and "flywheel-s3" in line
+    code, out, err = cli(
+        "kuberay", "render", "train", "--profile", str(config_file("cluster.yaml")),
+        "ray.mode=kuberay", "ray.kuberay.namespace=ray-jobs",
+    )  # fmt: skip
+    assert code == 2 and out == "" and len(err) == 1 and "kfp.namespace (team-a)" in err[0]
+    # The same namespace twice, a profile with nothing namespaced, or no kuberay: fine.
+    cluster_profile("ray.kuberay.namespace=team-a")
+    load_profile(None, ["ray.mode=kuberay", "ray.kuberay.namespace=a", "kfp.namespace=b"])
+    load_profile(config_file("cluster.yaml"), ["ray.kuberay.namespace=ray-jobs"])
+
+
+def test_a_step_whose_rayjobs_would_leave_its_namespace_fails_before_creating(
+    tmp_path, monkeypatch
+):
+    ns_file = tmp_path / "namespace"
+    ns_file.write_text("team-a")
+    monkeypatch.setattr(kuberay_manifest, "POD_NAMESPACE_FILE", str(ns_file))
+    monkeypatch.setenv(kuberay_manifest.IN_POD_ENV, "10.0.0.1")
+    p = local_profile(
+        tmp_path, "ray.kuberay.namespace=ray-jobs", "kfp.kubernetes.service_account=runner"
+    )
+    with pytest.raises(ConfigError) as info:
+        kuberay.run(p, "train", RUN, {}, cluster=object())  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "ray.kuberay.namespace is ray-jobs, but this step runs in namespace team-a, where the "
+        "RayJob's pods would find the run's service account runner: leave "
+        "ray.kuberay.namespace unset (the run's namespace) or set it to team-a"
+    )
+    assert not (tmp_path / "store").exists(), "nothing written, nothing created"
 
 
 @pytest.mark.parametrize(
@@ -203,6 +323,131 @@ def test_a_rayjob_failed_by_the_operator_fails_the_step_in_one_line_and_is_delet
     with pytest.raises(FlywheelError, match=f"RayJob {name} Failed"):
         kuberay.run(p, "train", RUN, {"stage": "train"})
     assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
+
+
+@needs_standin
+def test_a_cluster_never_ready_fails_within_resource_wait_and_is_deleted(standin, tmp_path):
+    # The stand-in's "pending" cluster never comes up (no node fits). Without the wait the
+    # step would sit until the RayJob's deadline (here 20 s, on a cluster a day).
+    p = local_profile(tmp_path, "ray.resource_wait_s=0.5", "ray.kuberay.active_deadline_seconds=20")
+    t0 = time.monotonic()
+    with pytest.raises(FlywheelError) as info:
+        kuberay.run(p, "train", RUN, {"stage": "train"})
+    name = kuberay.job_name(RUN, "train")
+    assert str(info.value) == (
+        f"RayJob {name}: its Ray cluster was not ready within 0.5 s (ray.resource_wait_s), "
+        "still Initializing: RayClusterProvisioned False (RayClusterPodsProvisioning): "
+        "RayCluster Pods are being provisioned for first time; workers ready 0/2"
+    )
+    assert time.monotonic() - t0 < 10
+    assert standin.names("rayjobs") == [] and standin.names("rayclusters") == []
+
+
+class _Fixed:
+    """A RayJob that reads the same at every look: enough for `watch` without an API."""
+
+    namespace = "default"
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def get(self, name):
+        return self.obj
+
+
+def test_a_rayjob_the_operator_never_touches_fails_within_resource_wait():
+    ticks = iter(range(100))
+    with pytest.raises(FlywheelError) as info:
+        kuberay.watch(
+            _Fixed({"metadata": {}}), "fw-x", poll_s=1, timeout_s=1000, ready_s=3,
+            clock=lambda: float(next(ticks)), sleep=lambda s: None,
+        )  # fmt: skip
+    assert str(info.value) == (
+        "RayJob fw-x has no status after 3 s (ray.resource_wait_s): is the KubeRay operator "
+        "running and watching namespace default?"
+    )
+
+
+# What a driver's log ends with when a Ray task raised (captured from Ray 2.60: the task name
+# coloured, the cause's frames and line after RayTaskError's own).
+RAY_TASK_TRACEBACK = """\
+2026-12-07 23:29:45,564\tINFO worker.py:2038 -- Started a local Ray instance.
+Traceback (most recent call last):
+  File "/opt/flywheel/lib/python3.11/site-packages/flywheel/runtime/kuberay_entry.py", line 9, in main
+    execute(spec, ns.endpoint_url, Path(tmp))
+  File "/opt/flywheel/lib/python3.11/site-packages/ray/_private/worker.py", line 1053, in get_objects
+    raise value.as_instanceof_cause()
+ray.exceptions.RayTaskError(ArrowInvalid): \x1b[36mray::ReadParquet()\x1b[39m (pid=14673, ip=10.0.0.5)
+  File "/opt/flywheel/lib/python3.11/site-packages/pyarrow/parquet/core.py", line 6, in read
+pyarrow.lib.ArrowInvalid: Parquet magic bytes not found in footer
+"""
+
+
+@pytest.mark.parametrize(
+    "log, line",
+    [
+        (RAY_TASK_TRACEBACK, "pyarrow.lib.ArrowInvalid: Parquet magic bytes not found in footer"),
+        # The entrypoint's own one line, after an earlier, handled traceback.
+        (
+            "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'a'\n"
+            "flywheel: stage train of run r in this RayJob\nFlywheelError: no manifest in /data\n",
+            "FlywheelError: no manifest in /data",
+        ),
+        # What a worker printed, behind Ray's prefix; a bare class; Ray's log lines after it.
+        (
+            "(RayTrainWorker pid=12, ip=10.0.0.7) torch.OutOfMemoryError: CUDA out of memory\n"
+            "2026-12-07 12:00:00,000\tINFO worker.py:1 -- shutting down\n",
+            "torch.OutOfMemoryError: CUDA out of memory",
+        ),
+        ('Traceback (most recent call last):\n  File "x.py"\nAssertionError\n', "AssertionError"),
+        ("flywheel: stage train of run r in this RayJob\nKilled\n", ""),
+    ],
+    ids=["ray-task-cause", "entrypoint-line", "worker-prefix", "bare", "none"],
+)
+def test_the_driver_logs_last_exception_line_is_the_error(log, line):
+    tail = kuberay.LogTail("fw-x", lambda _: None)
+    tail.text = log
+    assert tail.last_error() == line
+
+
+def _failed(**status):
+    return {"status": {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", **status}}
+
+
+@pytest.fixture
+def dead_port() -> int:
+    """A port nothing listens on: a Ray head that is gone."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_failed_job_without_a_readable_log_still_says_rays_error(dead_port):
+    # The head is gone (its cluster deleted): Ray's own message, which quotes the log's tail,
+    # gives the exception line, not 20,000 characters of log on one line.
+    ray_message = (
+        "Job entrypoint command failed with exit code 1, last available logs (truncated to "
+        "20,000 chars):\n" + RAY_TASK_TRACEBACK * 40
+    )
+    obj = _failed(reason="AppFailed", message=ray_message, dashboardURL=f"127.0.0.1:{dead_port}")
+    with pytest.raises(FlywheelError) as info:
+        kuberay.watch(_Fixed(obj), "fw-x", poll_s=0, timeout_s=10)
+    assert str(info.value) == (
+        "RayJob fw-x Failed, job FAILED (AppFailed): "
+        "pyarrow.lib.ArrowInvalid: Parquet magic bytes not found in footer"
+    )
+    # Neither a log nor a message: the line says why no error could be read.
+    obj = _failed(reason="AppFailed", dashboardURL=f"127.0.0.1:{dead_port}")
+    with pytest.raises(FlywheelError) as info:
+        kuberay.watch(_Fixed(obj), "fw-x", poll_s=0, timeout_s=10)
+    line = str(info.value)
+    assert line.startswith(
+        "RayJob fw-x Failed, job FAILED (AppFailed): the driver's log could not be read "
+        f"(http://127.0.0.1:{dead_port}: "
+    ), line
+    assert "\n" not in line and len(line) < 800
 
 
 @needs_standin
@@ -321,7 +566,7 @@ def test_creation_refused_by_rbac_is_one_clear_line(standin, tmp_path):
     standin.forbidden.add(("create", "rayjobs"))
     p = local_profile(tmp_path)
     with pytest.raises(FlywheelError) as info:
-        kuberay.run(p, "train", RUN, {"stage": "train"})
+        kuberay.Cluster("default").create(kuberay.render(p, "train", RUN, "file:///x/spec.json"))
     line = str(info.value)
     assert "\n" not in line
     assert line.startswith(
@@ -332,6 +577,34 @@ def test_creation_refused_by_rbac_is_one_clear_line(standin, tmp_path):
         f"grant the run's service account the Role in {kuberay.RBAC_FILE} "
         "(`flywheel kuberay check` lists what is missing)"
     )
+    assert standin.names("rayjobs") == []
+
+
+@needs_standin
+@pytest.mark.parametrize(
+    "forbidden",
+    [[("create", "rayjobs")], [("get", "rayjobs"), ("delete", "rayjobs")], [("list", "pods")]],
+    ids=["create", "watch-and-delete", "pods"],
+)
+def test_a_step_without_the_rbac_names_what_is_missing_and_creates_nothing(
+    standin, tmp_path, forbidden
+):
+    """A step that may create but not read or delete would leave a RayJob it can neither
+    watch nor remove: the step asks first (SelfSubjectAccessReview) and creates nothing."""
+    standin.forbidden.update(forbidden)
+    with pytest.raises(FlywheelError) as info:
+        # (A bounded deadline: a step that did create would otherwise wait for the pending
+        # cluster a day.)
+        p = local_profile(tmp_path, "ray.kuberay.active_deadline_seconds=5")
+        kuberay.run(p, "train", RUN, {"stage": "train"})
+    missing = ", ".join(
+        f"{verb} {res}{'.ray.io' if 'ray' in res else ''}" for verb, res in forbidden
+    )
+    assert str(info.value) == (
+        f"in namespace default this step may not: {missing}; grant the run's service account "
+        f"the Role in {kuberay.RBAC_FILE} (nothing was created)"
+    )
+    assert not [r for r in standin.requests if r[0] == "POST" and r[1].endswith("/rayjobs")]
     assert standin.names("rayjobs") == []
 
 
