@@ -824,6 +824,7 @@ class RegistryConfig(_Strict):
             known = ", ".join(f"{s}://" for s in TRACKING_SCHEMES if s)
             raise ValueError(f"'{value}': not an MLflow store; expected a path or one of {known}")
         return value
+
     model_name: str = "flywheel-lm"
     experiment: str = "flywheel"
     retries: int = Field(3, ge=0)
